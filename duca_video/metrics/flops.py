@@ -1,0 +1,87 @@
+"""FLOP counting on the meta device: no weights, no real compute, so Open-Sora sizes fit on a laptop.
+
+Counts with `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and attention; one fused
+multiply-add = 2 FLOPs). Run as a command:
+
+    python -m duca_video.metrics.flops --image-size 480 854 --num-frames 51
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from duca_video.models.stdit3 import STDiT3, STDiT3Config
+
+
+def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
+    """Run `fn(*args, **kwargs)` under a FLOP counter; returns (flops, result)."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        result = fn(*args, **kwargs)
+    return counter.get_total_flops(), result
+
+
+def meta_inputs(
+    config: STDiT3Config,
+    latent_shape: tuple[int, int, int],
+    batch: int,
+    image_size: tuple[int, int],
+    text_tokens: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Model inputs on the meta device; height/width stay on the CPU (their values set the position scale)."""
+    text_tokens = config.model_max_length if text_tokens is None else text_tokens
+    t, h, w = latent_shape
+    with torch.device("meta"):
+        inputs = dict(
+            x=torch.empty(batch, config.in_channels, t, h, w),
+            timestep=torch.empty(batch),
+            y=torch.empty(batch, 1, text_tokens, config.caption_channels),
+            mask=torch.ones(batch, text_tokens, dtype=torch.long),
+            fps=torch.empty(batch),
+        )
+    inputs["height"] = torch.full((batch,), float(image_size[0]))
+    inputs["width"] = torch.full((batch,), float(image_size[1]))
+    return inputs
+
+
+def stdit3_forward_flops(
+    config: STDiT3Config,
+    latent_shape: tuple[int, int, int],
+    image_size: tuple[int, int],
+    batch: int = 1,
+    text_tokens: int | None = None,
+) -> int:
+    """FLOPs of one STDiT3 forward for `batch` samples of latent size (T, H, W); all text tokens valid."""
+    with torch.device("meta"):
+        model = STDiT3(config).eval()
+    flops, _ = count_flops(model, **meta_inputs(config, latent_shape, batch, image_size, text_tokens))
+    return flops
+
+
+def video_latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Open-Sora 1.2 VAE latent size: 8x spatial (floor), 17-frame chunks -> 5 latents, a partial chunk of r
+    frames -> ceil(r / 4) latents."""
+    full, rest = divmod(num_frames, 17)
+    return full * 5 + -(-rest // 4), height // 8, width // 8
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="FLOPs of one STDiT3-XL/2 forward (meta device).")
+    parser.add_argument("--image-size", nargs=2, type=int, default=[480, 854], metavar=("H", "W"))
+    parser.add_argument("--num-frames", type=int, default=51)
+    parser.add_argument("--batch", type=int, default=1)
+    args = parser.parse_args(argv)
+    h, w = args.image_size
+    latent = video_latent_shape(args.num_frames, h, w)
+    flops = stdit3_forward_flops(STDiT3Config(), latent, (h, w), batch=args.batch)
+    print(f"STDiT3-XL/2, {h}x{w}, {args.num_frames} frames (latent {latent}), batch {args.batch}: "
+          f"{flops / 1e12:.2f} TFLOPs per forward")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Safe, strict checkpoint loading.
+
+Accepted: a `.safetensors` file, a `.pt`/`.pth`/`.bin` file (read with `weights_only=True`, so no arbitrary
+object is ever unpickled), or an HF-style directory (`config.json` + `model.safetensors`, sharded
+`*.safetensors.index.json`, or `pytorch_model.bin`). Loading is strict: one error lists every missing,
+unexpected and mis-shaped key.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# Wrappers that training scripts put around a state dict.
+_NESTED_KEYS = ("state_dict", "model", "module", "ema")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's keys or shapes do not fit the model."""
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def weights_file(path: str | Path) -> list[Path]:
+    """The weight file(s) behind `path` (a file, or an HF-style directory)."""
+    path = _require(Path(path).expanduser())
+    if path.is_file():
+        return [path]
+    for index in ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json"):
+        if (path / index).is_file():
+            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            return [_require(path / s) for s in shards]
+    for name in ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin", "model.pt"):
+        if (path / name).is_file():
+            return [path / name]
+    found = sorted(p.name for p in path.iterdir())[:20]
+    raise FileNotFoundError(f"no weights in directory {path} (looked for model.safetensors, an index, "
+                            f"pytorch_model.bin, model.pt); it holds {found}")  # fmt: skip
+
+
+def read_config(path: str | Path) -> dict | None:
+    """`config.json` next to the weights, if any."""
+    path = Path(path).expanduser()
+    candidate = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    if path.is_dir() and candidate.is_file():
+        return json.loads(candidate.read_text())
+    return None
+
+
+def _read_one(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path), device=str(device))
+    if path.suffix not in _TORCH_SUFFIXES:
+        raise ValueError(f"unsupported checkpoint format {path.suffix!r} for {path}; "
+                         f"use .safetensors, {', '.join(_TORCH_SUFFIXES)} or an HF-style directory")  # fmt: skip
+    try:
+        obj = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - re-raised with the reason users need
+        raise ValueError(f"{path} is not a plain tensor checkpoint (read with weights_only=True, which refuses "
+                         f"pickled objects): {exc}") from exc  # fmt: skip
+    while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+        inner = next((obj[k] for k in _NESTED_KEYS if k in obj and isinstance(obj[k], dict)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def read_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in weights_file(path):
+        state.update(_read_one(file, device))
+    # DDP / EMA wrappers prefix every key with "module."
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def check_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint", optional: Sequence[str] = ()
+) -> None:
+    """Raise CheckpointMismatchError listing every missing, unexpected and mis-shaped key.
+
+    Keys in `optional` may be absent from the checkpoint (the model keeps its own values)."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state) - set(optional))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected)
+        if tuple(state[k].shape) != tuple(expected[k].shape)
+    )
+    if not (missing or unexpected or misshaped):
+        return
+
+    def listing(title: str, items: list[str]) -> str:
+        shown = "\n    ".join(items[:25]) + (f"\n    ... and {len(items) - 25} more" if len(items) > 25 else "")
+        return f"  {title} ({len(items)}):\n    {shown}" if items else ""
+
+    hint = ""
+    if len(missing) + len(unexpected) > len(expected) // 2:
+        hint = f"\n  (most keys differ: {source} looks like another architecture than {type(model).__name__})"
+    parts = [listing("missing", missing), listing("unexpected", unexpected), listing("mis-shaped", misshaped)]
+    raise CheckpointMismatchError(
+        f"{source} does not fit {type(model).__name__}:\n" + "\n".join(p for p in parts if p) + hint
+    )
+
+
+def load_checkpoint(
+    model: nn.Module,
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Load `path` into `model` strictly; cast to `dtype` and move to `device` when given.
+
+    A model built on the meta device is materialised by the load itself (no double allocation).
+    """
+    state = read_state_dict(path, device="cpu" if device is None else device)
+    check_state_dict(model, state, source=str(path))
+    on_meta = any(p.is_meta for p in model.parameters())
+    if dtype is not None:
+        # Keep the float format of non-float buffers (none in STDiT3), cast everything else.
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=on_meta)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model

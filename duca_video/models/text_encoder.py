@@ -1,0 +1,166 @@
+"""Text encoders for STDiT3: the T5 v1.1 encoder Open-Sora 1.2 uses, and the protocol any encoder follows.
+
+An encoder turns prompts into `y` (B, 1, L, C) caption embeddings plus a (B, L) token mask. The null caption
+for classifier-free guidance is not produced by the encoder: it is the STDiT model's learned
+`y_embedder.y_embedding` buffer (L, C), see `null_caption`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["T5TextEncoder", "TextEncoder", "null_caption"]
+
+
+@runtime_checkable
+class TextEncoder(Protocol):
+    """What the pipeline needs from a text encoder (T5 here; a small word-level encoder for toy models)."""
+
+    model_max_length: int  # L: every encoding is padded/truncated to this many tokens
+    output_dim: int  # C: the channel size of y (the STDiT's caption_channels)
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Returns {"y": (B, 1, L, C) float tensor, "mask": (B, L) long tensor, 1 = valid token}."""
+        ...
+
+    def null(self, n: int) -> torch.Tensor:
+        """The (n, 1, L, C) null caption for classifier-free guidance."""
+        ...
+
+
+def _y_embedding(model: Any) -> torch.Tensor:
+    # Wrappers (DDP's .module, torch.compile's ._orig_mod) hide the STDiT; look through them.
+    seen = model
+    for _ in range(4):
+        emb = getattr(getattr(seen, "y_embedder", None), "y_embedding", None)
+        if isinstance(emb, torch.Tensor):
+            return emb
+        seen = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
+        if seen is None:
+            break
+    raise AttributeError(f"{type(model).__name__} has no y_embedder.y_embedding tensor to take the null caption from")
+
+
+def null_caption(model: Any, n: int) -> torch.Tensor:
+    """The model's learned null caption `y_embedder.y_embedding` (L, C) repeated to (n, 1, L, C).
+
+    A copy, not a view, so that in-place edits of the result can never reach the model's buffer.
+    """
+    if n < 0:
+        raise ValueError(f"null_caption: n must be >= 0, got {n}")
+    emb = _y_embedding(model)
+    if emb.dim() != 2:
+        raise ValueError(f"y_embedder.y_embedding must be (L, C), got shape {tuple(emb.shape)}")
+    return emb.detach()[None, None].repeat(n, 1, 1, 1)
+
+
+def _dtype_kwarg() -> str:
+    # transformers renamed from_pretrained's torch_dtype to dtype in 4.56 (the old name warns in 5.x).
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+
+
+class T5TextEncoder:
+    """transformers `T5EncoderModel` + `AutoTokenizer` loaded offline from a local directory.
+
+    Matches Open-Sora 1.2's `T5Encoder`: prompts are tokenized as given (no caption cleaning; upstream's
+    encode path never applies it), with special tokens (the closing </s>), padded and truncated to
+    `model_max_length` (300 for STDiT3), and encoded in `dtype` (upstream uses fp32 for the XXL model).
+    A prompt longer than `model_max_length` tokens is truncated with a warning, or rejected when `strict`.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        model_max_length: int = 300,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        tokenizer_path: str | Path | None = None,
+        strict: bool = False,
+    ) -> None:
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        self.path = Path(path).expanduser()
+        tok_path = self.path if tokenizer_path is None else Path(tokenizer_path).expanduser()
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"T5 encoder directory not found or lacks config.json: {self.path} "
+                "(expected a local copy of e.g. DeepFloyd/t5-v1_1-xxl; nothing is downloaded)"
+            )
+        if not tok_path.is_dir():
+            raise FileNotFoundError(f"tokenizer directory not found: {tok_path}")
+        if model_max_length < 1:
+            raise ValueError(f"model_max_length must be >= 1, got {model_max_length}")
+        self.model_max_length = int(model_max_length)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.strict = strict
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
+        load_kwargs: dict[str, Any] = {"local_files_only": True, _dtype_kwarg(): dtype}
+        self.model = T5EncoderModel.from_pretrained(str(self.path), **load_kwargs).to(self.device).eval()
+        self.model.requires_grad_(False)
+        self.output_dim = int(self.model.config.d_model)
+        self._null_source: Any = None
+
+    @property
+    def hidden_size(self) -> int:
+        return self.output_dim
+
+    def attach(self, model: Any) -> T5TextEncoder:
+        """Remember the STDiT whose null caption `null(n)` returns (upstream sets `text_encoder.y_embedder`)."""
+        _y_embedding(model)  # fail now rather than at the first sample
+        self._null_source = model
+        return self
+
+    def null(self, n: int, model: Any = None) -> torch.Tensor:
+        source = model if model is not None else self._null_source
+        if source is None:
+            raise RuntimeError("T5TextEncoder.null needs a model: pass it, or call attach(model) once")
+        return null_caption(source, n)
+
+    def token_counts(self, prompts: Sequence[str]) -> list[int]:
+        """Tokens per prompt including the closing </s>, before truncation."""
+        ids = self.tokenizer(list(prompts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+        return [len(x) for x in ids]
+
+    def _check_lengths(self, prompts: list[str]) -> None:
+        too_long = [(i, n) for i, n in enumerate(self.token_counts(prompts)) if n > self.model_max_length]
+        if not too_long:
+            return
+        detail = ", ".join(f"prompt {i} has {n} tokens" for i, n in too_long)
+        msg = f"{detail}; the limit is {self.model_max_length} (T5 truncates the rest)"
+        if self.strict:
+            raise ValueError(msg)
+        warnings.warn(msg, stacklevel=3)
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        if isinstance(prompts, str):
+            raise TypeError("encode takes a list of prompts, not a single string")
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("encode needs at least one prompt")
+        if not all(isinstance(p, str) for p in prompts):
+            raise TypeError("every prompt must be a str")
+        self._check_lengths(prompts)
+        tokens = self.tokenizer(
+            prompts,
+            max_length=self.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_attention_mask=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        )
+        input_ids = tokens["input_ids"].to(self.device)
+        mask = tokens["attention_mask"].to(self.device, torch.long)
+        hidden = self.model(input_ids=input_ids, attention_mask=mask)["last_hidden_state"]
+        return {"y": hidden.detach()[:, None], "mask": mask}

@@ -1,0 +1,60 @@
+"""Sampling events: how the sampler tells interested parties (the cache) where it is.
+
+The sampler never knows what listens. A listener is registered on the *model* (so that
+`duca_video.cache.enable(model, ...)` is enough for any sampler that announces events),
+and the sampler announces to every listener found on the model it is driving.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+_ATTR = "_duca_sampling_listeners"
+
+
+@dataclass(frozen=True)
+class SampleStart:
+    """Announced once per sample (a batch of prompts denoised together)."""
+
+    num_steps: int
+    timesteps: tuple[float, ...]  # the (transformed) timesteps, in [0, num_timesteps], step 0 first
+    batch_size: int  # prompts in the batch (the model sees 2x this with CFG)
+    cfg: bool  # True when the model batch is [cond, null]
+    seed: int | None  # the run's seed, for reproducible token selection
+
+
+@dataclass(frozen=True)
+class StepStart:
+    """Announced before the model is called for step `index` (0 = noisiest)."""
+
+    index: int
+    num_steps: int
+    t: float  # this step's timestep (first sample's value when it differs per sample)
+
+
+@runtime_checkable
+class SamplingListener(Protocol):
+    def on_sample_start(self, event: SampleStart) -> None: ...
+
+    def on_step_start(self, event: StepStart) -> None: ...
+
+    def on_sample_end(self) -> None: ...
+
+
+def register_listener(model: torch.nn.Module, listener: SamplingListener) -> None:
+    listeners = model.__dict__.setdefault(_ATTR, [])
+    if listener not in listeners:
+        listeners.append(listener)
+
+
+def unregister_listener(model: torch.nn.Module, listener: SamplingListener) -> None:
+    listeners = model.__dict__.get(_ATTR, [])
+    if listener in listeners:
+        listeners.remove(listener)
+
+
+def listeners_of(model: torch.nn.Module) -> list[SamplingListener]:
+    return list(model.__dict__.get(_ATTR, []))

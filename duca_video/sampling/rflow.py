@@ -1,0 +1,324 @@
+"""Rectified-flow sampling for Open-Sora 1.2 (RFlow + classifier-free guidance + timestep transform).
+
+Conventions (Open-Sora's): `x_t = (1 - t/T) x0 + (t/T) eps` with T = num_timesteps = 1000, t runs from T down
+towards 0, and the model predicts the velocity `v = x0 - eps` so that `z += v * dt / T` with dt > 0 moves the
+latent towards the data.  The sampler tells listeners registered on the model (see `events.py`) where it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .events import SampleStart, SamplingListener, StepStart, listeners_of
+
+__all__ = ["RFlowSampler", "add_noise", "describe", "timestep_transform"]
+
+# The sampler owns these model arguments; a caller passing them in model_kwargs would be silently overridden.
+_RESERVED_KWARGS = ("y", "mask", "x_mask")
+Number = int | float
+
+
+def _as_f32(value: Number | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+    # Upstream builds height/width in the model dtype; in fp16 480*854 overflows and in bf16 854 becomes 856.
+    # Doing the arithmetic in float32 (the reference lists were made that way) avoids both.
+    return torch.as_tensor(value, device=device).to(torch.float32)
+
+
+def timestep_transform(
+    t: Number | torch.Tensor,
+    height: Number | torch.Tensor,
+    width: Number | torch.Tensor,
+    num_frames: Number | torch.Tensor,
+    base_resolution: int = 512 * 512,
+    scale: float = 1.0,
+    num_timesteps: int = 1000,
+) -> float | torch.Tensor:
+    """Shift timesteps towards the noisy end for large videos: `t' = r t / (1 + (r - 1) t)` on t/num_timesteps.
+
+    `r = sqrt(H*W / base_resolution) * sqrt(num_frames // 17 * 5) * scale` (the time factor is 1 for images).
+    The operations mirror upstream's in float32, so the results equal upstream's fp32 lists bit for bit.
+    Returns a float when every input is a Python number, else a float32 tensor (broadcast over the inputs).
+    """
+    scalar_in = not any(isinstance(v, torch.Tensor) for v in (t, height, width, num_frames))
+    device = next((v.device for v in (t, height, width, num_frames) if isinstance(v, torch.Tensor)), None)
+    tt = _as_f32(t, device) / num_timesteps
+    resolution = _as_f32(height, device) * _as_f32(width, device)
+    ratio_space = (resolution / base_resolution).sqrt()
+    nf = _as_f32(num_frames, device)
+    # num_frames // 17 * 5 is the latent frame count of the 17-frame-chunked temporal VAE.
+    latent_frames = torch.where(nf == 1, torch.ones_like(nf), torch.div(nf, 17, rounding_mode="floor") * 5)
+    if bool((latent_frames <= 0).any()):
+        raise ValueError(
+            f"timestep_transform: num_frames={nf.tolist()} gives a zero time ratio (num_frames // 17 * 5 == 0); "
+            "upstream would produce NaN timesteps. Use num_frames == 1 or >= 17, or disable the transform."
+        )
+    ratio = ratio_space * latent_frames.sqrt() * scale
+    new_t = ratio * tt / (1 + (ratio - 1) * tt) * num_timesteps
+    if scalar_in:
+        return float(new_t.item())
+    return new_t
+
+
+def add_noise(
+    x0: torch.Tensor, noise: torch.Tensor, t: Number | torch.Tensor, num_timesteps: int = 1000
+) -> torch.Tensor:
+    """`x_t = (1 - t/T) x0 + (t/T) noise`; t is a number or a (B,) tensor (one timestep per sample)."""
+    if x0.shape != noise.shape:
+        raise ValueError(f"add_noise: x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} differ in shape")
+    tp = torch.as_tensor(t, device=x0.device).float() / num_timesteps
+    if tp.dim() == 1:
+        if tp.shape[0] != x0.shape[0]:
+            raise ValueError(f"add_noise: {tp.shape[0]} timesteps for a batch of {x0.shape[0]}")
+        tp = tp.view(-1, *([1] * (x0.dim() - 1)))
+    elif tp.dim() != 0:
+        raise ValueError(f"add_noise: t must be a number or a (B,) tensor, got shape {tuple(tp.shape)}")
+    keep = 1 - tp
+    return keep * x0 + (1 - keep) * noise
+
+
+def _uniform_scalar(model_kwargs: Mapping[str, Any], key: str) -> float:
+    if key not in model_kwargs or model_kwargs[key] is None:
+        raise ValueError(f"model_kwargs['{key}'] is required for the timestep transform")
+    value = torch.as_tensor(model_kwargs[key]).float().flatten()
+    if value.numel() == 0 or not bool((value == value[0]).all()):
+        raise ValueError(f"model_kwargs['{key}'] must hold one value for the whole batch, got {value.tolist()}")
+    return float(value[0].item())
+
+
+def _end_all(listeners: list[SamplingListener]) -> BaseException | None:
+    # Every listener must get its end even when another one fails, or it keeps a stale per-sample state.
+    first: BaseException | None = None
+    for listener in listeners:
+        try:
+            listener.on_sample_end()
+        except Exception as exc:  # noqa: BLE001 - reported after all listeners have been told
+            first = first or exc
+    return first
+
+
+@dataclass
+class RFlowSampler:
+    """Open-Sora 1.2's RFLOW scheduler (defaults are its 1.2 inference config: 30 steps, CFG 7, transform on)."""
+
+    num_sampling_steps: int = 30
+    num_timesteps: int = 1000
+    cfg_scale: float = 7.0
+    use_timestep_transform: bool = True
+    transform_scale: float = 1.0
+    use_discrete_timesteps: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_sampling_steps < 1:
+            raise ValueError(f"num_sampling_steps must be >= 1, got {self.num_sampling_steps}")
+        if self.num_timesteps < 1:
+            raise ValueError(f"num_timesteps must be >= 1, got {self.num_timesteps}")
+
+    def timesteps(self, height: Number, width: Number, num_frames: Number) -> list[float]:
+        """The sampling timesteps, noisiest first; values are float32 numbers in (0, num_timesteps]."""
+        n, total = self.num_sampling_steps, self.num_timesteps
+        ts: list[float] = [(1.0 - i / n) * total for i in range(n)]
+        if self.use_discrete_timesteps:
+            ts = [float(int(round(t))) for t in ts]
+        base = torch.tensor(ts, dtype=torch.float32)
+        if self.use_timestep_transform:
+            # Upstream's sampler does not pass transform_scale (only training does); with the default 1.0
+            # both agree, and honouring a user's non-default value is the less surprising choice.
+            base = timestep_transform(base, height, width, num_frames, scale=self.transform_scale, num_timesteps=total)
+        return [float(v) for v in base.tolist()]
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def sample(
+        self,
+        model: torch.nn.Module,
+        z: torch.Tensor,
+        y: torch.Tensor,
+        y_null: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
+        *,
+        model_kwargs: Mapping[str, Any],
+        frame_mask: torch.Tensor | None = None,
+        guidance_scale: float | None = None,
+        progress: bool = True,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Denoise `z` (B, C, T, H, W) from t = num_timesteps to 0; returns the final latent (float32 or wider).
+
+        y / y_null: (B, 1, L, C_text) caption and null-caption embeddings; mask: (B, L) valid caption tokens.
+        As upstream, the null half of the CFG batch uses the *same* token mask as its prompt, so the null
+        caption is cut to each prompt's length. frame_mask: (B, T) in [0, 1], 1 = generate, 0 = keep the input
+        frame (a reference), in between = keep it until t falls to frame_mask * num_timesteps, then noise it.
+        The reference-frame noise comes from `generator` (or from a generator seeded with `seed`).
+        """
+        scale = float(self.cfg_scale if guidance_scale is None else guidance_scale)
+        cfg = scale != 1.0  # with scale 1 the null half cancels out exactly, so it is not computed
+        self._validate(z, y, y_null, mask, frame_mask, model_kwargs, cfg)
+        batch, channels = z.shape[0], z.shape[1]
+
+        if self.use_timestep_transform:
+            hw_frames = [_uniform_scalar(model_kwargs, k) for k in ("height", "width", "num_frames")]
+            ts_list = self.timesteps(*hw_frames)
+        else:
+            ts_list = self.timesteps(0, 0, 1)
+        ts = torch.tensor(ts_list, dtype=torch.float32, device=z.device)
+        num_steps = len(ts_list)
+
+        if generator is None and seed is not None and frame_mask is not None:
+            generator = torch.Generator(device=z.device).manual_seed(seed)
+        # Upstream's model returns fp32, which promotes a bf16/fp16 latent to fp32 after the first step;
+        # promoting up front gives the same numbers and a dtype that does not change mid-loop.
+        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        if cfg:
+            assert y_null is not None
+            y_in = torch.cat([y, y_null.to(device=y.device, dtype=y.dtype).expand_as(y)], 0)
+            # STDiT3.encode_text repeats a (B, L) mask over a 2B batch: pass it doubled so any model agrees.
+            mask_in = None if mask is None else mask.repeat(2, 1)
+        else:
+            y_in, mask_in = y, mask
+        if frame_mask is not None:
+            frame_mask = frame_mask.to(device=z.device, dtype=torch.float32)
+            mask_t = frame_mask * self.num_timesteps
+            noise_added = frame_mask == 1  # frames to generate start as pure noise already
+
+        listeners = listeners_of(model)
+        try:
+            start = SampleStart(num_steps, tuple(ts_list), batch, cfg, seed)
+            for listener in listeners:
+                listener.on_sample_start(start)
+            bar = tqdm(range(num_steps), total=num_steps, desc="rflow", disable=None if progress else True)
+            for i in bar:
+                t = ts[i]
+                x_mask = None
+                if frame_mask is not None:
+                    x0 = z.clone()
+                    # Drawn every step (as upstream's randn_like) so the random stream does not depend on mask.
+                    noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+                    upper = mask_t >= t
+                    fresh = upper & ~noise_added
+                    z = torch.where(fresh[:, None, :, None, None], add_noise(x0, noise, t, self.num_timesteps), x0)
+                    noise_added = upper
+                    x_mask = upper.repeat(2, 1) if cfg else upper
+                for listener in listeners:
+                    listener.on_step_start(StepStart(i, num_steps, ts_list[i]))
+
+                z_in = torch.cat([z, z], 0) if cfg else z
+                t_in = t.expand(z_in.shape[0]).contiguous()
+                out = model(z_in, t_in, y=y_in, mask=mask_in, x_mask=x_mask, **model_kwargs)
+                v = self._velocity(out, z_in.shape, channels, cfg, scale)
+
+                # The last step integrates all the way to t = 0 (dt = t_last), as upstream.
+                dt = (ts[i] - ts[i + 1] if i < num_steps - 1 else ts[i]) / self.num_timesteps
+                z = z + v.to(z.dtype) * dt
+                if frame_mask is not None:
+                    z = torch.where(upper[:, None, :, None, None], z, x0)
+        except BaseException:
+            _end_all(listeners)
+            raise
+        err = _end_all(listeners)
+        if err is not None:
+            raise err
+        return z
+
+    @staticmethod
+    def _velocity(out: torch.Tensor, in_shape: torch.Size, channels: int, cfg: bool, scale: float) -> torch.Tensor:
+        if not isinstance(out, torch.Tensor) or out.dim() != 5:
+            raise ValueError(f"model must return a (B, C, T, H, W) tensor, got {getattr(out, 'shape', type(out))}")
+        if out.shape[0] != in_shape[0] or out.shape[2:] != in_shape[2:] or out.shape[1] < channels:
+            raise ValueError(f"model output {tuple(out.shape)} does not fit its input {tuple(in_shape)}")
+        pred = out[:, :channels]  # pred_sigma models return 2C channels; the velocity is the first C
+        if not cfg:
+            return pred
+        cond, uncond = pred.chunk(2, dim=0)
+        return uncond + scale * (cond - uncond)
+
+    @staticmethod
+    def _validate(
+        z: torch.Tensor,
+        y: torch.Tensor,
+        y_null: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        frame_mask: torch.Tensor | None,
+        model_kwargs: Mapping[str, Any],
+        cfg: bool,
+    ) -> None:
+        if z.dim() != 5:
+            raise ValueError(f"z must be (B, C, T, H, W), got shape {tuple(z.shape)}")
+        if y.dim() != 4 or y.shape[1] != 1:
+            raise ValueError(f"y must be (B, 1, L, C), got shape {tuple(y.shape)}")
+        batch = z.shape[0]
+        if y.shape[0] != batch:
+            raise ValueError(f"y has batch {y.shape[0]} but z has batch {batch}")
+        if cfg:
+            if y_null is None:
+                raise ValueError("y_null is required when the guidance scale is not 1")
+            if y_null.dim() != 4 or y_null.shape[0] not in (1, batch) or y_null.shape[1:] != y.shape[1:]:
+                raise ValueError(f"y_null must be (B or 1, 1, L, C) like y {tuple(y.shape)}, got {tuple(y_null.shape)}")
+        if mask is not None and (mask.dim() != 2 or mask.shape != (batch, y.shape[2])):
+            raise ValueError(f"mask must be (B, L) = {(batch, y.shape[2])}, got {tuple(mask.shape)}")
+        if frame_mask is not None:
+            if frame_mask.shape != (batch, z.shape[2]):
+                raise ValueError(f"frame_mask must be (B, T) = {(batch, z.shape[2])}, got {tuple(frame_mask.shape)}")
+            if bool(((frame_mask < 0) | (frame_mask > 1)).any()):
+                raise ValueError("frame_mask values must lie in [0, 1]")
+        clash = [k for k in _RESERVED_KWARGS if k in model_kwargs]
+        if clash:
+            raise ValueError(f"model_kwargs must not contain {clash}: the sampler passes them itself")
+
+    # ------------------------------------------------------------------ training
+    def training_loss(
+        self,
+        model: torch.nn.Module,
+        x0: torch.Tensor,
+        model_kwargs: Mapping[str, Any],
+        noise: torch.Tensor | None = None,
+        t: torch.Tensor | None = None,
+        sample_method: str = "logit-normal",
+        generator: torch.Generator | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """RFlow v-MSE: the model sees `x_t = add_noise(x0, eps, t)` and should predict `x0 - eps` (upstream's sign).
+
+        t, when not given, is drawn per sample (logit-normal(0, 1) or uniform on [0, T)), then transformed like
+        upstream when `use_timestep_transform` (needs height/width/num_frames in model_kwargs). model_kwargs are
+        passed to the model as is (y, mask, fps, ...). reduction "mean" gives a scalar, "none" the (B,) losses.
+        """
+        if sample_method not in ("logit-normal", "uniform"):
+            raise ValueError(f"sample_method must be 'logit-normal' or 'uniform', got {sample_method!r}")
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        batch, dev = x0.shape[0], x0.device
+        if t is None:
+            if self.use_discrete_timesteps:
+                t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device=dev).float()
+            elif sample_method == "uniform":
+                t = torch.rand(batch, generator=generator, device=dev) * self.num_timesteps
+            else:  # LogisticNormal(0, 1) on a 1-simplex is sigmoid of a standard normal
+                t = torch.sigmoid(torch.randn(batch, generator=generator, device=dev)) * self.num_timesteps
+            if self.use_timestep_transform:
+                t = timestep_transform(
+                    t,
+                    model_kwargs["height"],
+                    model_kwargs["width"],
+                    model_kwargs["num_frames"],
+                    scale=self.transform_scale,
+                    num_timesteps=self.num_timesteps,
+                )
+        t = torch.as_tensor(t, device=dev, dtype=torch.float32).expand(batch)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+        x_t = add_noise(x0, noise, t, self.num_timesteps).to(x0.dtype)
+        out = model(x_t, t, **model_kwargs)
+        v = out[:, : x0.shape[1]]
+        per_sample = (v.float() - (x0 - noise).float()).pow(2).flatten(1).mean(1)
+        return per_sample.mean() if reduction == "mean" else per_sample
+
+
+def describe(sampler: RFlowSampler) -> dict[str, Any]:
+    """The sampler's settings as plain data, for run records."""
+    return {k: getattr(sampler, k) for k in sampler.__dataclass_fields__}

@@ -1,0 +1,22 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Only 2 cores on CI machines: one intra-op thread per test process keeps timings predictable.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def reference_dir() -> Path:
+    """Numeric references from upstream Open-Sora (not shipped to users): skip tests when absent."""
+    default = Path(__file__).resolve().parents[2] / "shared" / "reference"
+    return Path(os.environ.get("DUCA_REFERENCE_DIR", default))
+
+
+@pytest.fixture
+def reference() -> Path:
+    path = reference_dir()
+    if not path.is_dir():
+        pytest.skip(f"reference folder {path} not present")
+    return path

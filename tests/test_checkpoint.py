@@ -1,0 +1,103 @@
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from duca_video.models import CheckpointMismatchError, STDiT3, STDiT3Config, load_checkpoint
+from tests.test_stdit3 import TINY, tiny_inputs, tiny_model
+
+
+def _out(model):
+    with torch.no_grad():
+        return model(**tiny_inputs())
+
+
+@pytest.fixture
+def trained():
+    return tiny_model(seed=3)
+
+
+def test_safetensors_file_roundtrip(tmp_path, trained):
+    path = tmp_path / "w.safetensors"
+    save_file(trained.state_dict(), str(path))
+    loaded = STDiT3.from_pretrained(str(path), config=STDiT3Config(**TINY))
+    torch.testing.assert_close(_out(loaded), _out(trained), atol=0, rtol=0)
+
+
+def test_hf_directory_with_config(tmp_path, trained):
+    (tmp_path / "config.json").write_text(
+        json.dumps({**STDiT3Config(**TINY).to_dict(), "architectures": ["STDiT3"], "model_type": "STDiT3"})
+    )
+    save_file(trained.state_dict(), str(tmp_path / "model.safetensors"))
+    loaded = STDiT3.from_pretrained(str(tmp_path))
+    assert loaded.config.hidden_size == 64
+    torch.testing.assert_close(_out(loaded), _out(trained), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pth"])
+def test_torch_file_and_wrappers(tmp_path, trained, suffix):
+    path = tmp_path / f"ema{suffix}"
+    torch.save({"model": {f"module.{k}": v for k, v in trained.state_dict().items()}}, path)
+    model = STDiT3(STDiT3Config(**TINY))
+    load_checkpoint(model, path)
+    torch.testing.assert_close(_out(model.eval()), _out(trained), atol=0, rtol=0)
+
+
+def test_dtype_and_device_options(tmp_path, trained):
+    path = tmp_path / "w.safetensors"
+    save_file(trained.state_dict(), str(path))
+    loaded = STDiT3.from_pretrained(str(path), config=STDiT3Config(**TINY), dtype=torch.bfloat16, device="cpu")
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in loaded.parameters())
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("unpickled!",))
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"x": _Evil()}, f)
+    with pytest.raises(ValueError, match="weights_only"):
+        load_checkpoint(STDiT3(STDiT3Config(**TINY)), path)
+
+
+def test_missing_path_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        STDiT3.from_pretrained(str(tmp_path / "nope.safetensors"), config=STDiT3Config(**TINY))
+    with pytest.raises(FileNotFoundError, match="no weights in directory"):
+        STDiT3.from_pretrained(str(tmp_path), config=STDiT3Config(**TINY))
+
+
+def test_unsupported_suffix(tmp_path):
+    path = tmp_path / "w.npz"
+    path.write_bytes(b"0")
+    with pytest.raises(ValueError, match="unsupported checkpoint format"):
+        load_checkpoint(STDiT3(STDiT3Config(**TINY)), path)
+
+
+def test_mismatch_lists_missing_unexpected_and_misshaped(tmp_path, trained):
+    state = dict(trained.state_dict())
+    state.pop("t_block.1.bias")
+    state["extra.weight"] = torch.zeros(3)
+    state["final_layer.linear.weight"] = torch.zeros(5, 64)
+    path = tmp_path / "bad.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_checkpoint(STDiT3(STDiT3Config(**TINY)), path)
+    text = str(err.value)
+    assert "missing (1)" in text and "t_block.1.bias" in text
+    assert "unexpected (1)" in text and "extra.weight" in text
+    assert "mis-shaped (1)" in text and "final_layer.linear.weight: checkpoint (5, 64)" in text
+
+
+def test_checkpoint_of_another_architecture(tmp_path):
+    other = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    path = tmp_path / "other.safetensors"
+    save_file(other.state_dict(), str(path))
+    with pytest.raises(CheckpointMismatchError, match="another architecture"):
+        load_checkpoint(STDiT3(STDiT3Config(**TINY)), path)
