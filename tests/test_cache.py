@@ -1,0 +1,258 @@
+import pytest
+import torch
+from torch import nn
+
+from duca_video import cache
+from duca_video.cache import selection as sel
+from duca_video.cache.schedule import schedule_table
+from duca_video.models.stdit3 import block_modulation, block_self_attention, gate_tokens, modulate_tokens
+from duca_video.sampling.rflow import RFlowSampler
+from tests.test_stdit3 import tiny_model
+
+ALL_MODULES = ("attn", "cross", "mlp")
+
+
+def sample(model, steps=6, seed=0, prompt_seed=0, lengths=(5, 8), frame_mask=None, t=3, h=8, w=10):
+    g = torch.Generator().manual_seed(prompt_seed)
+    b = len(lengths)
+    mask = torch.zeros(b, 8, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    y = torch.randn(b, 1, 8, 32, generator=g)
+    z = torch.randn(b, 4, t, h, w, generator=g)
+    y_null = model.y_embedder.y_embedding[None, None].expand(b, 1, 8, 32)
+    sampler = RFlowSampler(num_sampling_steps=steps, use_timestep_transform=False, cfg_scale=4.0)
+    kwargs = dict(fps=torch.full((b,), 24.0), height=torch.full((b,), 64.0), width=torch.full((b,), 80.0))
+    return sampler.sample(model, z, y, y_null, mask, model_kwargs=kwargs, frame_mask=frame_mask, progress=False,
+                          seed=seed)  # fmt: skip
+
+
+PUBLISHED = {  # step -> (kind, actions for attn/cross/mlp): the published DuCa Open-Sora schedule
+    **{s: ("full", "CCC") for s in (0, 1, 2, 6, 12, 18, 24)},
+    **{s: ("full", "CRC") for s in (3, 9, 15, 21, 27)},
+    **{s: ("conservative", "RRP") for s in range(4, 30, 3)},
+    **{s: ("aggressive", "RRR") for s in range(5, 30, 3)},
+}
+
+
+def test_default_duca_schedule_is_the_published_one():
+    rows = schedule_table(cache.build_schedule(cache.make_config("duca"), tuple(range(30, 0, -1))))
+    got = {int(r["step"]): (r["kind"], r["spatial"]) for r in rows}
+    assert got == PUBLISHED
+    assert all(r["spatial"] == r["temporal"] for r in rows)
+
+
+def test_paper_preset_alternates_after_each_fresh_step():
+    cfg = cache.make_config("duca", preset="paper")
+    assert (cfg.cycle, cfg.recompute_ratio) == (5, 0.1)
+    kinds = [r["kind"] for r in schedule_table(cache.build_schedule(cfg, tuple(range(10, 0, -1))))]
+    assert kinds == ["full", "conservative", "aggressive", "conservative", "aggressive"] * 2
+
+
+def test_none_equals_unhooked_model_and_disable_restores():
+    model = tiny_model()
+    reference = sample(model)
+    controller = cache.enable(model, "none")
+    torch.testing.assert_close(sample(model), reference, atol=0, rtol=0)
+    assert controller.cache_bytes == 0
+    cache.enable(model, "duca")
+    assert not torch.allclose(sample(model), reference)
+    cache.disable(model)
+    torch.testing.assert_close(sample(model), reference, atol=0, rtol=0)
+    assert all("forward" not in b.__dict__ for b in cache.find_blocks(model))
+
+
+@pytest.mark.parametrize("frame_mask", [None, torch.tensor([[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])])
+def test_conservative_step_recomputing_every_token_equals_a_full_step(frame_mask):
+    model = tiny_model()
+    reference = sample(model, frame_mask=frame_mask)
+    cache.enable(model, "conservative", warmup_steps=0, cycle=2, pattern=("full", "conservative"), cross_cycle=1,
+                 recompute=ALL_MODULES, recompute_ratio=1.0)  # fmt: skip
+    out = sample(model, frame_mask=frame_mask)
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
+
+
+def test_each_method_runs_and_caching_changes_the_result():
+    model = tiny_model()
+    reference = sample(model, steps=8)
+    for method in ("duca", "toca", "fora", "aggressive", "conservative", "pab", "teacache"):
+        controller = cache.enable(model, method, **({"threshold": (0.0, 2000.0)} if method == "pab" else {}))
+        out = sample(model, steps=8)
+        assert torch.isfinite(out).all(), method
+        kinds = [h["kind"] for h in controller.history]
+        assert len(kinds) == 8 and kinds[0] == "full", method
+        if method != "teacache":  # teacache may decide to compute everything on a tiny model
+            assert not torch.allclose(out, reference), method
+        assert method in controller.summary()
+    cache.disable(model)
+
+
+def test_two_prompts_in_sequence_equal_each_run_alone():
+    model = tiny_model()
+    cache.enable(model, "duca")
+    first = sample(model, prompt_seed=1)
+    second = sample(model, prompt_seed=2)
+    cache.enable(model, "duca")  # a fresh controller
+    alone = sample(model, prompt_seed=2)
+    torch.testing.assert_close(second, alone, atol=0, rtol=0)
+    assert not torch.allclose(first, second)
+
+
+def test_same_seed_same_video_different_seed_different_selection():
+    model = tiny_model()
+    cache.enable(model, "duca")
+    a, b = sample(model, seed=1), sample(model, seed=1)
+    c = sample(model, seed=2)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.allclose(a, c)
+
+
+def test_cache_keeps_only_what_is_read_in_model_dtype():
+    model = tiny_model()
+    controller = cache.enable(model, "duca")
+    sample(model, steps=8)
+    rows, tokens, width, blocks = 4, 3 * 4 * 5, 64, 4
+    per_tensor = rows * tokens * width * 4  # fp32 model
+    # The peak is at a full step before a conservative one: attn, cross and mlp for every block, plus the
+    # cross-attention output kept from the earlier full step for the blocks not yet refreshed, plus one stack.
+    assert 3 * blocks * per_tensor <= controller.cache_bytes <= 4 * blocks * per_tensor + per_tensor
+    fora = cache.enable(model, "fora")
+    sample(model, steps=8)
+    assert 0 < fora.cache_bytes <= 4 * blocks * per_tensor
+
+
+def test_summary_counts_recomputed_tokens():
+    model = tiny_model()
+    controller = cache.enable(model, "duca", recompute_ratio=0.5)
+    sample(model, steps=6)
+    conservative = [h for h in controller.history if h["kind"] == "conservative"]
+    assert conservative
+    for h in conservative:
+        assert h["recomputed"]["mlp"] == h["tokens"]["mlp"] // 2
+        assert h["recomputed"]["attn"] == 0
+    assert "conservative" in controller.summary()
+
+
+@pytest.mark.parametrize("selector", ["random", "random_frame", "k_norm", "v_norm", "cross_entropy",
+                                      "min_similarity", "max_similarity"])  # fmt: skip
+def test_every_selector_runs_end_to_end(selector, monkeypatch):
+    model = tiny_model()
+    picked = []
+    real = sel.top_k
+    monkeypatch.setattr(sel, "top_k", lambda s, k, valid=None: picked.append(real(s, k, valid)) or picked[-1])
+    cache.enable(model, "toca", selector=selector, recompute_ratio=0.25, age_bonus=0.1)
+    out = sample(model, steps=5)
+    assert torch.isfinite(out).all()
+    assert picked and all(i.shape == (4, 15) for i in picked)  # 25% of 60 tokens, 4 CFG rows
+    assert all(len(set(row.tolist())) == 15 for i in picked for row in i)
+
+
+def test_selectors_pick_the_requested_number_of_valid_tokens():
+    g = sel.token_generator(0, 3, 1)
+    scores = sel.random_scores(4, 20, cfg=True, generator=g)
+    assert torch.equal(scores[:2], scores[2:])  # the CFG halves share one draw
+    valid = torch.ones(4, 20, dtype=torch.bool)
+    valid[:, 15:] = False
+    idx = sel.top_k(scores, 6, valid)
+    assert idx.shape == (4, 6) and int(idx.max()) < 15
+    assert all(len(set(r.tolist())) == 6 for r in idx)
+    with pytest.raises(ValueError, match="only 15 valid"):
+        sel.top_k(scores, 16, valid)
+    frame = sel.random_frame_scores(2, 4, 5, cfg=False, generator=g)
+    counts = torch.bincount(sel.top_k(frame, 8)[0] // 5, minlength=4)
+    assert counts.tolist() == [2, 2, 2, 2]
+    x = torch.randn(2, 30, 8)
+    assert sel.top_k(sel.similarity_scores(x, 0.05, True, g), 10).shape == (2, 10)
+    ent = sel.attention_entropy(torch.randn(2, 30, 8), torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool), 2)
+    assert ent.shape == (2, 30) and bool((ent >= 0).all()) and bool((ent <= torch.log(torch.tensor(5.0))).all())
+
+
+def test_unknown_method_and_field_are_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="unknown cache method 'dcua'.*duca"):
+        cache.enable(model, "dcua")
+    with pytest.raises(ValueError, match="no field.*'cylce'"):
+        cache.enable(model, "duca", cylce=4)
+    with pytest.raises(ValueError, match="recompute_ratio"):
+        cache.enable(model, "duca", recompute_ratio=1.5)
+    with pytest.raises(ValueError, match="pattern"):
+        cache.enable(model, "duca", cycle=2)
+    with pytest.raises(ValueError, match="preset"):
+        cache.enable(model, "duca", preset="fast")
+    with pytest.raises(ValueError, match="no STDiT3 blocks"):
+        cache.enable(nn.Linear(2, 2), "duca")
+
+
+# -- a stand-in module tree with only Open-Sora's attribute names and calling conventions -----------------
+
+
+class UpstreamLikeCross(nn.Module):
+    """Upstream's cross-attention convention: packed valid text tokens (1, sum(L), C) and a list of lengths."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.q_linear, self.kv_linear, self.proj, self.num_heads = (inner.q_linear, inner.kv_linear, inner.proj,
+                                                                    inner.num_heads)  # fmt: skip
+
+    def forward(self, x, cond, lens):
+        b, n, c = x.shape
+        d = c // self.num_heads
+        q = self.q_linear(x).view(b, n, self.num_heads, d).transpose(1, 2)
+        kv = self.kv_linear(cond)[0].split(list(lens))
+        outs = []
+        for i, part in enumerate(kv):  # a loop is fine in a stand-in
+            k, v = part.view(-1, 2, self.num_heads, d).permute(1, 2, 0, 3)
+            outs.append(torch.nn.functional.scaled_dot_product_attention(q[i : i + 1], k[None], v[None]))
+        return self.proj(torch.cat(outs).transpose(1, 2).reshape(b, n, c))
+
+
+class UpstreamLikeBlock(nn.Module):
+    def __init__(self, ours):
+        super().__init__()
+        self.attn, self.mlp, self.norm1, self.norm2 = ours.attn, ours.mlp, ours.norm1, ours.norm2
+        self.cross_attn = UpstreamLikeCross(ours.cross_attn)
+        self.scale_shift_table, self.temporal = ours.scale_shift_table, ours.temporal
+
+    def forward(self, x, y, t, mask=None, x_mask=None, t0=None, T=None, S=None):
+        sm, cm, gm, sp, cp, gp = block_modulation(self, t, x_mask, t0)
+        x = x + gate_tokens(gm, block_self_attention(self, modulate_tokens(self.norm1(x), sm, cm), T, S))
+        x = x + self.cross_attn(x, y, mask)
+        return x + gate_tokens(gp, self.mlp(modulate_tokens(self.norm2(x), sp, cp)))
+
+
+class UpstreamLikeModel(nn.Module):
+    """Our embedders and final layer around blocks that follow upstream's conventions."""
+
+    def __init__(self, ours):
+        super().__init__()
+        self.ours = ours
+        self.y_embedder = ours.y_embedder
+        self.spatial_blocks = nn.ModuleList(UpstreamLikeBlock(b) for b in ours.spatial_blocks)
+        self.temporal_blocks = nn.ModuleList(UpstreamLikeBlock(b) for b in ours.temporal_blocks)
+
+    def forward(self, x, timestep, y, mask=None, x_mask=None, **kw):
+        e = self.ours.embed(x, timestep, y, mask, x_mask, kw.get("fps"), kw.get("height"), kw.get("width"))
+        lens = e.mask.sum(1).tolist()
+        packed = e.y[e.mask][None]
+        T, H, W = e.grid
+        h = e.x
+        for sb, tb in zip(self.spatial_blocks, self.temporal_blocks, strict=True):
+            h = sb(h, packed, e.t_mlp, lens, e.x_mask, e.t0_mlp, T, H * W)
+            h = tb(h, packed, e.t_mlp, lens, e.x_mask, e.t0_mlp, T, H * W)
+        return self.ours.unpatchify(self.ours.final_layer(h, e.t, e.x_mask, e.t0), e).float()
+
+
+def test_plugin_works_on_a_module_tree_with_open_sora_names_only():
+    ours = tiny_model()
+    standin = UpstreamLikeModel(ours)
+    reference = sample(ours)
+    torch.testing.assert_close(sample(standin), reference, atol=1e-5, rtol=1e-5)
+    cache.enable(standin, "conservative", warmup_steps=0, cycle=2, pattern=("full", "conservative"), cross_cycle=1,
+                 recompute=ALL_MODULES, recompute_ratio=1.0)  # fmt: skip
+    torch.testing.assert_close(sample(standin), reference, atol=1e-5, rtol=1e-5)
+    for method, extra in (("duca", {}), ("toca", {}), ("pab", {"threshold": (0.0, 2000.0)})):
+        ctl_theirs = cache.enable(standin, method, **extra)
+        theirs = sample(standin)
+        ctl_ours = cache.enable(ours, method, **extra)
+        torch.testing.assert_close(theirs, sample(ours), atol=1e-4, rtol=1e-4)
+        assert ctl_theirs.cache_bytes == ctl_ours.cache_bytes > 0
