@@ -1,0 +1,197 @@
+"""Side-by-side measurement of caching methods: FLOPs of the whole sampling loop, latency, peak memory, cache
+bytes, and fidelity of each method's final latent to the uncached one.
+
+FLOPs are counted on the meta device (no weights, no compute), for the full loop: every step, the CFG batch,
+the cache's own gathers and selections included. TeaCache decides from the data, so its FLOPs are counted
+during a real run instead (null in a FLOPs-only run).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .. import cache as cache_lib
+from ..models.stdit3 import STDiT3, STDiT3Config
+from ..sampling.rflow import RFlowSampler
+from .fidelity import latent_fidelity
+from .flops import count_flops
+
+
+@dataclass
+class BenchSetup:
+    model: STDiT3Config
+    latent_shape: tuple[int, int, int]  # (T, H, W) of the latent
+    image_size: tuple[int, int]  # the video's (H, W) in pixels (sets the position scale and timestep shift)
+    num_frames: int
+    num_steps: int = 30
+    cfg_scale: float = 7.0
+    batch: int = 1
+    text_tokens: int | None = None  # valid caption tokens; None = model_max_length
+    fps: float = 24.0
+    use_timestep_transform: bool = True
+    cache_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> field overrides
+
+    def sampler(self, method: cache_lib.CacheConfig) -> RFlowSampler:
+        steps = method.num_steps if isinstance(method, cache_lib.StepsConfig) else self.num_steps
+        return RFlowSampler(num_sampling_steps=steps, cfg_scale=self.cfg_scale,
+                            use_timestep_transform=self.use_timestep_transform)  # fmt: skip
+
+    def method_config(self, name: str) -> cache_lib.CacheConfig:
+        return cache_lib.make_config(name, **self.cache_overrides.get(name, {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["model"] = self.model.to_dict()
+        return d
+
+
+def make_inputs(setup: BenchSetup, device: torch.device | str, dtype: torch.dtype, seed: int = 0) -> dict[str, Any]:
+    """Noise, captions and sizes for one sample batch (random captions with `text_tokens` valid tokens)."""
+    cfg, b = setup.model, setup.batch
+    length = cfg.model_max_length
+    valid = length if setup.text_tokens is None else setup.text_tokens
+    meta = torch.device(device).type == "meta"
+    g = None if meta else torch.Generator().manual_seed(seed)
+
+    def noise(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, device="meta") if meta else torch.randn(shape, generator=g).to(device)
+
+    mask = torch.zeros(b, length, dtype=torch.long)
+    mask[:, :valid] = 1
+    return dict(
+        z=noise(b, cfg.in_channels, *setup.latent_shape),
+        y=noise(b, 1, length, cfg.caption_channels).to(dtype),
+        mask=mask.to(device),
+        # Sizes stay on the CPU: their values set the position scale and the timestep shift.
+        model_kwargs=dict(height=torch.full((b,), float(setup.image_size[0])),
+                          width=torch.full((b,), float(setup.image_size[1])),
+                          fps=torch.full((b,), setup.fps).to(device), num_frames=setup.num_frames),
+    )  # fmt: skip
+
+
+def _sample(model: STDiT3, setup: BenchSetup, method: cache_lib.CacheConfig, inputs: dict[str, Any], seed: int):
+    y_null = model.y_embedder.y_embedding[None, None].expand_as(inputs["y"]).to(inputs["y"].dtype)
+    return setup.sampler(method).sample(model, inputs["z"], inputs["y"], y_null, inputs["mask"],
+                                        model_kwargs=inputs["model_kwargs"], progress=False, seed=seed)  # fmt: skip
+
+
+def loop_flops(setup: BenchSetup, method: str, dtype: torch.dtype = torch.bfloat16) -> tuple[int | None, int | None]:
+    """FLOPs of the whole sampling loop with `method` and the cache's peak bytes in `dtype`, both from a run on
+    the meta device (None, None for TeaCache, whose decisions need real data)."""
+    config = setup.method_config(method)
+    if isinstance(config, cache_lib.TeaCacheConfig):
+        return None, None
+    with torch.device("meta"):
+        model = STDiT3(setup.model).eval().to(dtype)
+    inputs = make_inputs(setup, "meta", dtype)
+    controller = cache_lib.enable(model, config)
+    flops, _ = count_flops(_sample, model, setup, config, inputs, 0)
+    return flops, controller.cache_bytes
+
+
+@dataclass
+class RunResult:
+    latent: torch.Tensor
+    latency_s: float
+    peak_memory_bytes: int | None
+    cache_bytes: int
+    flops: int | None = None
+
+
+def run_method(model: STDiT3, setup: BenchSetup, method: str, inputs: dict[str, Any], seed: int = 0,
+               count: bool = False) -> RunResult:  # fmt: skip
+    """Generate once with `method` (timed); optionally count its FLOPs in one more run."""
+    config = setup.method_config(method)
+    controller = cache_lib.enable(model, config)
+    device = inputs["z"].device
+    cuda = device.type == "cuda"
+    peak = None
+    try:
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        latent = _sample(model, setup, config, inputs, seed)
+        if cuda:
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+        elapsed = time.perf_counter() - start
+        flops = count_flops(_sample, model, setup, config, inputs, seed)[0] if count else None
+        return RunResult(latent.float().cpu(), elapsed, peak, controller.cache_bytes, flops)
+    finally:
+        cache_lib.disable(model)
+
+
+def compare(
+    setup: BenchSetup,
+    methods: list[str],
+    model: STDiT3 | None = None,
+    flops_only: bool = False,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 1,
+    seed: int = 0,
+    warmup: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """The contract-5 per-method records. Without a model, one with random weights (seeded) is built."""
+    if "none" not in methods:
+        methods = ["none", *methods]
+    results: dict[str, dict[str, Any]] = {}
+    for name in methods:
+        flops, cache_bytes = loop_flops(setup, name, dtype)
+        results[name] = {"tflops": None if flops is None else flops / 1e12, "flops_speedup": None,
+                         "latency_s": None, "latency_speedup": None, "peak_memory_bytes": None,
+                         "cache_bytes": cache_bytes, "psnr_vs_none": None, "ssim_vs_none": None}  # fmt: skip
+    if not flops_only:
+        if model is None:
+            torch.manual_seed(seed)
+            model = STDiT3(setup.model).eval()
+        model = model.to(device=device, dtype=dtype)
+        inputs = make_inputs(setup, device, dtype, seed)
+        if warmup:  # first-call costs (allocator, kernels) must not land on the first method
+            run_method(model, BenchSetup(**{**setup.__dict__, "num_steps": 1}), "none", inputs, seed=seed)
+        # Round-robin over methods, so a load change on the machine hits every method alike; median per method.
+        runs: dict[str, list[RunResult]] = {name: [] for name in methods}
+        for rep in range(repeats):
+            for name in methods:
+                tea = isinstance(setup.method_config(name), cache_lib.TeaCacheConfig)
+                runs[name].append(run_method(model, setup, name, inputs, seed=seed, count=tea and rep == 0))
+        reference = runs["none"][0].latent
+        for name, done in runs.items():
+            first = done[0]
+            if first.flops is not None:
+                results[name]["tflops"] = first.flops / 1e12
+            fid = latent_fidelity(reference, first.latent)
+            peaks = [r.peak_memory_bytes for r in done if r.peak_memory_bytes is not None]
+            results[name].update(latency_s=statistics.median(r.latency_s for r in done),
+                                 peak_memory_bytes=max(peaks) if peaks else None, cache_bytes=first.cache_bytes,
+                                 psnr_vs_none=fid["psnr"], ssim_vs_none=fid["ssim"])  # fmt: skip
+    base = results["none"]
+    for r in results.values():
+        if r["tflops"] and base["tflops"]:
+            r["flops_speedup"] = base["tflops"] / r["tflops"]
+        if r["latency_s"] and base["latency_s"]:
+            r["latency_speedup"] = base["latency_s"] / r["latency_s"]
+    return results
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    def fmt(v: Any, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    lines = [f"{'method':<13}{'TFLOPs':>10}{'FLOPs x':>9}{'latency s':>11}{'lat. x':>8}{'peak MiB':>10}"
+             f"{'cache MiB':>11}{'PSNR':>8}{'SSIM':>8}"]  # fmt: skip
+    for name, r in results.items():
+        peak = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
+        cache_mib = None if r["cache_bytes"] is None else r["cache_bytes"] / 2**20
+        cells = [fmt(r["tflops"], ".2f").rjust(10), fmt(r["flops_speedup"], ".2f").rjust(9),
+                 fmt(r["latency_s"], ".3f").rjust(11), fmt(r["latency_speedup"], ".2f").rjust(8),
+                 fmt(peak, ".0f").rjust(10), fmt(cache_mib, ".1f").rjust(11), fmt(r["psnr_vs_none"], ".2f").rjust(8),
+                 fmt(r["ssim_vs_none"], ".4f").rjust(8)]  # fmt: skip
+        lines.append(f"{name:<13}" + "".join(cells))
+    return "\n".join(lines)

@@ -1,0 +1,104 @@
+"""Compare caching methods side by side on one config: FLOPs, latency, peak and cache memory, fidelity.
+
+    python scripts/benchmark.py --config configs/duca_480p.py --methods none,duca,toca --json out.json --flops-only
+    python scripts/benchmark.py --config configs/bench_cpu.py --methods none,duca,toca,fora --json cpu.json
+
+`--flops-only` counts the whole sampling loop on the meta device (no weights, runs at Open-Sora sizes on a
+laptop). Otherwise every method also generates the same sample on the chosen device (random weights unless
+`--ckpt-path` is given): latency (median of `--repeats`), peak CUDA memory, cache bytes, and PSNR/SSIM of its
+final latent against `none`'s. Writes contract 5's JSON (to a temp file, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from duca_video.cache import METHODS
+from duca_video.configs.loader import load_config
+from duca_video.metrics.benchmark import BenchSetup, compare, format_table
+from duca_video.metrics.flops import video_latent_shape
+from duca_video.models import STDiT3, STDiT3Config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="an inference config file (configs/*.py)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    p.add_argument("--json", required=True, help="where to write the results")
+    p.add_argument("--flops-only", action="store_true", help="count FLOPs only (meta device, no weights)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="model dtype (default: the config's)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per method (median latency)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-sampling-steps", type=int, help="override the config's steps")
+    p.add_argument("--ckpt-path", help="STDiT3 weights for the timed runs (default: random weights)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    return p.parse_args(argv)
+
+
+def setup_from_config(path: str, steps: int | None) -> BenchSetup:
+    cfg = load_config(path)
+    model_cfg = STDiT3Config.from_dict(cfg.model.extra)
+    h, w = cfg.size
+    if cfg.vae.type == "OpenSoraVAE_V1_2":
+        latent = video_latent_shape(cfg.num_frames, h, w)
+    else:  # pixel-space testbed: the latent is the video
+        latent = (cfg.num_frames, h, w)
+    overrides = {cfg.cache.method: cfg.cache.overrides} if cfg.cache.overrides else {}
+    return BenchSetup(model=model_cfg, latent_shape=latent, image_size=(h, w), num_frames=cfg.num_frames,
+                      num_steps=steps or cfg.scheduler.num_sampling_steps, cfg_scale=cfg.scheduler.cfg_scale,
+                      batch=cfg.batch_size, fps=float(cfg.fps), cache_overrides=overrides,
+                      use_timestep_transform=cfg.scheduler.use_timestep_transform)  # fmt: skip
+
+
+def write_json(path: str, data: dict) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, allow_nan=True)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        sys.exit(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup = setup_from_config(args.config, args.num_sampling_steps)
+    cfg = load_config(args.config)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = DTYPES[args.dtype or cfg.dtype]
+    model = None
+    if args.ckpt_path and not args.flops_only:
+        model = STDiT3.from_pretrained(args.ckpt_path, config=setup.model, dtype=dtype, device=device)
+    results = compare(setup, methods, model=model, flops_only=args.flops_only, device=device, dtype=dtype,
+                      repeats=args.repeats, seed=args.seed)  # fmt: skip
+    print(format_table(results))
+    run = {"config_file": args.config, "device": device, "dtype": str(dtype).removeprefix("torch."),
+           "weights": args.ckpt_path or "random", "threads": torch.get_num_threads(), "flops_only": args.flops_only,
+           "repeats": args.repeats, "seed": args.seed}  # fmt: skip
+    write_json(args.json, {"config": {**setup.to_dict(), **run}, "methods": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
