@@ -109,16 +109,23 @@ def test_same_seed_same_video_different_seed_different_selection():
 
 def test_cache_keeps_only_what_is_read_in_model_dtype():
     model = tiny_model()
-    controller = cache.enable(model, "duca")
-    sample(model, steps=8)
     rows, tokens, width, blocks = 4, 3 * 4 * 5, 64, 4
     per_tensor = rows * tokens * width * 4  # fp32 model
-    # The peak is at a full step before a conservative one: attn, cross and mlp for every block, plus the
-    # cross-attention output kept from the earlier full step for the blocks not yet refreshed, plus one stack.
-    assert 3 * blocks * per_tensor <= controller.cache_bytes <= 4 * blocks * per_tensor + per_tensor
+    unfolded = cache.enable(model, "duca", fold=False)
+    sample(model, steps=8)
+    # Unfolded, the peak is a full step before a conservative one: attn, cross and mlp for every block.
+    assert unfolded.cache_bytes == 3 * blocks * per_tensor
+    # Folded: one tensor for the conservative step and its recomputed rows (9 of 60 tokens) ...
+    rows_bytes = rows * 9 * width * 4 + rows * 9 * 8  # the rows and their int64 indices
+    folded = cache.enable(model, "duca")
+    sample(model, steps=8)
+    assert folded.cache_bytes == blocks * (per_tensor + rows_bytes)
+    # ... plus, once step 9 exists, the cross-attention output of step 6 that it reads again.
+    sample(model, steps=11)
+    assert folded.cache_bytes == blocks * (2 * per_tensor + rows_bytes)
     fora = cache.enable(model, "fora")
     sample(model, steps=8)
-    assert 0 < fora.cache_bytes <= 4 * blocks * per_tensor
+    assert 0 < fora.cache_bytes <= 3 * blocks * per_tensor
 
 
 def test_summary_counts_recomputed_tokens():
@@ -226,7 +233,8 @@ class UpstreamLikeModel(nn.Module):
     def __init__(self, ours):
         super().__init__()
         self.ours = ours
-        self.y_embedder = ours.y_embedder
+        self.y_embedder, self.t_embedder, self.fps_embedder, self.t_block = (ours.y_embedder, ours.t_embedder,
+                                                                           ours.fps_embedder, ours.t_block)  # fmt: skip
         self.spatial_blocks = nn.ModuleList(UpstreamLikeBlock(b) for b in ours.spatial_blocks)
         self.temporal_blocks = nn.ModuleList(UpstreamLikeBlock(b) for b in ours.temporal_blocks)
 
@@ -256,3 +264,21 @@ def test_plugin_works_on_a_module_tree_with_open_sora_names_only():
         ctl_ours = cache.enable(ours, method, **extra)
         torch.testing.assert_close(theirs, sample(ours), atol=1e-4, rtol=1e-4)
         assert ctl_theirs.cache_bytes == ctl_ours.cache_bytes > 0
+
+
+# Folding applies when a full step's outputs have a single conservative reader (DuCa's published schedule);
+# ToCa and the paper preset read them twice, so they keep the separate tensors.
+FOLD_CASES = [("duca", {}, True), ("duca", {"selector": "k_norm"}, True), ("toca", {}, False),
+              ("duca", {"preset": "paper"}, False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("method, extra, smaller", FOLD_CASES)
+def test_folded_cache_gives_the_same_result_with_less_memory(method, extra, smaller):
+    model = tiny_model()
+    unfolded = cache.enable(model, method, fold=False, **extra)
+    expected = sample(model, steps=10)
+    folded = cache.enable(model, method, **extra)
+    out = sample(model, steps=10)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert (folded.cache_bytes < unfolded.cache_bytes) if smaller else (folded.cache_bytes == unfolded.cache_bytes)
+    assert [h["recomputed"] for h in folded.history] == [h["recomputed"] for h in unfolded.history]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.layers import sinusoid
 from ..models.stdit3 import block_modulation, block_self_attention, gate_tokens, modulate_tokens
 from ..sampling.events import SampleStart, StepStart, register_listener, unregister_listener
 from . import selection as sel
@@ -64,9 +65,15 @@ def _capture_output(module: nn.Module, sink: dict[str, torch.Tensor], key: str, 
 class CacheController:
     """Listens to the sampler, holds the per-sample cache state and runs every block through the schedule."""
 
-    def __init__(self, model: nn.Module, config: CacheConfig) -> None:
+    def __init__(self, model: nn.Module, config: CacheConfig, fold: bool = True) -> None:
         self.model = model
         self.config = config
+        # Folding stores `gate_msa(t') * attn + cross + gate_mlp(t') * mlp` as one tensor for the single
+        # conservative step t' that reads it (plus the rows it recomputes), instead of three tensors.
+        self.fold = fold and all(hasattr(model, a) for a in ("fps_embedder", "t_embedder", "t_block"))
+        self._fps_emb: torch.Tensor | None = None
+        self._next_t_mlp: tuple[int, torch.Tensor] | None = None
+        self._hooks: list[Any] = []
         self.blocks = find_blocks(model)
         self.state = CacheState()
         self.plans: list[StepPlan] | None = None
@@ -87,12 +94,18 @@ class CacheController:
             block.forward = functools.partial(self._block_forward, index, block)
         register_listener(self.model, self)
         self.model.__dict__[_ATTR] = self
+        if self.fold:  # the fps embedding of this forward, to compute the next step's modulation
+            hook = self.model.fps_embedder.register_forward_hook(lambda _m, _i, out: setattr(self, "_fps_emb", out))
+            self._hooks.append(hook)
 
     def remove(self) -> None:
         for block in self.blocks:
             block.__dict__.pop("forward", None)
         unregister_listener(self.model, self)
         self.model.__dict__.pop(_ATTR, None)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
         self.state.reset()
 
     # -- sampler events -------------------------------------------------------------------------------
@@ -118,6 +131,7 @@ class CacheController:
         self.cache_bytes = self.state.peak_bytes
         self.state.reset()
         self.plans, self.plan, self._stack_in = None, None, None
+        self._fps_emb, self._next_t_mlp = None, None
 
     # -- the block --------------------------------------------------------------------------------------
     def _block_forward(self, index, block, x, y, t, mask=None, x_mask=None, t0=None, T=None, S=None):
@@ -128,6 +142,8 @@ class CacheController:
             self._stack_in = x
             if isinstance(self.config, TeaCacheConfig):
                 self._teacache_decide(block, x, t)
+            elif not self._skip_stack:  # only aggressive steps read the stack output: free it before computing
+                self.state.drop(STACK, "output")
         if self._skip_stack:
             return self._reuse_stack(x) if last else x
         out = self._run_block(index, block, x, y, t, mask, x_mask, t0, T, S)
@@ -181,6 +197,8 @@ class CacheController:
     def _run_block(self, index, block, x, y, t, mask, x_mask, t0, T, S):
         kind = "temporal" if block.temporal else "spatial"
         acts, keep = self.plan.actions[kind], self.plan.keep[kind]
+        if self.state.has(index, "folded"):
+            return self._run_folded(index, block, x, t, x_mask, t0, S, acts)
         capture = self._needs_scores(kind)
         plain = all(a is Action.COMPUTE for a in acts.values()) and not keep and capture is None
         if plain:
@@ -232,6 +250,9 @@ class CacheController:
             mlp = block.mlp(modulate_tokens(block.norm2(x), shift_mlp, scale_mlp))
         x = x + gate_tokens(gate_mlp, mlp)
 
+        fold = x_mask is None and self._can_fold(kind)
+        if fold:  # the folded tensor serves the next step; keep separately only what a later step reads
+            keep = keep & self.plans[self.step + 1].keep[kind]
         for module, value in (("attn", attn), ("cross", cross), ("mlp", mlp)):
             if module in keep:
                 self.state.put(index, module, value)
@@ -244,7 +265,68 @@ class CacheController:
                 stats["tokens"][module] = stats["tokens"].get(module, 0) + n
         if capture:
             self._store_scores(index, block, grabbed, mask, T, S)
+        if fold:
+            self._store_folded(index, block, x.shape[0], attn, cross, mlp, T, S, x)
         return x
+
+    # -- folding ---------------------------------------------------------------------------------------
+    def _can_fold(self, kind: str) -> bool:
+        """This full step's attn/mlp outputs are read by exactly one later step, a conservative one that
+        reuses attn and cross whole: then only their gated sum (and the rows it recomputes) is needed."""
+        cfg, s = self.config, self.step
+        if not self.fold or self._fps_emb is None or not isinstance(cfg, TokenCacheConfig) or s + 1 >= len(self.plans):
+            return False
+        cur, nxt = self.plan.actions[kind], self.plans[s + 1]
+        after = nxt.actions[kind]
+        return (
+            nxt.kind == "conservative"
+            and cur["attn"] is Action.COMPUTE
+            and cur["mlp"] is Action.COMPUTE
+            and after["attn"] is Action.REUSE
+            and after["cross"] is Action.REUSE
+            and after["mlp"] in (Action.REUSE, Action.PARTIAL)
+            and not {"attn", "mlp"} & nxt.keep[kind]
+            and cfg.selector not in ("min_similarity", "max_similarity")  # these look at the next step's input
+            and cfg.age_bonus == 0
+        )
+
+    def _t_mlp_of_next_step(self, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """The model's t_block output at the next step's timestep: the same ops the model will run then."""
+        step = self.step + 1
+        if self._next_t_mlp is None or self._next_t_mlp[0] != step:
+            embedder = self.model.t_embedder
+            t = torch.full((rows,), self.timesteps[step], device=like.device).to(like.dtype)
+            freq = sinusoid(t, embedder.frequency_embedding_size).to(like.dtype)
+            self._next_t_mlp = (step, self.model.t_block(embedder.mlp(freq) + self._fps_emb))
+        return self._next_t_mlp[1]
+
+    def _store_folded(self, index, block, rows, attn, cross, mlp, T, S, x) -> None:
+        _, _, gate_msa, _, _, gate_mlp = block_modulation(block, self._t_mlp_of_next_step(rows, attn))
+        contribution = gate_tokens(gate_msa, attn) + cross
+        self.state.put(index, "folded", contribution + gate_tokens(gate_mlp, mlp))
+        kind = "temporal" if block.temporal else "spatial"
+        if self.plans[self.step + 1].action(kind, "mlp") is Action.PARTIAL:
+            idx = self._select(index, x, T, S, step=self.step + 1)
+            self.state.put(index, "folded_idx", idx)
+            self.state.put(index, "folded_rows", sel.gather_tokens(contribution, idx))
+
+    def _run_folded(self, index, block, x, t, x_mask, t0, S, acts) -> torch.Tensor:
+        out = x + self.state.get(index, "folded")
+        idx = self.state.get(index, "folded_idx")
+        if idx is not None:
+            _, _, _, shift_mlp, scale_mlp, gate_mlp = block_modulation(block, t, x_mask, t0)
+            rows = sel.gather_tokens(x, idx) + self.state.get(index, "folded_rows")
+            h = block.norm2(rows) * (1 + _rows_param(scale_mlp, idx, S)) + _rows_param(shift_mlp, idx, S)
+            sel.scatter_tokens_(out, idx, rows + _rows_param(gate_mlp, idx, S) * block.mlp(h))
+        for name in ("folded", "folded_idx", "folded_rows"):
+            self.state.drop(index, name)
+        if self.history:
+            stats, n = self.history[-1], x.shape[0] * x.shape[1]
+            for module in ("attn", "cross", "mlp"):
+                done = idx.numel() if module == "mlp" and idx is not None else 0
+                stats["recomputed"][module] = stats["recomputed"].get(module, 0) + done
+                stats["tokens"][module] = stats["tokens"].get(module, 0) + n
+        return out
 
     # -- token selection -------------------------------------------------------------------------------
     def _store_scores(self, index, block, grabbed, mask, T, S) -> None:
@@ -270,11 +352,12 @@ class CacheController:
             scores = sel.attention_entropy(q, keys, key_mask, getattr(block.cross_attn, "num_heads", 1))
         self.state.put(index, "scores", scores.float())
 
-    def _select(self, index: int, x: torch.Tensor, T: int, S: int) -> torch.Tensor:
+    def _select(self, index: int, x: torch.Tensor, T: int, S: int, step: int | None = None) -> torch.Tensor:
+        """Tokens to recompute at `step` (default: the current one); the draw depends on (seed, step, block)."""
         cfg = self.config
         rows, n = x.shape[0], x.shape[1]
         k = round(cfg.recompute_ratio * n)
-        g = sel.token_generator(self.seed, self.step, index)
+        g = sel.token_generator(self.seed, self.step if step is None else step, index)
         if cfg.selector == "random":
             scores = sel.random_scores(rows, n, self.cfg, g)
         elif cfg.selector == "random_frame":
@@ -320,11 +403,15 @@ class CacheController:
         return schedule_table(build_schedule(self.config, tuple(timesteps)))
 
 
-def enable(model: nn.Module, method: str | CacheConfig = "duca", **overrides: Any) -> CacheController:
-    """Turn caching on for `model` (ours or upstream's STDiT3); returns the controller (summary, bytes)."""
+def enable(
+    model: nn.Module, method: str | CacheConfig = "duca", *, fold: bool = True, **overrides: Any
+) -> CacheController:
+    """Turn caching on for `model` (ours or upstream's STDiT3); returns the controller (summary, bytes).
+
+    `fold=False` keeps every module output separately (more memory, same result up to rounding)."""
     config = make_config(method, **overrides)
     disable(model)
-    controller = CacheController(model, config)
+    controller = CacheController(model, config, fold=fold)
     controller.install()
     return controller
 

@@ -24,6 +24,7 @@ _IGNORED_CONFIG_KEYS = {
     "input_size", "class_dropout_prob", "drop_path", "enable_flash_attn", "enable_layernorm_kernel",
     "enable_sequence_parallelism", "only_train_temporal", "freeze_y_embedder", "architectures", "model_type",
     "torch_dtype", "transformers_version", "_name_or_path", "from_pretrained", "type",
+    "testbed",  # our small trained model's data/sampler settings, next to its architecture
 }  # fmt: skip
 
 

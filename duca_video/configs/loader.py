@@ -1,0 +1,164 @@
+"""Config files and the command line: a Python file of fields, then flags that override single fields.
+
+A config file is Python (as in Open-Sora): every top-level name that does not start with `_` and is not a
+module, function or class is a field. Names starting with `_` are the file's own helpers, e.g.
+`_weights = "weights/tiny"` used by several sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import os
+import runpy
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .schema import CACHE_METHODS, ConfigError, InferenceConfig
+
+__all__ = ["WEIGHT_ENV_VARS", "build_parser", "config_from_args", "load_config", "read_config_file"]
+
+# Where weights come from when neither a flag nor the config names them: section -> (variable, flag).
+WEIGHT_ENV_VARS = {
+    "model": ("DUCA_CKPT_PATH", "--ckpt-path"),
+    "vae": ("DUCA_VAE_PATH", "--vae-path"),
+    "text_encoder": ("DUCA_T5_PATH", "--text-encoder-path"),
+}
+
+# flag dest -> (section, field) for flags that set a field inside a section.
+_SECTION_FLAGS = {
+    "ckpt_path": ("model", "from_pretrained"),
+    "vae_path": ("vae", "from_pretrained"),
+    "text_encoder_path": ("text_encoder", "from_pretrained"),
+    "num_sampling_steps": ("scheduler", "num_sampling_steps"),
+    "cfg_scale": ("scheduler", "cfg_scale"),
+    "cache": ("cache", "method"),
+}
+_NOT_FIELDS = {"config", "cache_opt"}
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The fields a Python config file defines. Missing files and syntax errors are ConfigErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    source = path.read_text()
+    try:
+        ast.parse(source, filename=str(path))
+    except SyntaxError as exc:
+        raise ConfigError(f"config file {str(path)!r} does not parse: line {exc.lineno}: {exc.msg}") from None
+    try:
+        namespace = runpy.run_path(str(path), run_name="__duca_config__")
+    except Exception as exc:  # noqa: BLE001 - any failure in user code is reported with the file's name
+        raise ConfigError(f"config file {str(path)!r} failed to run: {type(exc).__name__}: {exc}") from None
+    skip = (types.ModuleType, types.FunctionType, type)
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, skip)}
+
+
+def _literal(text: str) -> Any:
+    # Cache settings from the command line: numbers, booleans, None and lists as Python literals, else a string.
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_args(values: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """A copy of the config fields with every flag the user gave written over its field."""
+    out = copy.deepcopy(values)
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in _NOT_FIELDS}
+    for dest, value in given.items():
+        if dest in _SECTION_FLAGS:
+            section, name = _SECTION_FLAGS[dest]
+            current = out.get(section) or {}
+            if not isinstance(current, dict):
+                raise ConfigError(f"{section} must be a dict, got {type(current).__name__}")
+            if dest == "cache" and value != current.get("method", "none"):
+                # Settings written for another method rarely fit this one: start from its defaults.
+                current = {}
+            out[section] = {**current, name: value}
+        else:
+            out[dest] = value
+    if "image_size" not in given and ({"resolution", "aspect_ratio"} & set(given)):
+        out["image_size"] = None  # a size asked for on the command line beats a fixed size in the file
+    if "prompt" in given:
+        out["prompt_path"] = None
+    elif "prompt_path" in given:
+        out["prompt"] = None
+    for item in args.cache_opt or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--cache-opt {item!r}: expected KEY=VALUE")
+        cache = dict(out.get("cache") or {})
+        cache[key.strip()] = _literal(text.strip())
+        out["cache"] = cache
+    return out
+
+
+def load_config(path: str | os.PathLike, args: argparse.Namespace | None = None) -> InferenceConfig:
+    values = read_config_file(path)
+    if args is not None:
+        values = apply_args(values, args)
+    return InferenceConfig.from_dict(values)
+
+
+def config_from_args(argv: Sequence[str] | None = None) -> tuple[InferenceConfig, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
+    return load_config(args.config, args), args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Open-Sora 1.2's inference flags (same names), plus --cache, --cache-opt and --save-latents.
+    Every flag defaults to None, meaning "keep the config's value"."""
+    p = argparse.ArgumentParser(
+        prog="scripts/inference.py",
+        description="Generate videos with Open-Sora 1.2 (STDiT3) and feature caching.",
+        epilog="Weights: --ckpt-path / $DUCA_CKPT_PATH (STDiT3), --vae-path / $DUCA_VAE_PATH, "
+        "--text-encoder-path / $DUCA_T5_PATH. A flag beats the config, the config beats the variable.",
+    )
+    p.add_argument("--config", required=True, help="Python config file, e.g. configs/duca_480p.py")
+    g = p.add_argument_group("prompts")
+    g.add_argument("--prompt", nargs="+", action="extend", help="prompt(s); repeatable")
+    g.add_argument("--prompt-path", help="text file, one prompt per line (blank lines skipped)")
+    g.add_argument("--start-index", type=int, help="first prompt to generate (0-based)")
+    g.add_argument("--end-index", type=int, help="stop before this prompt")
+    g.add_argument("--num-sample", type=int, help="videos per prompt; the k-th uses seed + k")
+    g.add_argument("--aes", type=float, help='aesthetic score appended as " aesthetic score: X."')
+    g.add_argument("--flow", type=float, help='motion score appended as " motion score: X."')
+    g.add_argument("--camera-motion", help='appended as " camera motion: X."')
+    g = p.add_argument_group("video")
+    g.add_argument("--resolution", help="144p, 240p, 360p, 480p or 720p")
+    g.add_argument("--aspect-ratio", help="H:W, e.g. 9:16")
+    g.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="explicit size (beats resolution)")
+    g.add_argument("--num-frames", help="frames (51) or seconds (2s=51, 4s=102, 8s=204, 16s=408)")
+    g.add_argument("--fps", type=int, help="frame rate the model is conditioned on")
+    g.add_argument("--save-fps", type=int, help="frame rate written into the mp4")
+    g.add_argument("--frame-interval", type=int, help="save fps defaults to fps // frame interval")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--num-sampling-steps", type=int)
+    g.add_argument("--cfg-scale", type=float)
+    g.add_argument("--batch-size", type=int, help="prompts denoised together")
+    g.add_argument("--dtype", help="bf16, fp16 or fp32")
+    g.add_argument("--device", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    g.add_argument(
+        "--cache", choices=CACHE_METHODS, help="caching method; the config's cache settings apply to its method only"
+    )
+    g.add_argument("--cache-opt", action="append", metavar="KEY=VALUE", help="cache setting override; repeatable")
+    g = p.add_argument_group("weights")
+    g.add_argument("--ckpt-path", help="STDiT3 checkpoint (file or folder); env DUCA_CKPT_PATH")
+    g.add_argument("--vae-path", help="Open-Sora VAE checkpoint; env DUCA_VAE_PATH")
+    g.add_argument("--text-encoder-path", help="T5 folder (e.g. t5-v1_1-xxl); env DUCA_T5_PATH")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--save-dir", help="folder for NAME.mp4 / NAME.json (created)")
+    g.add_argument("--sample-name", help="name prefix (default 'sample' -> sample_0000)")
+    g.add_argument("--prompt-as-path", action="store_true", default=None, help="VBench naming {prompt}-{k}.mp4")
+    g.add_argument("--save-latents", action="store_true", default=None, help="also write NAME.latent.safetensors")
+    g.add_argument(
+        "--count-flops", action=argparse.BooleanOptionalAction, default=None, help="count DiT FLOPs during sampling"
+    )
+    g.add_argument("--quiet", action="store_true", default=None, help="no progress bars or per-video lines")
+    return p

@@ -1,0 +1,364 @@
+"""Typed inference configuration: Open-Sora 1.2's field names, checked when loaded.
+
+A config is plain data (dicts, numbers, strings) until `InferenceConfig.from_dict` turns it into these
+dataclasses; every unknown key and every bad value is an error that names the key and what is allowed, so a
+typo fails before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from duca_video import sizes
+
+__all__ = [
+    "CACHE_METHODS",
+    "DTYPES",
+    "TORCH_DTYPES",
+    "CacheSection",
+    "ConfigError",
+    "InferenceConfig",
+    "ModelSection",
+    "SchedulerSection",
+    "TextEncoderSection",
+    "VAESection",
+]
+
+# The names duca_video.cache.enable accepts (DESIGN.md, contract 3).
+CACHE_METHODS = ("none", "duca", "toca", "fora", "aggressive", "conservative", "pab", "teacache", "steps")
+# Upstream's spellings (opensora.utils.misc.to_torch_dtype) plus torch's.
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float32": torch.float32,
+                "float16": torch.float16, "bfloat16": torch.bfloat16, "half": torch.float16}  # fmt: skip
+DTYPES = tuple(TORCH_DTYPES)
+ModelType = Literal["STDiT3-XL/2", "STDiT3"]
+VAEType = Literal["OpenSoraVAE_V1_2", "PixelVAE"]
+TextEncoderType = Literal["t5", "word"]
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is not allowed; the message names the key."""
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return f"{len(args)} ints" if Ellipsis not in args else "a list of ints"
+    if origin is list:
+        return "a list of strings"
+    if origin is dict:
+        return "a dict"
+    return {int: "an int", float: "a number", bool: "True or False", str: "a string"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` as type `hint`, or raise TypeError. Only the types the config uses are handled."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                continue
+    elif hint is type(None):
+        if value is None:
+            return None
+    elif origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, (list, tuple)) and (Ellipsis in args or len(value) == len(args)):
+            return tuple(_coerce(v, int) for v in value)
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, str) for v in value]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise TypeError(_describe(hint))
+
+
+def _build(cls: type, values: Any, where: str, extra_ok: bool = False) -> Any:
+    """Instantiate dataclass `cls` from a dict, type-checking each field. With `extra_ok`, keys that are not
+    fields go to the `extra` field (the section checks them against what its model accepts)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a dict, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"]
+    unknown = sorted(k for k in values if k not in names)
+    if unknown and not extra_ok:
+        raise ConfigError(f"{where}: unknown key {', '.join(map(repr, unknown))}; allowed: {', '.join(names)}")
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name not in values:
+            continue
+        try:
+            kwargs[name] = _coerce(values[name], hints[name])
+        except TypeError as exc:
+            raise ConfigError(f"{_key(where, name)}={values[name]!r} is not allowed: expected {exc}") from None
+    if extra_ok:
+        kwargs["extra"] = {k: values[k] for k in unknown}
+    return cls(**kwargs)
+
+
+def _key(where: str, name: str) -> str:
+    return name if not where or where == "config" else f"{where}.{name}"
+
+
+def _positive(where: str, **values: int | float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{_key(where, name)}={value!r} is not allowed: it must be > 0")
+
+
+@dataclass
+class ModelSection:
+    """The diffusion model. `STDiT3-XL/2` needs weights; `STDiT3` with no weights is randomly initialised
+    (seeded by the run seed) from the STDiT3Config fields given next to `type`."""
+
+    type: ModelType = "STDiT3-XL/2"
+    from_pretrained: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # STDiT3Config fields (Open-Sora's names)
+
+    def __post_init__(self) -> None:
+        from duca_video.models import STDiT3Config
+
+        try:  # validates names and values now; the VAE / text encoder fill in their sizes later
+            STDiT3Config.from_dict(self.extra)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"model: {exc} (besides type and from_pretrained)") from None
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.type == "STDiT3-XL/2"
+
+
+@dataclass
+class VAESection:
+    type: VAEType = "OpenSoraVAE_V1_2"
+    from_pretrained: str | None = None  # the combined checkpoint (hpcai-tech/OpenSora-VAE-v1.2)
+    # Optional: a diffusers AutoencoderKL folder, when from_pretrained holds the temporal VAE only.
+    spatial_from_pretrained: str | None = None
+    micro_frame_size: int | None = 17
+    micro_batch_size: int | None = 4
+    # Architecture overrides for other VAEs of this design (None: Open-Sora 1.2's SDXL VAE / VAE_Temporal_SD).
+    spatial_config: dict[str, Any] | None = None
+    temporal_config: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # constructor arguments of a testbed VAE
+
+    def __post_init__(self) -> None:
+        _positive("vae", micro_frame_size=self.micro_frame_size, micro_batch_size=self.micro_batch_size)
+        if self.type == "OpenSoraVAE_V1_2" and self.extra:
+            raise ConfigError(
+                f"vae: unknown key {', '.join(map(repr, sorted(self.extra)))}; allowed: type, from_pretrained, "
+                "spatial_from_pretrained, micro_frame_size, micro_batch_size, spatial_config, temporal_config"
+            )
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.type == "OpenSoraVAE_V1_2"
+
+
+@dataclass
+class TextEncoderSection:
+    type: TextEncoderType = "t5"
+    from_pretrained: str | None = None
+    model_max_length: int | None = None  # None: the encoder's own (300 for T5, as STDiT3 was trained)
+    dtype: str = "fp32"  # upstream runs T5-XXL in fp32
+    extra: dict[str, Any] = field(default_factory=dict)  # constructor arguments of the testbed encoder
+
+    def __post_init__(self) -> None:
+        _positive("text_encoder", model_max_length=self.model_max_length)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"text_encoder.dtype={self.dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+        if self.type == "t5" and self.extra:
+            raise ConfigError(
+                f"text_encoder: unknown key {', '.join(map(repr, sorted(self.extra)))}; allowed: type, "
+                "from_pretrained, model_max_length, dtype"
+            )
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.type == "t5"
+
+
+@dataclass
+class SchedulerSection:
+    type: Literal["rflow"] = "rflow"
+    num_sampling_steps: int = 30
+    cfg_scale: float = 7.0
+    use_timestep_transform: bool = True
+    transform_scale: float = 1.0
+    use_discrete_timesteps: bool = False
+    num_timesteps: int = 1000
+
+    def __post_init__(self) -> None:
+        _positive("scheduler", num_sampling_steps=self.num_sampling_steps, num_timesteps=self.num_timesteps)
+
+
+@dataclass
+class CacheSection:
+    """`method` plus that method's settings (checked by duca_video.cache when it is enabled)."""
+
+    method: str = "none"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in CACHE_METHODS:
+            raise ConfigError(f"cache.method={self.method!r} is not allowed; allowed: {', '.join(CACHE_METHODS)}")
+        if self.method == "none" and self.extra:
+            raise ConfigError(
+                f"cache: settings {', '.join(map(repr, sorted(self.extra)))} given for method 'none', which has none"
+            )
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.extra)
+
+
+_SECTIONS = {
+    "model": (ModelSection, True),
+    "vae": (VAESection, True),
+    "text_encoder": (TextEncoderSection, True),
+    "scheduler": (SchedulerSection, False),
+    "cache": (CacheSection, True),
+}
+
+
+@dataclass
+class InferenceConfig:
+    """Everything one inference run needs. Field names are Open-Sora 1.2's where it has them."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    vae: VAESection = field(default_factory=VAESection)
+    text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
+    scheduler: SchedulerSection = field(default_factory=SchedulerSection)
+    cache: CacheSection = field(default_factory=CacheSection)
+    # size: image_size (H, W) wins; otherwise resolution x aspect_ratio from Open-Sora's table
+    resolution: str | None = None
+    aspect_ratio: str | None = None
+    image_size: tuple[int, int] | None = None
+    num_frames: int | str = 51
+    fps: int = 24
+    save_fps: int | None = None
+    frame_interval: int = 1
+    # generation
+    seed: int = 42
+    batch_size: int = 1
+    dtype: str = "bf16"
+    device: str = "auto"
+    aes: float | None = None
+    flow: float | None = None
+    camera_motion: str | None = None
+    # prompts and outputs
+    prompt: list[str] | None = None
+    prompt_path: str | None = None
+    start_index: int = 0
+    end_index: int | None = None
+    num_sample: int = 1
+    prompt_as_path: bool = False
+    sample_name: str | None = None
+    save_dir: str = "samples"
+    save_latents: bool = False
+    count_flops: bool = True
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self.num_frames = _checked(lambda: sizes.parse_num_frames(self.num_frames), "num_frames")
+        _checked(lambda: sizes.check_num_frames(self.num_frames, self.scheduler.use_timestep_transform), "num_frames")
+        if self.image_size is None:
+            if self.resolution is None or self.aspect_ratio is None:
+                raise ConfigError("set image_size (H, W), or both resolution and aspect_ratio")
+            _checked(lambda: sizes.image_size(self.resolution, self.aspect_ratio), ("resolution", "aspect_ratio"))
+        _positive("config", fps=self.fps, save_fps=self.save_fps, frame_interval=self.frame_interval)
+        _positive("config", batch_size=self.batch_size, num_sample=self.num_sample)
+        if self.image_size is not None and min(self.image_size) < 1:
+            raise ConfigError(f"image_size={list(self.image_size)} is not allowed: both sides must be >= 1")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+        if self.start_index < 0:
+            raise ConfigError(f"start_index={self.start_index} is not allowed: it must be >= 0")
+        if self.end_index is not None and self.end_index <= self.start_index:
+            raise ConfigError(f"end_index={self.end_index} must be greater than start_index={self.start_index}")
+        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
+            raise ConfigError(f"device={self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the generated video as requested (the VAE may round it down to its factor)."""
+        if self.image_size is not None:
+            return self.image_size
+        return sizes.image_size(self.resolution, self.aspect_ratio)
+
+    @property
+    def video_fps(self) -> int:
+        """Frame rate written into the mp4 (upstream: save_fps, else fps // frame_interval)."""
+        return self.save_fps if self.save_fps is not None else max(1, self.fps // self.frame_interval)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> InferenceConfig:
+        if not isinstance(values, dict):
+            raise ConfigError(f"a config must be a dict of fields, got {type(values).__name__}")
+        top = dict(values)
+        sections = {}
+        for name, (section_cls, extra_ok) in _SECTIONS.items():
+            if name in top:
+                sections[name] = _build(section_cls, top.pop(name), name, extra_ok)
+        if isinstance(top.get("prompt"), str):  # one prompt given as a string: a list of one
+            top["prompt"] = [top["prompt"]]
+        config = _build(_TopLevel, top, "config")
+        return cls(**sections, **dataclasses.asdict(config))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (for run records); section `extra` keys are folded back next to their siblings."""
+        out = dataclasses.asdict(self)
+        for name in _SECTIONS:
+            section = out[name]
+            section.update(section.pop("extra", {}))
+        out["image_size"] = list(self.size)
+        return out
+
+
+def _checked(fn: typing.Callable[[], Any], keys: str | tuple[str, ...]) -> Any:
+    keys = (keys,) if isinstance(keys, str) else keys
+    try:
+        return fn()
+    except ValueError as exc:  # the sizes module's messages already start with the key
+        raise ConfigError(str(exc) if str(exc).startswith(keys) else f"{keys[0]}: {exc}") from None
+
+
+# The top-level scalar fields on their own, so `_build` can check them before the sections are attached.
+_TopLevel = dataclasses.make_dataclass(
+    "_TopLevel",
+    [
+        (f.name, f.type, field(default=f.default))
+        for f in dataclasses.fields(InferenceConfig)
+        if f.name not in _SECTIONS
+    ],
+)
+_TopLevel.__module__ = __name__

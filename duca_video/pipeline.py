@@ -1,0 +1,329 @@
+"""Prompts -> text embeddings -> seeded noise -> RFlow sampling (with the cache) -> VAE decode -> files.
+
+`run(config)` is the whole job: it checks every input before loading a model (prompts, save folder, weight
+paths, cache settings), skips videos whose files are already complete, keeps going when one batch fails, and
+returns a summary. `scripts/inference.py` is the command line around it.
+
+Measurements written into each record:
+- latency_s: wall time of text encoding + sampling + VAE decode (+ copy to the CPU) of the batch, divided by
+  the videos in it (file writing excluded); CUDA is synchronised around it.
+- dit_tflops: FLOPs counted by torch's FlopCounterMode around the sampling loop of the real run (all steps, the
+  CFG batch, whatever the cache skipped), divided by the videos in the batch. Counting during the run rather
+  than on a meta copy is what makes data-dependent caches (TeaCache, score-based token selection) exact; it
+  costs a little Python time per operator. xformers kernels are invisible to the counter.
+- peak_memory_bytes: CUDA max allocated during the batch (weights included), or on the CPU the peak resident
+  set growth over the batch; `peak_memory_kind` says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from duca_video import __version__
+from duca_video.configs import ConfigError, InferenceConfig
+from duca_video.configs.build import build_model, build_text_encoder, build_vae
+from duca_video.configs.preflight import (
+    InputError,
+    VideoJob,
+    check_cache_settings,
+    load_prompts,
+    plan_batches,
+    resolve_device,
+    resolve_weights,
+    world,
+)
+from duca_video.configs.schema import TORCH_DTYPES
+from duca_video.io import (
+    OutputPaths,
+    RunSummary,
+    atomic_write_json,
+    check_writable,
+    remove_stale_temps,
+    save_latent,
+    to_uint8_frames,
+    write_video,
+)
+from duca_video.models import STDiT3
+from duca_video.models.attention import attention_backend
+from duca_video.sampling.rflow import RFlowSampler
+
+__all__ = ["Generated", "InputError", "Models", "VideoJob", "generate", "load_models", "run"]
+
+log = logging.getLogger(__name__)
+
+IMG_FPS = 120  # Open-Sora conditions single images on this frame rate
+
+
+# ---------------------------------------------------------------------------------------------------- models
+@dataclass
+class Models:
+    model: STDiT3
+    vae: Any
+    text_encoder: Any
+    sampler: RFlowSampler
+    controller: Any  # duca_video.cache controller, None for method "none"
+    device: torch.device
+    dtype: torch.dtype
+    latent_shape: tuple[int, int, int, int]  # (C, T, H, W) of one video's latent
+    method_config: dict[str, Any]
+    weights: dict[str, str]
+    flops_counted_by: str
+
+
+def load_models(cfg: InferenceConfig, weights: dict[str, str | None], device: torch.device) -> Models:
+    dtype = TORCH_DTYPES[cfg.dtype]
+    encoder = build_text_encoder(cfg, weights["text_encoder"], device)
+    vae = build_vae(cfg, weights["vae"], device, dtype)
+    latent = vae.get_latent_size((cfg.num_frames, *cfg.size))
+    if any(s is None or s < 1 for s in latent):
+        raise InputError(f"{cfg.num_frames} frames of {cfg.size[0]}x{cfg.size[1]} give latent size {latent}, "
+                         "which the VAE cannot produce: use a larger image_size")  # fmt: skip
+    model, source = build_model(cfg, weights["model"], vae, encoder, device, dtype)
+    sampler = RFlowSampler(**{k: v for k, v in dataclasses.asdict(cfg.scheduler).items() if k != "type"})
+    controller, method_config = None, {}
+    if cfg.cache.method != "none":
+        from duca_video import cache as cache_lib
+
+        try:
+            controller = cache_lib.enable(model, cfg.cache.method, **cfg.cache.overrides)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"cache: {exc}") from None
+        method_config = dataclasses.asdict(controller.config)
+        if cfg.cache.method == "steps":  # the method *is* a shorter schedule
+            sampler.num_sampling_steps = int(controller.config.num_steps)
+    names = {"model": source, "vae": weights["vae"] or cfg.vae.type, "text_encoder": weights["text_encoder"]}
+    names["text_encoder"] = names["text_encoder"] or f"{cfg.text_encoder.type} (random init, seed {cfg.seed})"
+    counted_by = "FlopCounterMode over the sampling loop of this run (all steps, CFG batch)"
+    if cfg.count_flops and attention_backend(device) == "xformers":
+        log.warning("xformers attention is invisible to the FLOP counter: dit_tflops leaves it out "
+                    "(set DUCA_ATTENTION=sdpa for complete counts)")  # fmt: skip
+        counted_by += "; xformers attention not counted"
+    return Models(model, vae, encoder, sampler, controller, device, dtype,
+                  (int(vae.out_channels), *latent), method_config, names, counted_by)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------- measuring
+class PeakMemory:
+    """Peak memory from construction on: CUDA max allocated, or on the CPU the resident-set peak above the
+    resident set at the start (`kind` says which)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        if device.type == "cuda":
+            self.kind = "cuda_max_allocated"
+            torch.cuda.reset_peak_memory_stats(device)
+            return
+        self.kind, self._start = "process_peak_rss_growth", _proc_status("VmRSS")
+        try:  # Linux: "5" resets VmHWM (the peak RSS) to the current RSS, so the peak seen is this batch's own
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            # Without the reset only growth of the lifetime peak is visible (0 if an earlier batch went higher).
+            self.kind, self._start = "process_max_rss_growth", _max_rss()
+
+    def peak_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self.kind == "process_peak_rss_growth":
+            return max(0, _proc_status("VmHWM") - self._start)
+        return max(0, _max_rss() - self._start)
+
+
+def _proc_status(key: str) -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return _max_rss()
+
+
+def _max_rss() -> int:
+    import resource
+    import sys
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS reports bytes, Linux KiB
+
+
+def flop_counter() -> Any:
+    """torch's FlopCounterMode, taught the CPU flash-attention kernel it does not know (else attention is 0)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    mapping = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        mapping[cpu_sdpa] = lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)
+    return FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------- generating
+@dataclass
+class Generated:
+    latents: torch.Tensor  # (B, C, T, H, W), the sampler's output before the VAE
+    frames: list[torch.Tensor]  # per video (T, H, W, 3) uint8 on the CPU
+    batch_latency_s: float
+    dit_flops: int | None  # whole batch
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    cache_bytes: int
+
+
+@torch.no_grad()
+def generate(models: Models, cfg: InferenceConfig, jobs: list[VideoJob], progress: bool) -> Generated:
+    """One batch: every video gets its own noise from a generator seeded with its seed (on the CPU, so the
+    same seed gives the same video on any device and in any batch)."""
+    m, n = models, len(jobs)
+    height, width = cfg.size
+    fps = IMG_FPS if cfg.num_frames == 1 else cfg.fps
+    memory = PeakMemory(m.device)
+    _sync(m.device)
+    start = time.perf_counter()
+    encoded = m.text_encoder.encode([j.text for j in jobs])
+    y, mask = encoded["y"].to(m.device), encoded["mask"].to(m.device)
+    y_null = m.text_encoder.null(n, m.model).to(m.device)
+    noise = [torch.randn(m.latent_shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs]
+    # Upstream draws the noise and builds these inputs in the model dtype (bf16 turns width 854 into 856).
+    z = torch.stack(noise).to(device=m.device, dtype=m.dtype)
+    model_kwargs = {key: torch.full((n,), float(value), device=m.device, dtype=m.dtype)
+                    for key, value in (("height", height), ("width", width), ("num_frames", cfg.num_frames),
+                                       ("fps", fps))}  # fmt: skip
+    counter = flop_counter() if cfg.count_flops else nullcontext()
+    with counter:
+        latents = m.sampler.sample(m.model, z, y, y_null, mask, model_kwargs=model_kwargs, progress=progress,
+                                   seed=jobs[0].seed)  # fmt: skip
+    cache_bytes = int(m.controller.cache_bytes) if m.controller is not None else 0
+    video = m.vae.decode(latents.to(m.dtype), num_frames=cfg.num_frames)
+    frames = [to_uint8_frames(v) for v in video]
+    _sync(m.device)
+    latency = time.perf_counter() - start
+    flops = int(counter.get_total_flops()) if cfg.count_flops else None
+    return Generated(latents.float().cpu(), frames, latency, flops, memory.peak_bytes(), memory.kind, cache_bytes)
+
+
+def make_record(
+    cfg: InferenceConfig, m: Models, job: VideoJob, g: Generated, n: int, world_size: int, rank: int
+) -> dict[str, Any]:
+    """The contract-4 record of one video (DESIGN.md); `duca_video.io.RECORD_FIELDS` lists its keys."""
+    t, h, w, _ = g.frames[0].shape
+    return {
+        "name": job.name, "prompt": job.prompt, "prompt_index": job.index, "sample_index": job.k, "text": job.text,
+        "seed": job.seed, "method": cfg.cache.method, "method_config": m.method_config,
+        "steps": m.sampler.num_sampling_steps, "cfg_scale": m.sampler.cfg_scale,
+        "resolution": cfg.resolution if cfg.image_size is None else f"{cfg.size[0]}x{cfg.size[1]}",
+        "aspect_ratio": cfg.aspect_ratio if cfg.image_size is None else None,
+        "image_size": list(cfg.size), "video_size": [h, w], "frames": t, "fps": cfg.fps, "save_fps": cfg.video_fps,
+        "latent_shape": list(m.latent_shape), "dtype": str(m.dtype).removeprefix("torch."), "device": str(m.device),
+        "batch_size": n, "latency_s": g.batch_latency_s / n, "batch_latency_s": g.batch_latency_s,
+        "latency_scope": "text encoding + sampling + VAE decode of the batch, divided by its videos",
+        "dit_tflops": None if g.dit_flops is None else g.dit_flops / n / 1e12,
+        "dit_tflops_counted_by": m.flops_counted_by if g.dit_flops is not None else "not counted (--no-count-flops)",
+        "peak_memory_bytes": g.peak_memory_bytes, "peak_memory_kind": g.peak_memory_kind,
+        "cache_bytes": g.cache_bytes, "world_size": world_size, "rank": rank, "weights": m.weights,
+        "sampler": dataclasses.asdict(m.sampler),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"duca_video": __version__, "torch": torch.__version__},
+    }  # fmt: skip
+
+
+def write_outputs(
+    cfg: InferenceConfig, out: OutputPaths, frames: torch.Tensor, latent: torch.Tensor, record: dict[str, Any]
+) -> None:
+    """Latent, then video, then the record last: a record on disk means the video is complete."""
+    files = {"video": out.video.name}
+    if cfg.save_latents:
+        save_latent(out.latent, latent, metadata={"prompt": record["prompt"], "seed": str(record["seed"])})
+        files["latent"] = out.latent.name
+    record["video_codec"] = write_video(out.video, frames, cfg.video_fps)
+    record["files"] = files
+    atomic_write_json(out.record, record)
+
+
+# ---------------------------------------------------------------------------------------------------- the job
+def run(cfg: InferenceConfig) -> RunSummary:
+    """Check every input, load the models only if something is left to do, generate, write, summarise."""
+    world_size, rank = world()
+    batches = plan_batches(cfg, load_prompts(cfg))
+    weights = resolve_weights(cfg)
+    check_cache_settings(cfg)
+    device = resolve_device(cfg.device)
+    try:  # last of the checks, so that a run refused for another reason creates no folder
+        save_dir = check_writable(cfg.save_dir)
+    except OSError as exc:
+        raise InputError(f"save directory {cfg.save_dir!r} is not writable: {exc}") from None
+    remove_stale_temps(save_dir)
+
+    summary, todo, seen = RunSummary(str(save_dir)), [], set()
+    expected = {"method": cfg.cache.method, "frames": cfg.num_frames, "image_size": list(cfg.size)}
+    for batch in batches:
+        left = []
+        for job in batch:
+            out = OutputPaths(save_dir, job.name)
+            if job.name in seen or out.complete(cfg.save_latents):
+                summary.skipped.append(job.name)
+                if job.name not in seen and (stale := out.differs({**expected, "seed": job.seed})):
+                    log.warning("%s exists with other %s; kept (delete it to regenerate)", out.record, stale)
+            else:
+                left.append(job)
+            seen.add(job.name)
+        if left:
+            todo.append(left)
+    if not todo:
+        log.info("nothing to do: all %d video(s) in %s are complete", len(summary.skipped), save_dir)
+        return summary
+
+    models = load_models(cfg, weights, device)
+    bar = tqdm(total=sum(map(len, todo)), unit="video", desc="videos", disable=True if cfg.quiet else None)
+    try:
+        for jobs in todo:
+            try:
+                g = generate(models, cfg, jobs, progress=not cfg.quiet)
+            except Exception as exc:  # noqa: BLE001 - one batch (e.g. out of memory) must not end a long job
+                log.exception("batch %s failed", [j.name for j in jobs])
+                summary.failed += [(j.name, f"{type(exc).__name__}: {exc}") for j in jobs]
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                bar.update(len(jobs))
+                continue
+            for i, job in enumerate(jobs):
+                record = make_record(cfg, models, job, g, len(jobs), world_size, rank)
+                try:
+                    write_outputs(cfg, OutputPaths(save_dir, job.name), g.frames[i], g.latents[i], record)
+                except Exception as exc:  # noqa: BLE001 - e.g. disk full: report it, try the next video
+                    log.exception("writing %s failed", job.name)
+                    summary.failed.append((job.name, f"{type(exc).__name__}: {exc}"))
+                else:
+                    summary.written.append(job.name)
+                    summary.latencies.append(record["latency_s"])
+                    if record["dit_tflops"] is not None:
+                        summary.tflops.append(record["dit_tflops"])
+                    log.info("wrote %s.mp4 (%.2f s, %s)", job.name, record["latency_s"], _tflops(record["dit_tflops"]))
+                bar.update(1)
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        bar.close()
+        if models.controller is not None:
+            from duca_video import cache as cache_lib
+
+            cache_lib.disable(models.model)
+    return summary
+
+
+def _tflops(value: float | None) -> str:
+    return "FLOPs not counted" if value is None else f"{value:.4g} DiT TFLOPs"

@@ -1,0 +1,221 @@
+"""Config files, their validation, CLI overrides, sizes and weight paths: no model is built here."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from duca_video import sizes
+from duca_video.configs import ConfigError, InferenceConfig, apply_args, build_parser, load_config, read_config_file
+from duca_video.configs.preflight import InputError, resolve_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+UPSTREAM = Path("/work/.mirror/hpcaitech+Open-Sora/repo")
+
+
+def make(**fields):
+    return InferenceConfig.from_dict({"image_size": (16, 16), **fields})
+
+
+def args(*argv):
+    return build_parser().parse_args(["--config", "x.py", *argv])
+
+
+# ------------------------------------------------------------------------------------------- shipped configs
+@pytest.mark.parametrize(
+    "name, size, method",
+    [("duca_480p", (480, 854), "duca"), ("duca_720p", (720, 1280), "duca"), ("baseline_480p", (480, 854), "none")],
+)
+def test_opensora_configs(name, size, method):
+    cfg = load_config(CONFIGS / f"{name}.py")
+    assert cfg.size == size and cfg.num_frames == 51 and cfg.cache.method == method
+    assert (cfg.model.type, cfg.vae.type, cfg.text_encoder.type) == ("STDiT3-XL/2", "OpenSoraVAE_V1_2", "t5")
+    assert cfg.scheduler.num_sampling_steps == 30 and cfg.scheduler.cfg_scale == 7.0 and cfg.aes == 6.5
+    assert cfg.dtype == "bf16" and cfg.fps == 24 and cfg.video_fps == 24
+
+
+def test_tiny_config_is_random_init_until_weights_exist(tmp_path):
+    cfg = load_config(CONFIGS / "tiny.py")
+    assert cfg.model.type == "STDiT3" and cfg.model.from_pretrained is None and cfg.model.extra["depth"] >= 1
+    assert (cfg.vae.type, cfg.text_encoder.type) == ("PixelVAE", "word")
+    assert not cfg.scheduler.use_timestep_transform and cfg.size == (16, 16) and cfg.num_frames == 8
+    # The documented one-line switch: the weights folder replaces the random-init architecture.
+    text = (CONFIGS / "tiny.py").read_text().replace("_weights = None", '_weights = "weights/tiny"')
+    switched = tmp_path / "tiny.py"
+    switched.write_text(text)
+    cfg = load_config(switched)
+    assert cfg.model.from_pretrained == cfg.text_encoder.from_pretrained == "weights/tiny" and not cfg.model.extra
+
+
+# ------------------------------------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"colour": 1}, "unknown key 'colour'; allowed: resolution"),
+        ({"vae": {"type": "OpenSoraVAE_V1_2", "foo": 1}}, "vae: unknown key 'foo'"),
+        ({"scheduler": {"steps": 3}}, "scheduler: unknown key 'steps'; allowed: type, num_sampling_steps"),
+        ({"model": {"depthh": 3}}, "model: unknown STDiT3 config keys ['depthh']"),
+        ({"model": {"type": "DiT"}}, "model.type='DiT' is not allowed: expected one of 'STDiT3-XL/2', 'STDiT3'"),
+        ({"text_encoder": {"type": "t5", "foo": 1}}, "text_encoder: unknown key 'foo'"),
+        ({"batch_size": "2"}, "batch_size='2' is not allowed: expected an int"),
+        ({"batch_size": 0}, "batch_size=0 is not allowed: it must be > 0"),
+        ({"seed": 1.5}, "seed=1.5 is not allowed"),
+        ({"dtype": "fp8"}, "dtype='fp8' is not allowed; allowed: fp32, fp16, bf16"),
+        ({"scheduler": {"cfg_scale": "high"}}, "scheduler.cfg_scale='high' is not allowed: expected a number"),
+        ({"cache": {"method": "fast"}}, "cache.method='fast' is not allowed; allowed: none, duca"),
+        ({"cache": {"method": "none", "ratio": 0.1}}, "cache: settings 'ratio' given for method 'none'"),
+        ({"image_size": (16,)}, "image_size=(16,) is not allowed: expected 2 ints"),
+        ({"prompt_as_path": "yes"}, "prompt_as_path='yes' is not allowed: expected True or False"),
+        ({"end_index": 0}, "end_index=0 must be greater than start_index=0"),
+        ({"device": "tpu"}, "device='tpu' is not allowed"),
+    ],
+)
+def test_validation_names_the_key(fields, message):
+    with pytest.raises(ConfigError) as err:
+        make(**fields)
+    assert message in str(err.value)
+
+
+def test_size_from_the_table_and_its_errors():
+    cfg = InferenceConfig.from_dict({"resolution": "240p", "aspect_ratio": "2:3"})
+    assert cfg.size == (262, 393)  # upstream's hand-edited entry, not the formula's
+    with pytest.raises(ConfigError, match="resolution '1080p' is not in the table; allowed: 144p, 240p, 360p, 480p"):
+        InferenceConfig.from_dict({"resolution": "1080p", "aspect_ratio": "9:16"})
+    with pytest.raises(ConfigError, match="aspect_ratio '1:7' is not in the table; allowed: 3:8, 9:21"):
+        InferenceConfig.from_dict({"resolution": "480p", "aspect_ratio": "1:7"})
+    with pytest.raises(ConfigError, match="set image_size"):
+        InferenceConfig.from_dict({"resolution": "480p"})
+
+
+@pytest.mark.parametrize("given, frames", [("2s", 51), ("4s", 102), ("8s", 204), ("16s", 408), ("68", 68), (1, 1)])
+def test_num_frames_as_frames_or_seconds(given, frames):
+    assert make(num_frames=given).num_frames == frames
+
+
+def test_num_frames_errors():
+    with pytest.raises(ConfigError, match="num_frames '3s' is neither a frame count nor one of 2s=51, 4s=102"):
+        make(num_frames="3s")
+    with pytest.raises(ConfigError, match="num_frames=10 is not valid with the timestep transform.*use 1"):
+        make(num_frames=10)
+    assert make(num_frames=10, scheduler={"use_timestep_transform": False}).num_frames == 10
+    with pytest.raises(ConfigError, match="num_frames must be >= 1"):
+        make(num_frames=0)
+
+
+def test_tables_match_upstream():
+    if not UPSTREAM.exists():
+        pytest.skip("upstream Open-Sora mirror not present")
+    source = subprocess.run(["git", "-C", str(UPSTREAM), "show", "v1.2.0:opensora/datasets/aspect.py"],
+                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    namespace: dict = {}
+    exec(compile(source, "aspect.py", "exec"), namespace)  # upstream's tables, read as data
+    for res in sizes.RESOLUTIONS:
+        for ar in sizes.ASPECT_RATIOS:
+            assert tuple(namespace["get_image_size"](res, ar)) == sizes.image_size(res, ar), (res, ar)
+    for name, frames in namespace["NUM_FRAMES_MAP"].items():
+        assert sizes.parse_num_frames(name) == frames
+
+
+# ------------------------------------------------------------------------------------------- files
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_config_file(tmp_path / "missing.py")
+    bad = tmp_path / "bad.py"
+    bad.write_text("resolution = '480p'\nmodel = dict(type=\n")
+    with pytest.raises(ConfigError, match=r"bad.py' does not parse: line \d"):
+        read_config_file(bad)
+    bad.write_text("x = 1 / 0\n")
+    with pytest.raises(ConfigError, match="failed to run: ZeroDivisionError"):
+        read_config_file(bad)
+
+
+def test_private_names_modules_and_functions_are_not_fields(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_text("import math\n_h = 16\ndef f():\n    pass\nimage_size = (_h, _h)\nnum_frames = 1\n")
+    assert read_config_file(path) == {"image_size": (16, 16), "num_frames": 1}
+
+
+# ------------------------------------------------------------------------------------------- CLI overrides
+@pytest.mark.parametrize(
+    "argv, key, value",
+    [
+        (["--seed", "7"], ("seed",), 7),
+        (["--num-sampling-steps", "5"], ("scheduler", "num_sampling_steps"), 5),
+        (["--cfg-scale", "3.5"], ("scheduler", "cfg_scale"), 3.5),
+        (["--ckpt-path", "a.safetensors"], ("model", "from_pretrained"), "a.safetensors"),
+        (["--vae-path", "v"], ("vae", "from_pretrained"), "v"),
+        (["--text-encoder-path", "t"], ("text_encoder", "from_pretrained"), "t"),
+        (["--batch-size", "3"], ("batch_size",), 3),
+        (["--num-sample", "2"], ("num_sample",), 2),
+        (["--num-frames", "4s"], ("num_frames",), 102),
+        (["--image-size", "32", "48"], ("image_size",), (32, 48)),
+        (["--fps", "12"], ("fps",), 12),
+        (["--save-fps", "6"], ("save_fps",), 6),
+        (["--start-index", "2"], ("start_index",), 2),
+        (["--end-index", "9"], ("end_index",), 9),
+        (["--save-dir", "out"], ("save_dir",), "out"),
+        (["--sample-name", "clip"], ("sample_name",), "clip"),
+        (["--prompt-as-path"], ("prompt_as_path",), True),
+        (["--save-latents"], ("save_latents",), True),
+        (["--no-count-flops"], ("count_flops",), False),
+        (["--quiet"], ("quiet",), True),
+        (["--aes", "5"], ("aes",), 5.0),
+        (["--dtype", "fp16"], ("dtype",), "fp16"),
+        (["--device", "cpu"], ("device",), "cpu"),
+        (["--prompt", "a", "b", "--prompt", "c"], ("prompt",), ["a", "b", "c"]),
+        (["--prompt-path", "p.txt"], ("prompt_path",), "p.txt"),
+        (["--cache", "toca"], ("cache", "method"), "toca"),
+    ],
+)
+def test_every_flag_overrides_its_field(argv, key, value):
+    base = {"image_size": (16, 16), "num_frames": 68, "prompt_path": "file.txt"}
+    cfg = InferenceConfig.from_dict(apply_args(base, args(*argv)))
+    got = cfg
+    for part in key:
+        got = getattr(got, part)
+    assert got == value
+
+
+def test_flag_interactions():
+    base = {"image_size": (16, 16), "prompt": ["x"], "cache": {"method": "duca", "recompute_ratio": 0.2}}
+    # A size from the table on the command line replaces a fixed size in the file.
+    cfg = InferenceConfig.from_dict(apply_args(base, args("--resolution", "144p", "--aspect-ratio", "1:1")))
+    assert cfg.size == (192, 192)
+    # Another method starts from its own defaults; the same method keeps the file's settings.
+    assert InferenceConfig.from_dict(apply_args(base, args("--cache", "fora"))).cache.overrides == {}
+    kept = InferenceConfig.from_dict(apply_args(base, args("--cache", "duca", "--cache-opt", "selector=k_norm")))
+    assert kept.cache.overrides == {"recompute_ratio": 0.2, "selector": "k_norm"}
+    typed = InferenceConfig.from_dict(apply_args(base, args("--cache-opt", "warmup_steps=2", "--cache-opt", "x=[1]")))
+    assert typed.cache.overrides == {"recompute_ratio": 0.2, "warmup_steps": 2, "x": [1]}
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_args(base, args("--cache-opt", "oops"))
+    assert InferenceConfig.from_dict(apply_args(base, args("--prompt-path", "p.txt"))).prompt is None
+
+
+# ------------------------------------------------------------------------------------------- weights
+def test_weight_paths_flag_config_env(tmp_path, monkeypatch):
+    for var in ("DUCA_CKPT_PATH", "DUCA_VAE_PATH", "DUCA_T5_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = load_config(CONFIGS / "duca_480p.py")
+    with pytest.raises(InputError) as err:
+        resolve_weights(cfg)
+    text = str(err.value)
+    for needle in ("--ckpt-path PATH, set DUCA_CKPT_PATH", "--vae-path PATH, set DUCA_VAE_PATH",
+                   "--text-encoder-path PATH, set DUCA_T5_PATH"):  # fmt: skip
+        assert needle in text
+    (tmp_path / "dit.safetensors").write_bytes(b"")
+    (tmp_path / "vae").mkdir()
+    monkeypatch.setenv("DUCA_CKPT_PATH", str(tmp_path / "dit.safetensors"))
+    monkeypatch.setenv("DUCA_VAE_PATH", str(tmp_path / "vae"))
+    monkeypatch.setenv("DUCA_T5_PATH", str(tmp_path / "no-t5-here"))
+    with pytest.raises(InputError, match="text_encoder.*no-t5-here' does not exist") as err:
+        resolve_weights(cfg)
+    assert "model" not in str(err.value).split("missing weights:")[1].split("text_encoder")[0]
+    (tmp_path / "t5").mkdir()
+    cfg = load_config(CONFIGS / "duca_480p.py", args("--text-encoder-path", str(tmp_path / "t5")))
+    paths = resolve_weights(cfg)
+    assert paths == {"model": str(tmp_path / "dit.safetensors"), "vae": str(tmp_path / "vae"),
+                     "text_encoder": str(tmp_path / "t5")}  # fmt: skip
+    # Random-init sections never read the variables (a global DUCA_CKPT_PATH must not leak into the testbed).
+    assert resolve_weights(load_config(CONFIGS / "tiny.py")) == {"model": None, "vae": None, "text_encoder": None}

@@ -1,0 +1,328 @@
+"""Prompts, names, crash-safe files and mp4 writing; the pipeline run in-process on the tiny testbed config."""
+
+import json
+import os
+from pathlib import Path
+
+import av
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from duca_video import pipeline
+from duca_video.configs import build_parser, load_config
+from duca_video.configs.preflight import plan_batches
+from duca_video.io import (
+    PromptError,
+    append_scores,
+    atomic_path,
+    load_prompt_file,
+    remove_stale_temps,
+    select_prompts,
+    video_name,
+    write_video,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "a large red square moving left on a dark background",
+    "a small blue circle moving up on a light background",
+    "a large green circle moving right on a dark background",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # CI machines have 2 cores shared with other jobs: OpenMP threads spinning against each other make the
+    # tiny model ~20x slower there than one thread does.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(tmp_path, *argv):
+    flags = ["--config", str(ROOT / "configs" / "tiny.py"), "--save-dir", str(tmp_path / "out"), "--quiet",
+             "--num-sampling-steps", "2", *argv]  # fmt: skip
+    if "--prompt" not in argv:
+        flags += ["--prompt", *PROMPTS[:2]]
+    return load_config(flags[1], build_parser().parse_args(flags))
+
+
+def decode(path):
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+# ------------------------------------------------------------------------------------------- prompts and names
+def test_prompt_file(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("  first  \n\n   \nsecond\n")
+    assert load_prompt_file(path) == ["first", "second"]
+    path.write_text("\n  \n")
+    with pytest.raises(PromptError, match="is empty"):
+        load_prompt_file(path)
+    with pytest.raises(PromptError, match="does not exist"):
+        load_prompt_file(tmp_path / "missing.txt")
+
+
+def test_select_prompts():
+    assert select_prompts(["a", "b", "c"], 1, None, "f") == [(1, "b"), (2, "c")]
+    assert select_prompts(["a", "b", "c"], 0, 2, "f") == [(0, "a"), (1, "b")]
+    with pytest.raises(PromptError, match=r"--start-index 3 is past the end: f has 3 prompt\(s\), indices 0..2"):
+        select_prompts(["a", "b", "c"], 3, None, "f")
+
+
+def test_score_suffixes_as_open_sora():
+    assert append_scores("a cat.", aes=6.5) == "a cat. aesthetic score: 6.5."
+    assert append_scores("a cat. aesthetic score: 5.0.", aes=6.5) == "a cat. aesthetic score: 5.0."
+    assert append_scores("a cat", aes=6.5, flow=4, camera="pan right") == (
+        "a cat aesthetic score: 6.5. motion score: 4.0. camera motion: pan right."
+    )
+    assert append_scores("a cat") == "a cat"
+
+
+def test_names():
+    assert video_name(7, "x", 0, 1, False) == "sample_0007"
+    assert video_name(7, "x", 2, 3, False) == "sample_0007-2"
+    assert video_name(7, "x", 0, 1, False, sample_name="clip") == "clip_0007"
+    assert video_name(7, "a dog, running.", 0, 1, True) == "a dog, running.-0"  # VBench: {prompt}-{k}
+    assert video_name(7, "a/b", 3, 5, True) == "a_b-3"
+    long = video_name(0, "word " * 100, 1, 5, True)
+    assert len(long.encode()) <= 200 and long.endswith("-1") and long != video_name(0, "word " * 99, 1, 5, True)
+
+
+def test_batches_seed_and_order(tmp_path):
+    cfg = tiny(tmp_path, "--prompt", *PROMPTS, "--batch-size", "2", "--num-sample", "2", "--seed", "10",
+               "--aes", "6.5")  # fmt: skip
+    batches = plan_batches(cfg, list(enumerate(PROMPTS)))
+    assert [[(j.index, j.k, j.seed) for j in b] for b in batches] == [
+        [(0, 0, 10), (1, 0, 10)], [(0, 1, 11), (1, 1, 11)], [(2, 0, 10)], [(2, 1, 11)],
+    ]  # fmt: skip
+    assert batches[0][0].text == PROMPTS[0] + " aesthetic score: 6.5." and batches[0][0].prompt == PROMPTS[0]
+    assert batches[1][1].name == "sample_0001-1"
+
+
+# ------------------------------------------------------------------------------------------- files
+def test_atomic_path_leaves_nothing_on_error(tmp_path):
+    final = tmp_path / "v.mp4"
+    with pytest.raises(KeyboardInterrupt), atomic_path(final) as tmp:
+        tmp.write_bytes(b"half a video")
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(b"ok")
+    assert [p.name for p in tmp_path.iterdir()] == ["v.mp4"]
+
+
+def test_stale_temps_of_dead_writers_are_removed(tmp_path):
+    dead, alive = tmp_path / ".a.mp4.111.tmp", tmp_path / f".b.mp4.{os.getpid()}.tmp"
+    for p in (dead, alive, tmp_path / "c.mp4"):
+        p.write_bytes(b"x")
+    assert remove_stale_temps(tmp_path, alive=lambda pid: pid == os.getpid()) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "c.mp4"]
+
+
+@pytest.mark.parametrize("size", [(16, 24), (15, 17)])
+def test_mp4_round_trip(tmp_path, size):
+    frames = torch.randint(0, 255, (5, *size, 3), dtype=torch.uint8)
+    codec = write_video(tmp_path / "v.mp4", frames, fps=8)
+    decoded = decode(tmp_path / "v.mp4")
+    assert codec in ("libx264", "h264", "mpeg4") and len(decoded) == 5 and decoded[0].shape == (*size, 3)
+    with av.open(str(tmp_path / "v.mp4")) as c:
+        assert c.streams.video[0].average_rate == 8
+
+
+# ------------------------------------------------------------------------------------------- the pipeline
+def test_steps_method_sets_the_sampler_steps(tmp_path):
+    summary = pipeline.run(tiny(tmp_path, "--prompt", PROMPTS[0], "--cache", "steps", "--cache-opt", "num_steps=3"))
+    record = json.loads((tmp_path / "out" / "sample_0000.json").read_text())
+    assert summary.exit_code == 0 and record["steps"] == 3 and record["method_config"] == {"num_steps": 3}
+    assert record["cache_bytes"] == 0 and record["method"] == "steps"
+
+
+def test_dit_flops_of_the_real_run_match_the_meta_count(tmp_path):
+    # The CPU attention kernel is unknown to torch's counter; without the pipeline's mapping it would count 0.
+    from duca_video.metrics.flops import stdit3_forward_flops
+    from duca_video.models import STDiT3Config
+    from duca_video.testbed import WordTextEncoder
+
+    cfg = tiny(tmp_path, "--prompt", PROMPTS[0], "--cache", "none")
+    pipeline.run(cfg)
+    record = json.loads((tmp_path / "out" / "sample_0000.json").read_text())
+    words = WordTextEncoder()  # the tiny config's encoder sets the caption size
+    sizes = {"in_channels": 3, "caption_channels": words.output_dim, "model_max_length": words.model_max_length}
+    arch = STDiT3Config.from_dict({**cfg.model.extra, **sizes})
+    per_step = stdit3_forward_flops(arch, (8, 16, 16), (16, 16), batch=2)  # the CFG batch
+    assert record["dit_tflops"] == pytest.approx(2 * per_step / 1e12, rel=1e-9)
+
+
+def test_same_seed_same_video_in_any_batch(tmp_path):
+    pipeline.run(tiny(tmp_path / "a", "--batch-size", "2", "--save-latents", "--cache", "none"))
+    pipeline.run(tiny(tmp_path / "b", "--batch-size", "1", "--save-latents", "--cache", "none"))
+    for name in ("sample_0000", "sample_0001"):
+        a = load_file(tmp_path / "a" / "out" / f"{name}.latent.safetensors")["latent"]
+        b = load_file(tmp_path / "b" / "out" / f"{name}.latent.safetensors")["latent"]
+        assert a.shape == (3, 8, 16, 16) and torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_failed_batch_is_recorded_and_the_job_goes_on(tmp_path, monkeypatch):
+    real, calls = pipeline.generate, []
+
+    def flaky(models, cfg, jobs, progress):
+        calls.append([j.name for j in jobs])
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(models, cfg, jobs, progress)
+
+    monkeypatch.setattr(pipeline, "generate", flaky)
+    summary = pipeline.run(tiny(tmp_path, "--prompt", *PROMPTS, "--batch-size", "1"))
+    out = tmp_path / "out"
+    assert summary.failed == [("sample_0000", "RuntimeError: CUDA out of memory (injected)")]
+    assert summary.written == ["sample_0001", "sample_0002"] and summary.exit_code == 1
+    assert sorted(p.name for p in out.iterdir()) == [f"sample_000{i}.{e}" for i in (1, 2) for e in ("json", "mp4")]
+    assert "FAILED sample_0000: RuntimeError: CUDA out of memory" in summary.format()
+    # The next run only redoes the failed video.
+    monkeypatch.setattr(pipeline, "generate", real)
+    again = pipeline.run(tiny(tmp_path, "--prompt", *PROMPTS, "--batch-size", "1"))
+    assert again.written == ["sample_0000"] and again.skipped == ["sample_0001", "sample_0002"]
+
+
+def test_a_kill_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
+    real_replace, renamed = os.replace, []
+
+    def killed_before_second_video(src, dst):
+        if str(dst).endswith("sample_0001.mp4"):
+            raise KeyboardInterrupt  # the process dies with the video complete under its temporary name only
+        if not str(dst).endswith(".write-probe"):
+            renamed.append(Path(dst).name)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_before_second_video)
+    summary = pipeline.run(tiny(tmp_path, "--save-latents"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    out = tmp_path / "out"
+    assert summary.interrupted and summary.exit_code == 130 and summary.written == ["sample_0000"]
+    assert renamed == ["sample_0000.latent.safetensors", "sample_0000.mp4", "sample_0000.json",
+                       "sample_0001.latent.safetensors"]  # fmt: skip
+    # sample_0001 has a latent but no video and no record: incomplete, so not skipped next time.
+    assert sorted(p.name for p in out.iterdir()) == sorted(renamed)
+    again = pipeline.run(tiny(tmp_path, "--save-latents"))
+    assert again.skipped == ["sample_0000"] and again.written == ["sample_0001"]
+    assert len(decode(out / "sample_0001.mp4")) == 8
+
+
+def test_complete_outputs_need_no_model(tmp_path, monkeypatch, caplog):
+    assert pipeline.run(tiny(tmp_path)).written == ["sample_0000", "sample_0001"]
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("models loaded although every video is complete")
+
+    monkeypatch.setattr(pipeline, "load_models", no_loading)
+    assert pipeline.run(tiny(tmp_path)).skipped == ["sample_0000", "sample_0001"]
+    # Kept even when made with other settings, but said so: the user decides whether to delete them.
+    with caplog.at_level("WARNING", logger="duca_video.pipeline"):
+        assert pipeline.run(tiny(tmp_path, "--seed", "9")).skipped == ["sample_0000", "sample_0001"]
+    assert "sample_0000.json exists with other ['seed']" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------- Open-Sora's components
+@pytest.fixture(scope="module")
+def opensora_weights(tmp_path_factory):
+    """Tiny stand-ins with the real loaders' formats: a T5 folder, a combined VAE checkpoint, an STDiT3 folder."""
+    pytest.importorskip("tokenizers")
+    import json as json_lib
+
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    from duca_video.models import OpenSoraVAE, STDiT3, STDiT3Config
+
+    root = tmp_path_factory.mktemp("opensora")
+    words = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.train_from_iterator(PROMPTS, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
+    words.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(root / "t5")
+    torch.manual_seed(0)
+    t5 = T5Config(vocab_size=words.get_vocab_size(), d_model=32, d_kv=8, num_heads=4, num_layers=1, d_ff=64,
+                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+    T5EncoderModel(t5).save_pretrained(root / "t5")
+    vae = OpenSoraVAE.from_config(VAE_SPATIAL, VAE_TEMPORAL)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, root / "vae.safetensors")
+    arch = STDiT3Config(depth=1, hidden_size=32, num_heads=2, caption_channels=32, model_max_length=24)
+    (root / "dit").mkdir()
+    (root / "dit" / "config.json").write_text(json_lib.dumps(arch.to_dict()))
+    save_file({k: v.contiguous() for k, v in STDiT3(arch).state_dict().items()}, root / "dit" / "model.safetensors")
+    return root
+
+
+VAE_SPATIAL = {"block_out_channels": (8, 16), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4}
+VAE_TEMPORAL = {"filters": 8, "num_res_blocks": 1, "num_groups": 4, "channel_multipliers": (1, 2, 2, 4),
+                "temporal_downsample": (False, True, True)}  # fmt: skip
+
+
+def test_opensora_components_from_environment_variables(tmp_path, monkeypatch, opensora_weights):
+    config = tmp_path / "small_opensora.py"
+    text = (ROOT / "configs" / "duca_480p.py").read_text()
+    text = text.replace('resolution = "480p"', "image_size = (32, 48)").replace("num_frames = 51", "num_frames = 17")
+    text = text.replace("model_max_length=300)", "model_max_length=24)")
+    text = text.replace("micro_batch_size=4)", f"micro_batch_size=4, spatial_config={VAE_SPATIAL!r}, "
+                                               f"temporal_config={VAE_TEMPORAL!r})")  # fmt: skip
+    config.write_text(text)
+    monkeypatch.setenv("DUCA_CKPT_PATH", str(opensora_weights / "dit"))
+    monkeypatch.setenv("DUCA_VAE_PATH", str(opensora_weights / "vae.safetensors"))
+    monkeypatch.setenv("DUCA_T5_PATH", str(opensora_weights / "t5"))
+    argv = ["--config", str(config), "--prompt", PROMPTS[0], "--save-dir", str(tmp_path / "out"), "--quiet",
+            "--num-sampling-steps", "5", "--save-latents"]  # fmt: skip
+    summary = pipeline.run(load_config(config, build_parser().parse_args(argv)))
+    assert summary.exit_code == 0, summary.format()
+    record = json.loads((tmp_path / "out" / "sample_0000.json").read_text())
+    assert record["text"] == PROMPTS[0] + " aesthetic score: 6.5." and record["dtype"] == "bfloat16"
+    assert record["latent_shape"] == [4, 5, 16, 24] and record["video_size"] == [32, 48] and record["frames"] == 17
+    assert record["weights"]["model"] == str(opensora_weights / "dit") and record["method"] == "duca"
+    assert len(decode(tmp_path / "out" / "sample_0000.mp4")) == 17
+    latent = load_file(tmp_path / "out" / "sample_0000.latent.safetensors")["latent"]
+    assert latent.shape == (4, 5, 16, 24) and torch.isfinite(latent).all()
+
+
+def test_tiny_config_with_trained_weights_is_a_one_line_switch(tmp_path):
+    """The files scripts/train_tiny.py exports (config.json with extra metadata, model.safetensors, the word
+    encoder's two files) load once `_weights` names their folder."""
+    from safetensors.torch import save_file
+
+    from duca_video.models import STDiT3, STDiT3Config
+    from duca_video.testbed import WordTextEncoder
+
+    weights = tmp_path / "weights"
+    encoder = WordTextEncoder(output_dim=24, model_max_length=12)
+    encoder.save_pretrained(weights)
+    arch = STDiT3Config(depth=1, hidden_size=32, num_heads=2, in_channels=3, caption_channels=24,
+                        model_max_length=12, pred_sigma=False, input_sq_size=64)  # fmt: skip
+    (weights / "config.json").write_text(json.dumps({**arch.to_dict(), "testbed": {"fps": 8}}))
+    save_file({k: v.contiguous() for k, v in STDiT3(arch).state_dict().items()}, weights / "model.safetensors")
+    config = tmp_path / "tiny.py"
+    text = (ROOT / "configs" / "tiny.py").read_text()
+    assert text.count("_weights = None") == 1
+    config.write_text(text.replace("_weights = None", f"_weights = {str(weights)!r}"))
+    argv = ["--config", str(config), "--prompt", PROMPTS[0], "--save-dir", str(tmp_path / "out"), "--quiet",
+            "--num-sampling-steps", "2"]  # fmt: skip
+    assert pipeline.run(load_config(config, build_parser().parse_args(argv))).exit_code == 0
+    record = json.loads((tmp_path / "out" / "sample_0000.json").read_text())
+    assert record["weights"] == {"model": str(weights), "vae": "PixelVAE", "text_encoder": str(weights)}
+
+
+def test_testbed_settings_are_checked_against_the_constructors(tmp_path):
+    from duca_video.configs import ConfigError, InferenceConfig
+
+    cfg = InferenceConfig.from_dict({
+        "image_size": (16, 16), "num_frames": 8, "prompt": [PROMPTS[0]], "save_dir": str(tmp_path / "out"),
+        "scheduler": {"use_timestep_transform": False}, "model": {"type": "STDiT3"}, "vae": {"type": "PixelVAE"},
+        "text_encoder": {"type": "word", "colour": "red"},
+    })  # fmt: skip
+    with pytest.raises(ConfigError, match="text_encoder: unknown key 'colour' for WordTextEncoder; allowed: words"):
+        pipeline.run(cfg)
+    with pytest.raises(ConfigError, match="vae.from_pretrained: PixelVAE has no weights"):
+        pipeline.run(tiny(tmp_path, "--vae-path", str(tmp_path)))
