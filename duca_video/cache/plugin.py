@@ -17,6 +17,7 @@ from torch import nn
 
 from ..models.layers import sinusoid
 from ..models.stdit3 import block_modulation, block_self_attention, gate_tokens, modulate_tokens
+from ..parallel.comm import all_reduce_sum
 from ..sampling.events import SampleStart, StepStart, register_listener, unregister_listener
 from . import selection as sel
 from .config import CacheConfig, TeaCacheConfig, TokenCacheConfig, make_config
@@ -47,6 +48,20 @@ def _rows_param(p: torch.Tensor, idx: torch.Tensor, S: int) -> torch.Tensor:
     if p.shape[1] == 1:
         return p[:, 0]
     return p[:, :, 0].gather(1, (idx // S)[..., None].expand(-1, -1, p.shape[-1]))
+
+
+def _write_rows(cache: torch.Tensor, idx: torch.Tensor, pad: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
+    """Write recomputed rows into `cache` in place; padded entries (sequence parallel) are not written."""
+    if pad is None:
+        return sel.scatter_tokens_(cache, idx, rows)
+    keep = ~pad
+    batch = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
+    cache[batch[keep], idx[keep]] = rows[keep].to(cache.dtype)
+    return cache
+
+
+def _count(idx: torch.Tensor, pad: torch.Tensor | None) -> int:
+    return idx.numel() - (0 if pad is None else int(pad.sum()))
 
 
 @contextmanager
@@ -172,7 +187,14 @@ class CacheController:
         first_or_last = self.step in (0, len(self.timesteps) - 1)
         compute = True
         if not first_or_last and previous is not None:
-            rel = ((current - previous).abs().mean() / previous.abs().mean()).item()
+            change, size = (current - previous).abs(), previous.abs()
+            if self.sp:  # the signal must be the whole grid's, identical on every rank
+                valid = self.sp.local_valid(x.shape[1] // self.sp.s_local, x.device)[None, :, None]
+                sums = torch.stack([(change * valid).sum(), (size * valid).sum()]).double()
+                sums = all_reduce_sum(sums, self.sp.group, self.sp.stats, "teacache_signal")
+                rel = (sums[0] / sums[1]).item()
+            else:
+                rel = (change.mean() / size.mean()).item()
             coeffs = self.config.coefficients
             self._tea_accumulated += sum(c * rel ** (len(coeffs) - 1 - i) for i, c in enumerate(coeffs))
             compute = self._tea_accumulated >= self.config.threshold
@@ -209,7 +231,7 @@ class CacheController:
 
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block_modulation(block, t, x_mask, t0)
         partial = Action.PARTIAL in acts.values()
-        idx = self._select(index, x, T, S) if partial else None
+        idx, pad = self._select(index, x, T, S) if partial else (None, None)
         stats = self.history[-1] if self.history else None
         grabbed: dict[str, torch.Tensor] = {}
 
@@ -222,7 +244,7 @@ class CacheController:
             with _capture_output(block.attn.qkv, grabbed, "qkv", capture == "qkv"):
                 attn = block_self_attention(block, modulate_tokens(block.norm1(x), shift_msa, scale_msa), T, S)
             if act is Action.PARTIAL:
-                attn = sel.scatter_tokens_(self.state.get(index, "attn"), idx, sel.gather_tokens(attn, idx))
+                attn = _write_rows(self.state.get(index, "attn"), idx, pad, sel.gather_tokens(attn, idx))
         x = x + gate_tokens(gate_msa, attn)
 
         act = acts["cross"]
@@ -230,7 +252,7 @@ class CacheController:
             cross = self.state.get(index, "cross")
         elif act is Action.PARTIAL:
             rows = block.cross_attn(sel.gather_tokens(x, idx), y, mask)
-            cross = sel.scatter_tokens_(self.state.get(index, "cross"), idx, rows)
+            cross = _write_rows(self.state.get(index, "cross"), idx, pad, rows)
         else:
             with (
                 _capture_output(block.cross_attn.q_linear, grabbed, "q", capture == "cross"),
@@ -245,7 +267,7 @@ class CacheController:
         elif act is Action.PARTIAL:
             rows = sel.gather_tokens(x, idx)
             h = block.norm2(rows) * (1 + _rows_param(scale_mlp, idx, S)) + _rows_param(shift_mlp, idx, S)
-            mlp = sel.scatter_tokens_(self.state.get(index, "mlp"), idx, block.mlp(h))
+            mlp = _write_rows(self.state.get(index, "mlp"), idx, pad, block.mlp(h))
         else:
             mlp = block.mlp(modulate_tokens(block.norm2(x), shift_mlp, scale_mlp))
         x = x + gate_tokens(gate_mlp, mlp)
@@ -260,7 +282,9 @@ class CacheController:
                 self.state.drop(index, module)
             if stats is not None:
                 n = value.shape[0] * value.shape[1]
-                done = n if acts[module] is Action.COMPUTE else (idx.numel() if acts[module] is Action.PARTIAL else 0)
+                done = (
+                    n if acts[module] is Action.COMPUTE else (_count(idx, pad) if acts[module] is Action.PARTIAL else 0)
+                )
                 stats["recomputed"][module] = stats["recomputed"].get(module, 0) + done
                 stats["tokens"][module] = stats["tokens"].get(module, 0) + n
         if capture:
@@ -306,8 +330,10 @@ class CacheController:
         self.state.put(index, "folded", contribution + gate_tokens(gate_mlp, mlp))
         kind = "temporal" if block.temporal else "spatial"
         if self.plans[self.step + 1].action(kind, "mlp") is Action.PARTIAL:
-            idx = self._select(index, x, T, S, step=self.step + 1)
+            idx, pad = self._select(index, x, T, S, step=self.step + 1)
             self.state.put(index, "folded_idx", idx)
+            if pad is not None:
+                self.state.put(index, "folded_pad", pad)
             self.state.put(index, "folded_rows", sel.gather_tokens(contribution, idx))
 
     def _run_folded(self, index, block, x, t, x_mask, t0, S, acts) -> torch.Tensor:
@@ -317,13 +343,16 @@ class CacheController:
             _, _, _, shift_mlp, scale_mlp, gate_mlp = block_modulation(block, t, x_mask, t0)
             rows = sel.gather_tokens(x, idx) + self.state.get(index, "folded_rows")
             h = block.norm2(rows) * (1 + _rows_param(scale_mlp, idx, S)) + _rows_param(shift_mlp, idx, S)
-            sel.scatter_tokens_(out, idx, rows + _rows_param(gate_mlp, idx, S) * block.mlp(h))
-        for name in ("folded", "folded_idx", "folded_rows"):
+            pad = self.state.get(index, "folded_pad")
+            _write_rows(out, idx, pad, rows + _rows_param(gate_mlp, idx, S) * block.mlp(h))
+        else:
+            pad = None
+        for name in ("folded", "folded_idx", "folded_rows", "folded_pad"):
             self.state.drop(index, name)
         if self.history:
             stats, n = self.history[-1], x.shape[0] * x.shape[1]
             for module in ("attn", "cross", "mlp"):
-                done = idx.numel() if module == "mlp" and idx is not None else 0
+                done = _count(idx, pad) if module == "mlp" and idx is not None else 0
                 stats["recomputed"][module] = stats["recomputed"].get(module, 0) + done
                 stats["tokens"][module] = stats["tokens"].get(module, 0) + n
         return out
@@ -350,19 +379,36 @@ class CacheController:
             elif key_mask is not None:
                 key_mask = key_mask.bool()
             scores = sel.attention_entropy(q, keys, key_mask, getattr(block.cross_attn, "num_heads", 1))
-        self.state.put(index, "scores", scores.float())
+        scores = scores.float()
+        if self.sp:  # selection looks at the whole grid: every rank gets every token's score
+            scores = self.sp.gather_scores(scores, T)
+        self.state.put(index, "scores", scores)
 
-    def _select(self, index: int, x: torch.Tensor, T: int, S: int, step: int | None = None) -> torch.Tensor:
-        """Tokens to recompute at `step` (default: the current one); the draw depends on (seed, step, block)."""
-        cfg = self.config
-        rows, n = x.shape[0], x.shape[1]
+    @property
+    def sp(self):
+        sp = getattr(self.model, "sp", None)
+        return sp if sp is not None and sp.size > 1 else None
+
+    def _select(
+        self, index: int, x: torch.Tensor, T: int, S: int, step: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens to recompute at `step` (default: the current one): (indices (B, k), padding mask or None).
+
+        The draw depends on (seed, step, block) only. Under sequence parallelism the scores cover the whole
+        grid, identical on every rank, and each rank keeps its share: the same choice as one process."""
+        cfg, sp = self.config, self.sp
+        rows = x.shape[0]
+        n = T * sp.s_global if sp else x.shape[1]
         k = round(cfg.recompute_ratio * n)
         g = sel.token_generator(self.seed, self.step if step is None else step, index)
         if cfg.selector == "random":
             scores = sel.random_scores(rows, n, self.cfg, g)
         elif cfg.selector == "random_frame":
-            scores = sel.random_frame_scores(rows, T, S, self.cfg, g)
+            scores = sel.random_frame_scores(rows, T, n // T, self.cfg, g)
         elif cfg.selector in ("min_similarity", "max_similarity"):
+            if sp:
+                raise ValueError(f"selector {cfg.selector!r} compares tokens across the whole grid at the step"
+                                 " itself; it is not supported with sequence parallelism, use another one")  # fmt: skip
             scores = sel.similarity_scores(x, 0.01, cfg.selector == "min_similarity", g)
         else:
             scores = self.state.get(index, "scores")
@@ -378,7 +424,7 @@ class CacheController:
         if cfg.age_bonus > 0:
             age += 1
             age.scatter_(1, idx, 0.0)
-        return idx
+        return sp.to_local(idx, T) if sp else (idx, None)
 
     # -- reporting -------------------------------------------------------------------------------------
     def summary(self) -> str:

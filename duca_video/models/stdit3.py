@@ -176,6 +176,7 @@ class Embedded:
     x_mask: torch.Tensor | None
     grid: tuple[int, int, int]  # (T, H, W) in patches
     input_size: tuple[int, int, int]  # (T, H, W) of the latent, to crop the padding
+    seq: int  # spatial tokens per frame held here: H*W, or this rank's share under sequence parallelism
 
 
 class STDiT3(nn.Module):
@@ -200,6 +201,7 @@ class STDiT3(nn.Module):
         self.temporal_blocks = nn.ModuleList([make(True) for _ in range(config.depth)])
         patch_volume = config.patch_size[0] * config.patch_size[1] * config.patch_size[2]
         self.final_layer = FinalLayer(c, patch_volume, config.out_channels)
+        self.sp = None  # a duca_video.parallel.SequenceParallel splits the tokens over ranks
 
     @classmethod
     def from_pretrained(
@@ -288,16 +290,18 @@ class STDiT3(nn.Module):
             mask = mask.to(y.device).bool().repeat(b // mask.shape[0], 1)
 
         tokens = self.x_embedder(x.to(dtype)).view(b, T, S, -1) + pos
+        if self.sp is not None:  # keep this rank's spatial positions only
+            tokens = self.sp.shard(tokens)
+        seq = tokens.numel() // (b * T * tokens.shape[-1])
         return Embedded(
-            x=tokens.view(b, T * S, -1), y=y, mask=mask, t=t, t_mlp=self.t_block(t), t0=t0, t0_mlp=t0_mlp,
-            x_mask=x_mask, grid=(T, H, W), input_size=(tx, hx, wx),
+            x=tokens.reshape(b, T * seq, -1), y=y, mask=mask, t=t, t_mlp=self.t_block(t), t0=t0, t0_mlp=t0_mlp,
+            x_mask=x_mask, grid=(T, H, W), input_size=(tx, hx, wx), seq=seq,
         )  # fmt: skip
 
     def run_blocks(self, e: Embedded) -> torch.Tensor:
-        T, H, W = e.grid
         x = e.x
         for block in self.blocks:
-            x = block(x, e.y, e.t_mlp, e.mask, e.x_mask, e.t0_mlp, T, H * W)
+            x = block(x, e.y, e.t_mlp, e.mask, e.x_mask, e.t0_mlp, e.grid[0], e.seq)
         return x
 
     def unpatchify(self, x: torch.Tensor, e: Embedded) -> torch.Tensor:
@@ -327,4 +331,6 @@ class STDiT3(nn.Module):
         e = self.embed(x, timestep, y, mask, x_mask, fps, height, width)
         x = self.run_blocks(e)
         x = self.final_layer(x, e.t, e.x_mask, e.t0)
+        if self.sp is not None:  # the final layer is per token: gather its small output, not the hidden states
+            x = self.sp.unshard(x, e.grid[0])
         return self.unpatchify(x, e).float()
