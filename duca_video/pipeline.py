@@ -36,11 +36,11 @@ from duca_video.configs.preflight import (
     InputError,
     VideoJob,
     check_cache_settings,
+    data_parallel_share,
     load_prompts,
     plan_batches,
     resolve_device,
     resolve_weights,
-    world,
 )
 from duca_video.configs.schema import TORCH_DTYPES
 from duca_video.io import (
@@ -53,8 +53,12 @@ from duca_video.io import (
     to_uint8_frames,
     write_video,
 )
-from duca_video.models import STDiT3
+from duca_video.models import STDiT3, STDiT3Config
 from duca_video.models.attention import attention_backend
+from duca_video.models.checkpoint import read_config
+from duca_video.parallel.group_work import TextShape, decode_across, encode_text
+from duca_video.parallel.launch import ParallelContext, init_parallel
+from duca_video.parallel.sequence import SequenceParallel, check_sp_size, enable_sequence_parallel
 from duca_video.sampling.rflow import RFlowSampler
 
 __all__ = ["Generated", "InputError", "Models", "VideoJob", "generate", "load_models", "run"]
@@ -78,17 +82,32 @@ class Models:
     method_config: dict[str, Any]
     weights: dict[str, str]
     flops_counted_by: str
+    ctx: ParallelContext = dataclasses.field(default_factory=ParallelContext)
+    sp: SequenceParallel | None = None
 
 
-def load_models(cfg: InferenceConfig, weights: dict[str, str | None], device: torch.device) -> Models:
+def _text_encoder(cfg: InferenceConfig, path: str | None, device: torch.device, ctx: ParallelContext) -> Any:
+    """The encoder on the group's writer; the other ranks of an SP group receive its output instead."""
+    if ctx.is_writer or cfg.text_encoder.type != "t5" or path is None:
+        return build_text_encoder(cfg, path, device)
+    width = int((read_config(path) or {}).get("d_model", 4096))
+    return TextShape(width, cfg.text_encoder.model_max_length or 300)
+
+
+def load_models(
+    cfg: InferenceConfig, weights: dict[str, str | None], device: torch.device, ctx: ParallelContext | None = None
+) -> Models:
+    ctx = ctx or ParallelContext()
     dtype = TORCH_DTYPES[cfg.dtype]
-    encoder = build_text_encoder(cfg, weights["text_encoder"], device)
+    encoder = _text_encoder(cfg, weights["text_encoder"], device, ctx)
     vae = build_vae(cfg, weights["vae"], device, dtype)
     latent = vae.get_latent_size((cfg.num_frames, *cfg.size))
     if any(s is None or s < 1 for s in latent):
         raise InputError(f"{cfg.num_frames} frames of {cfg.size[0]}x{cfg.size[1]} give latent size {latent}, "
                          "which the VAE cannot produce: use a larger image_size")  # fmt: skip
     model, source = build_model(cfg, weights["model"], vae, encoder, device, dtype)
+    # Sharded mode: each rank keeps its positions of the latent; gathered once per sample (see parallel/).
+    sp = enable_sequence_parallel(model, ctx.sp_group, gather_output=False) if ctx.sp_size > 1 else None
     sampler = RFlowSampler(**{k: v for k, v in dataclasses.asdict(cfg.scheduler).items() if k != "type"})
     controller, method_config = None, {}
     if cfg.cache.method != "none":
@@ -109,7 +128,7 @@ def load_models(cfg: InferenceConfig, weights: dict[str, str | None], device: to
                     "(set DUCA_ATTENTION=sdpa for complete counts)")  # fmt: skip
         counted_by += "; xformers attention not counted"
     return Models(model, vae, encoder, sampler, controller, device, dtype,
-                  (int(vae.out_channels), *latent), method_config, names, counted_by)  # fmt: skip
+                  (int(vae.out_channels), *latent), method_config, names, counted_by, ctx, sp)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
@@ -194,8 +213,7 @@ def generate(models: Models, cfg: InferenceConfig, jobs: list[VideoJob], progres
     memory = PeakMemory(m.device)
     _sync(m.device)
     start = time.perf_counter()
-    encoded = m.text_encoder.encode([j.text for j in jobs])
-    y, mask = encoded["y"].to(m.device), encoded["mask"].to(m.device)
+    y, mask = encode_text(m.text_encoder, [j.text for j in jobs], m.ctx, m.device)
     y_null = m.text_encoder.null(n, m.model).to(m.device)
     noise = [torch.randn(m.latent_shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs]
     # Upstream draws the noise and builds these inputs in the model dtype (bf16 turns width 854 into 856).
@@ -208,8 +226,10 @@ def generate(models: Models, cfg: InferenceConfig, jobs: list[VideoJob], progres
         latents = m.sampler.sample(m.model, z, y, y_null, mask, model_kwargs=model_kwargs, progress=progress,
                                    seed=jobs[0].seed)  # fmt: skip
     cache_bytes = int(m.controller.cache_bytes) if m.controller is not None else 0
-    video = m.vae.decode(latents.to(m.dtype), num_frames=cfg.num_frames)
-    frames = [to_uint8_frames(v) for v in video]
+    if m.sp is not None:
+        latents = m.sp.gather_latents(latents, m.model.config.patch_size)
+    video = decode_across(m.vae, latents.to(m.dtype), cfg.num_frames, m.ctx, m.sp.stats if m.sp else None)
+    frames = [] if video is None else [to_uint8_frames(v) for v in video]
     _sync(m.device)
     latency = time.perf_counter() - start
     flops = int(counter.get_total_flops()) if cfg.count_flops else None
@@ -217,7 +237,7 @@ def generate(models: Models, cfg: InferenceConfig, jobs: list[VideoJob], progres
 
 
 def make_record(
-    cfg: InferenceConfig, m: Models, job: VideoJob, g: Generated, n: int, world_size: int, rank: int
+    cfg: InferenceConfig, m: Models, job: VideoJob, g: Generated, n: int
 ) -> dict[str, Any]:
     """The contract-4 record of one video (DESIGN.md); `duca_video.io.RECORD_FIELDS` lists its keys."""
     t, h, w, _ = g.frames[0].shape
@@ -234,7 +254,8 @@ def make_record(
         "dit_tflops": None if g.dit_flops is None else g.dit_flops / n / 1e12,
         "dit_tflops_counted_by": m.flops_counted_by if g.dit_flops is not None else "not counted (--no-count-flops)",
         "peak_memory_bytes": g.peak_memory_bytes, "peak_memory_kind": g.peak_memory_kind,
-        "cache_bytes": g.cache_bytes, "world_size": world_size, "rank": rank, "weights": m.weights,
+        "cache_bytes": g.cache_bytes, "world_size": m.ctx.world_size, "rank": m.ctx.rank,
+        "sp_size": m.ctx.sp_size, "dp_size": m.ctx.dp_size, "weights": m.weights,
         "sampler": dataclasses.asdict(m.sampler),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"duca_video": __version__, "torch": torch.__version__},
@@ -257,18 +278,29 @@ def write_outputs(
 # ---------------------------------------------------------------------------------------------------- the job
 def run(cfg: InferenceConfig) -> RunSummary:
     """Check every input, load the models only if something is left to do, generate, write, summarise."""
-    world_size, rank = world()
-    batches = plan_batches(cfg, load_prompts(cfg))
+    try:
+        ctx = init_parallel(cfg.sp_size)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    # Data parallel: each SP group takes a contiguous share of the prompts (seeds do not depend on it).
+    batches = plan_batches(cfg, data_parallel_share(load_prompts(cfg), ctx.dp_size, ctx.dp_rank))
     weights = resolve_weights(cfg)
+    saved = read_config(weights["model"]) if weights["model"] else None
+    heads = cfg.model.extra.get("num_heads") or (saved or {}).get("num_heads") or STDiT3Config().num_heads
+    try:  # before any weight is loaded
+        check_sp_size(int(heads), ctx.sp_size)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     check_cache_settings(cfg)
     device = resolve_device(cfg.device)
     try:  # last of the checks, so that a run refused for another reason creates no folder
         save_dir = check_writable(cfg.save_dir)
     except OSError as exc:
         raise InputError(f"save directory {cfg.save_dir!r} is not writable: {exc}") from None
-    remove_stale_temps(save_dir)
+    if ctx.is_writer:
+        remove_stale_temps(save_dir)
 
-    summary, todo, seen = RunSummary(str(save_dir)), [], set()
+    summary, todo, seen = RunSummary(str(save_dir), writer=ctx.is_writer), [], set()
     expected = {"method": cfg.cache.method, "frames": cfg.num_frames, "image_size": list(cfg.size)}
     for batch in batches:
         left = []
@@ -287,7 +319,7 @@ def run(cfg: InferenceConfig) -> RunSummary:
         log.info("nothing to do: all %d video(s) in %s are complete", len(summary.skipped), save_dir)
         return summary
 
-    models = load_models(cfg, weights, device)
+    models = load_models(cfg, weights, device, ctx)
     bar = tqdm(total=sum(map(len, todo)), unit="video", desc="videos", disable=True if cfg.quiet else None)
     try:
         for jobs in todo:
@@ -300,8 +332,11 @@ def run(cfg: InferenceConfig) -> RunSummary:
                     torch.cuda.empty_cache()
                 bar.update(len(jobs))
                 continue
+            if not ctx.is_writer:  # the writer of this SP group writes and counts the videos
+                bar.update(len(jobs))
+                continue
             for i, job in enumerate(jobs):
-                record = make_record(cfg, models, job, g, len(jobs), world_size, rank)
+                record = make_record(cfg, models, job, g, len(jobs))
                 try:
                     write_outputs(cfg, OutputPaths(save_dir, job.name), g.frames[i], g.latents[i], record)
                 except Exception as exc:  # noqa: BLE001 - e.g. disk full: report it, try the next video

@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
-    print(summary.format())
+    if summary.writer:  # one summary per sequence-parallel group
+        print(summary.format())
     return summary.exit_code
 
 

@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="prompts denoised together")
     g.add_argument("--dtype", help="bf16, fp16 or fp32")
     g.add_argument("--device", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    g.add_argument("--sp-size", type=int, help="ranks per sequence-parallel group under torchrun (default: all); "
+                   "world / sp groups generate different prompts")  # fmt: skip
     g.add_argument(
         "--cache", choices=CACHE_METHODS, help="caching method; the config's cache settings apply to its method only"
     )

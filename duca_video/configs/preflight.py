@@ -23,7 +23,7 @@ __all__ = [
     "plan_batches",
     "resolve_device",
     "resolve_weights",
-    "world",
+    "data_parallel_share",
 ]
 
 
@@ -41,12 +41,12 @@ class VideoJob:
     name: str
 
 
-def world() -> tuple[int, int]:
-    """(world_size, rank) from torchrun's variables. One process for now: sequence parallelism comes later."""
-    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-    if world_size != 1:
-        raise InputError(f"WORLD_SIZE={world_size}: multi-GPU inference is not available yet; run one process")
-    return world_size, rank
+def data_parallel_share(prompts: list[tuple[int, str]], dp_size: int, dp_rank: int) -> list[tuple[int, str]]:
+    """The contiguous range of prompts one data-parallel group generates (the groups' shares are disjoint and
+    cover every prompt; a prompt's seed does not depend on which group draws it)."""
+    per, extra = divmod(len(prompts), dp_size)
+    start = dp_rank * per + min(dp_rank, extra)
+    return prompts[start : start + per + (1 if dp_rank < extra else 0)]
 
 
 def load_prompts(cfg: InferenceConfig) -> list[tuple[int, str]]:

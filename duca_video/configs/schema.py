@@ -287,6 +287,7 @@ class InferenceConfig:
     save_latents: bool = False
     count_flops: bool = True
     quiet: bool = False
+    sp_size: int | None = None  # ranks per sequence-parallel group under torchrun (None: all of them)
 
     def __post_init__(self) -> None:
         self.num_frames = _checked(lambda: sizes.parse_num_frames(self.num_frames), "num_frames")
@@ -296,7 +297,7 @@ class InferenceConfig:
                 raise ConfigError("set image_size (H, W), or both resolution and aspect_ratio")
             _checked(lambda: sizes.image_size(self.resolution, self.aspect_ratio), ("resolution", "aspect_ratio"))
         _positive("config", fps=self.fps, save_fps=self.save_fps, frame_interval=self.frame_interval)
-        _positive("config", batch_size=self.batch_size, num_sample=self.num_sample)
+        _positive("config", batch_size=self.batch_size, num_sample=self.num_sample, sp_size=self.sp_size)
         if self.image_size is not None and min(self.image_size) < 1:
             raise ConfigError(f"image_size={list(self.image_size)} is not allowed: both sides must be >= 1")
         if self.dtype not in DTYPES:

@@ -19,7 +19,8 @@ RECORD_FIELDS = (
     "cfg_scale", "resolution", "aspect_ratio", "image_size", "video_size", "frames", "fps", "save_fps",
     "latent_shape", "dtype", "device", "batch_size", "latency_s", "batch_latency_s", "latency_scope",
     "dit_tflops", "dit_tflops_counted_by", "peak_memory_bytes", "peak_memory_kind", "cache_bytes",
-    "world_size", "rank", "weights", "sampler", "video_codec", "files", "created", "versions",
+    "world_size", "rank", "sp_size", "dp_size", "weights", "sampler", "video_codec", "files", "created",
+    "versions",
 )  # fmt: skip
 
 
@@ -63,6 +64,7 @@ class RunSummary:
     latencies: list[float] = field(default_factory=list)  # per written video, seconds
     tflops: list[float] = field(default_factory=list)  # per written video whose FLOPs were counted
     interrupted: bool = False
+    writer: bool = True  # False on the ranks of a sequence-parallel group that help but do not write files
 
     @property
     def exit_code(self) -> int:
