@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-sampling-steps", type=int, help="override the config's steps")
     p.add_argument("--ckpt-path", help="STDiT3 weights for the timed runs (default: random weights)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--sp-sizes", default="", help="e.g. 2,4,8: also count the bytes each method sends per video "
+                   "under sequence parallelism of these sizes (meta device, simulated group)")  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -90,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     model = None
     if args.ckpt_path and not args.flops_only:
         model = STDiT3.from_pretrained(args.ckpt_path, config=setup.model, dtype=dtype, device=device)
+    sp_sizes = tuple(int(v) for v in args.sp_sizes.split(",") if v.strip())
     results = compare(setup, methods, model=model, flops_only=args.flops_only, device=device, dtype=dtype,
-                      repeats=args.repeats, seed=args.seed)  # fmt: skip
+                      repeats=args.repeats, seed=args.seed, sp_sizes=sp_sizes)  # fmt: skip
     print(format_table(results))
     run = {"config_file": args.config, "device": device, "dtype": str(dtype).removeprefix("torch."),
            "weights": args.ckpt_path or "random", "threads": torch.get_num_threads(), "flops_only": args.flops_only,

@@ -52,3 +52,11 @@ def test_psnr_and_ssim_known_values():
     noisy = a + 0.1  # constant offset: MSE = 0.01 -> PSNR = 20 dB at range 1
     assert abs(psnr(a, noisy, 1.0) - 20.0) < 1e-4
     assert ssim(a, torch.rand(2, 16, 16), 1.0) < 0.5
+
+
+def test_comm_bytes_counted_on_a_simulated_group_and_cached_methods_send_less():
+    results = compare(tiny_setup(steps=10), ["duca", "fora"], flops_only=True, sp_sizes=(2, 4))
+    none, duca, fora = (results[m]["comm_bytes"] for m in ("none", "duca", "fora"))
+    for p in ("2", "4"):
+        assert 0 < fora[p] < duca[p] < none[p]
+    assert none["4"] > none["2"]  # more ranks, more of each tensor crosses the network

@@ -54,6 +54,8 @@ def _write_rows(cache: torch.Tensor, idx: torch.Tensor, pad: torch.Tensor | None
     """Write recomputed rows into `cache` in place; padded entries (sequence parallel) are not written."""
     if pad is None:
         return sel.scatter_tokens_(cache, idx, rows)
+    if cache.is_meta:  # FLOP / traffic counting on the meta device: nothing to write
+        return cache
     keep = ~pad
     batch = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
     cache[batch[keep], idx[keep]] = rows[keep].to(cache.dtype)
@@ -414,17 +416,20 @@ class CacheController:
             scores = self.state.get(index, "scores")
             if scores is None:
                 raise RuntimeError(f"cache: selector {cfg.selector!r} has no scores for block {index}")
-        scores = scores.to(x.device)
+        # On the meta device (counting runs) the choice is made on the CPU, where the random draws are; scores
+        # computed from meta tensors have no values, and which tokens are picked does not change the cost.
+        scores = torch.zeros(scores.shape) if scores.is_meta else scores.to("cpu" if x.is_meta else x.device)
         if cfg.age_bonus > 0:
             age = self.state.get(index, "age")
             if age is None:
-                age = self.state.put(index, "age", torch.zeros(rows, n, device=x.device))
+                age = self.state.put(index, "age", torch.zeros(rows, n, device=scores.device))
             scores = scores + cfg.age_bonus * age
         idx = sel.top_k(scores, k)
         if cfg.age_bonus > 0:
             age += 1
             age.scatter_(1, idx, 0.0)
-        return sp.to_local(idx, T) if sp else (idx, None)
+        idx, pad = sp.to_local(idx, T) if sp else (idx, None)
+        return idx.to(x.device), None if pad is None else pad.to(x.device)
 
     # -- reporting -------------------------------------------------------------------------------------
     def summary(self) -> str:

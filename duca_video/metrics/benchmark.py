@@ -17,6 +17,8 @@ import torch
 
 from .. import cache as cache_lib
 from ..models.stdit3 import STDiT3, STDiT3Config
+from ..parallel.comm import SimulatedGroup
+from ..parallel.sequence import enable_sequence_parallel
 from ..sampling.rflow import RFlowSampler
 from .fidelity import latent_fidelity
 from .flops import count_flops
@@ -80,18 +82,31 @@ def _sample(model: STDiT3, setup: BenchSetup, method: cache_lib.CacheConfig, inp
                                         model_kwargs=inputs["model_kwargs"], progress=False, seed=seed)  # fmt: skip
 
 
-def loop_flops(setup: BenchSetup, method: str, dtype: torch.dtype = torch.bfloat16) -> tuple[int | None, int | None]:
-    """FLOPs of the whole sampling loop with `method` and the cache's peak bytes in `dtype`, both from a run on
-    the meta device (None, None for TeaCache, whose decisions need real data)."""
+def loop_flops(
+    setup: BenchSetup, method: str, dtype: torch.dtype = torch.bfloat16, sp_size: int = 1
+) -> tuple[int | None, int | None, int | None]:
+    """From one sampling loop with `method` on the meta device: its FLOPs (per rank under SP), the cache's peak
+    bytes in `dtype` (per rank), and with `sp_size` > 1 the bytes the whole SP group sends (the loop plus the
+    final latent gather; text and VAE traffic do not depend on the method). None where the method decides from
+    real data (TeaCache; score-based selectors under SP)."""
     config = setup.method_config(method)
     if isinstance(config, cache_lib.TeaCacheConfig):
-        return None, None
+        return None, None, None
     with torch.device("meta"):
         model = STDiT3(setup.model).eval().to(dtype)
+    sp = None
+    if sp_size > 1:
+        sp = enable_sequence_parallel(model, SimulatedGroup(size=sp_size), gather_output=False)
     inputs = make_inputs(setup, "meta", dtype)
     controller = cache_lib.enable(model, config)
-    flops, _ = count_flops(_sample, model, setup, config, inputs, 0)
-    return flops, controller.cache_bytes
+    try:
+        flops, z = count_flops(_sample, model, setup, config, inputs, 0)
+    except RuntimeError:  # data-dependent on meta tensors (e.g. k-norm scores gathered under SP)
+        return None, None, None
+    if sp is None:
+        return flops, controller.cache_bytes, None
+    sp.gather_latents(z, setup.model.patch_size)
+    return flops, controller.cache_bytes, sp.stats.total_bytes * sp_size
 
 
 @dataclass
@@ -137,16 +152,19 @@ def compare(
     repeats: int = 1,
     seed: int = 0,
     warmup: bool = True,
+    sp_sizes: tuple[int, ...] = (),
 ) -> dict[str, dict[str, Any]]:
     """The contract-5 per-method records. Without a model, one with random weights (seeded) is built."""
     if "none" not in methods:
         methods = ["none", *methods]
     results: dict[str, dict[str, Any]] = {}
     for name in methods:
-        flops, cache_bytes = loop_flops(setup, name, dtype)
+        flops, cache_bytes, _ = loop_flops(setup, name, dtype)
         results[name] = {"tflops": None if flops is None else flops / 1e12, "flops_speedup": None,
                          "latency_s": None, "latency_speedup": None, "peak_memory_bytes": None,
                          "cache_bytes": cache_bytes, "psnr_vs_none": None, "ssim_vs_none": None}  # fmt: skip
+        if sp_sizes:  # bytes sent per video by the whole SP group, keyed by SP size
+            results[name]["comm_bytes"] = {str(p): loop_flops(setup, name, dtype, p)[2] for p in sp_sizes}
     if not flops_only:
         if model is None:
             torch.manual_seed(seed)

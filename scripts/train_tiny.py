@@ -1,0 +1,254 @@
+"""Train the tiny pixel-space STDiT3 of the testbed on synthetic shape videos and export it to `weights/tiny`.
+
+    python scripts/train_tiny.py --threads 2 --steps 8000 --time-limit-min 57      # fresh run
+    python scripts/train_tiny.py --resume                                           # continue the last run
+    python scripts/train_tiny.py --export-only                                      # re-export from the checkpoint
+
+The model is our STDiT3 (in_channels 3, pred_sigma False) trained with `RFlowSampler.training_loss`
+(logit-normal t, no timestep transform: the videos are far smaller than the transform's 512x512 reference)
+jointly with a `WordTextEncoder`. 10% of captions are replaced by the model's null caption
+(`y_embedder.y_embedding`, as Open-Sora's CFG dropout), the learning rate warms up then follows a cosine, and
+an EMA of the weights is what gets exported. A checkpoint (model, text encoder, EMA, optimizer, step, RNG
+states) is written every few minutes, so `--resume` continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# On a shared machine, OpenMP threads that spin while waiting steal the cores other processes need (and the
+# ones this process needs next): passive waiting made a training step 2-4x faster under contention here.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from duca_video.models import STDiT3, STDiT3Config
+from duca_video.sampling.rflow import RFlowSampler, describe
+from duca_video.testbed.data import DataConfig, SyntheticVideos
+from duca_video.testbed.text import WordTextEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "weights" / "tiny", help="where the final files go")
+    p.add_argument("--run-dir", type=Path, default=None, help="checkpoint + loss log (default: OUT/run)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    p.add_argument("--export-only", action="store_true", help="only export the checkpoint's weights to OUT")
+    p.add_argument("--export-raw", action="store_true", help="export the raw weights instead of the EMA")
+    # model
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--patch", type=int, nargs=3, default=(1, 4, 4))
+    p.add_argument("--text-dim", type=int, default=64, help="word embedding size (caption_channels)")
+    p.add_argument("--max-words", type=int, default=16, help="model_max_length")
+    # optimisation
+    p.add_argument("--steps", type=int, default=8000)
+    p.add_argument("--stop-at", type=int, default=None, help="pause at this step (the schedule still ends at --steps)")
+    p.add_argument("--time-limit-min", type=float, default=57.0, help="stop (and export) after this much training")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.05, help="the cosine ends at lr * this")
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--null-prob", type=float, default=0.1, help="fraction of captions replaced by the null one")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ckpt-every-min", type=float, default=4.0)
+    p.add_argument("--log-every", type=int, default=10)
+    # how the exported model is meant to be sampled
+    p.add_argument("--sample-steps", type=int, default=30)
+    p.add_argument("--cfg-scale", type=float, default=4.0)
+    return p.parse_args(argv)
+
+
+def build(args: argparse.Namespace, data: DataConfig) -> tuple[STDiT3, WordTextEncoder]:
+    config = STDiT3Config(
+        depth=args.depth, hidden_size=args.hidden, num_heads=args.heads, patch_size=tuple(args.patch),
+        in_channels=3, caption_channels=args.text_dim, model_max_length=args.max_words, pred_sigma=False,
+        # With height/width given in pixels, this makes the 2D position table as smooth as upstream's at 512.
+        input_sq_size=4 * max(data.height, data.width),
+    )  # fmt: skip
+    return STDiT3(config), WordTextEncoder(output_dim=args.text_dim, model_max_length=args.max_words)
+
+
+def lr_at(progress: float, step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up over `warmup` steps, then a cosine from lr to lr * min_lr_ratio as progress goes 0 -> 1."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    cos = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * cos)
+
+
+class Ema:
+    """Exponential moving average of every parameter and buffer of `module`."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int) -> None:
+        # The usual warm-up of the decay, so early steps are not dominated by the random initialisation.
+        decay = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            self.shadow[k].lerp_(v.detach().float(), 1 - decay)
+
+
+def model_inputs(
+    text: WordTextEncoder, model: STDiT3, captions: list[str], data: DataConfig, null_prob: float, gen: torch.Generator
+) -> dict[str, Any]:
+    enc = text.encode(captions)
+    y, mask, b = enc["y"], enc["mask"], len(captions)
+    drop = torch.rand(b, generator=gen) < null_prob
+    # As Open-Sora: a dropped caption becomes the null embedding, its token mask is kept.
+    y_null = model.y_embedder.y_embedding[None, None].expand_as(y)
+    y = torch.where(drop[:, None, None, None], y_null, y)
+    full = lambda v: torch.full((b,), float(v))  # noqa: E731
+    return {"y": y, "mask": mask, "fps": full(data.fps), "height": full(data.height), "width": full(data.width)}
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill during the write never leaves a broken checkpoint
+
+
+def export(args: argparse.Namespace, ckpt: dict[str, Any], data: DataConfig, sampler: RFlowSampler) -> None:
+    model, text = build(args, data)
+    weights = ckpt["model"] if args.export_raw else {k[6:]: v for k, v in ckpt["ema"].items() if k.startswith("model.")}
+    model.load_state_dict(weights, strict=True)
+    if not args.export_raw:
+        text.load_state_dict({k[5:]: v for k, v in ckpt["ema"].items() if k.startswith("text.")}, strict=True)
+    else:
+        text.load_state_dict(ckpt["text"], strict=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in model.state_dict().items()}, str(args.out / "model.safetensors"))
+    text.save_pretrained(args.out)
+    config = model.config.to_dict()
+    config["testbed"] = {
+        "data": data.to_dict(),
+        "num_frames": data.num_frames, "height": data.height, "width": data.width, "fps": data.fps,
+        "sampler": {**describe(sampler), "num_sampling_steps": args.sample_steps, "cfg_scale": args.cfg_scale},
+        "model_kwargs": {"fps": data.fps, "height": data.height, "width": data.width},
+        "vae": "PixelVAE (pixels in [-1, 1] are the latents)",
+        "text_encoder": "WordTextEncoder (text_encoder.json + text_encoder.safetensors)",
+        "training": {
+            "steps": ckpt["step"], "minutes": round(ckpt["elapsed"] / 60, 1), "final_loss": ckpt.get("last_loss"),
+            "weights": "raw" if args.export_raw else f"ema {args.ema_decay}", "seed": args.seed,
+            "batch_size": args.batch_size, "lr": args.lr, "null_prob": args.null_prob, "bf16": args.bf16,
+        },
+    }  # fmt: skip
+    (args.out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    total = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
+    print(f"exported {'raw' if args.export_raw else 'EMA'} weights of step {ckpt['step']} to {args.out} "
+          f"({total / 2**20:.2f} MiB)")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    run_dir = args.run_dir or args.out / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = run_dir / "checkpoint.pt", run_dir / "loss.csv"
+    data = DataConfig()
+    sampler = RFlowSampler(use_timestep_transform=False)
+
+    if args.export_only:
+        export(args, torch.load(ckpt_path, weights_only=True), data, sampler)
+        return
+
+    torch.manual_seed(args.seed)
+    model, text = build(args, data)
+    pair = torch.nn.ModuleDict({"model": model, "text": text}).train()
+    params = [p for p in pair.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    ema = Ema(pair, args.ema_decay)
+    # Separate streams, so that e.g. the caption dropout does not shift the data drawn after it.
+    gens = {n: torch.Generator().manual_seed(args.seed * 1000 + i) for i, n in enumerate(("data", "noise", "drop"))}
+    step, elapsed, last_loss = 0, 0.0, None
+    if args.resume:
+        ckpt = torch.load(ckpt_path, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        text.load_state_dict(ckpt["text"])
+        opt.load_state_dict(ckpt["opt"])
+        ema.shadow = ckpt["ema"]
+        for name, g in gens.items():
+            g.set_state(ckpt["rng"][name])
+        step, elapsed, last_loss = ckpt["step"], ckpt["elapsed"], ckpt.get("last_loss")
+        print(f"resumed at step {step} ({elapsed / 60:.1f} min of training)")
+    elif log_path.exists():
+        log_path.unlink()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"STDiT3 {model.config.to_dict()} ({n_params / 1e6:.2f} M parameters); data {data.to_dict()}")
+
+    def state() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow,
+            "rng": {n: g.get_state() for n, g in gens.items()}, "step": step, "elapsed": elapsed,
+            "last_loss": last_loss, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        }  # fmt: skip
+
+    videos = SyntheticVideos(data)
+    limit_s = args.time_limit_min * 60
+    new_log = not log_path.exists()
+    log_file = log_path.open("a", newline="")
+    log = csv.writer(log_file)
+    if new_log:
+        log.writerow(["step", "loss", "lr", "minutes", "sec_per_step"])
+    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout)
+    last_ckpt, window, t_window = time.monotonic(), [], time.monotonic()
+    stop_at = min(args.steps, args.stop_at or args.steps)
+    while step < stop_at and elapsed < limit_s:
+        t0 = time.monotonic()
+        # Progress is the further of steps and time, so a slow (shared) machine still ends its cosine in time.
+        lr = lr_at(max(step / args.steps, elapsed / limit_s), step, args)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        x0, captions, _ = videos.batch(args.batch_size, gens["data"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            kwargs = model_inputs(text, model, captions, data, args.null_prob, gens["drop"])
+            loss = sampler.training_loss(model, x0, kwargs, generator=gens["noise"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+        opt.step()
+        step += 1
+        ema.update(pair, step)
+        elapsed += time.monotonic() - t0
+        window.append(loss.item())
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.steps:
+            last_loss = sum(window) / len(window)
+            sec = (time.monotonic() - t_window) / len(window)
+            log.writerow([step, f"{last_loss:.5f}", f"{lr:.3e}", f"{elapsed / 60:.2f}", f"{sec:.2f}"])
+            log_file.flush()
+            bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{lr:.1e}", min=f"{elapsed / 60:.1f}")
+            window, t_window = [], time.monotonic()
+        if time.monotonic() - last_ckpt > args.ckpt_every_min * 60:
+            save_checkpoint(ckpt_path, state())
+            last_ckpt = time.monotonic()
+    bar.close()
+    log_file.close()
+    save_checkpoint(ckpt_path, state())
+    print(f"stopped at step {step} after {elapsed / 60:.1f} min; loss {last_loss}")
+    export(args, state(), data, sampler)
+
+
+if __name__ == "__main__":
+    main()
