@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models.layers import sinusoid
 from ..models.stdit3 import block_modulation, block_self_attention, gate_tokens, modulate_tokens
 from ..parallel.comm import all_reduce_sum
 from ..sampling.events import SampleStart, StepStart, register_listener, unregister_listener
 from . import selection as sel
 from .config import CacheConfig, TeaCacheConfig, TokenCacheConfig, make_config
+from .folding import FoldingMixin, count_rows, rows_param, write_rows
 from .schedule import Action, StepPlan, build_schedule, schedule_table
 from .state import STACK, CacheState
 
@@ -43,29 +43,6 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def _rows_param(p: torch.Tensor, idx: torch.Tensor, S: int) -> torch.Tensor:
-    """A (B, Tm, 1, C) modulation tensor for the tokens idx (B, k): per frame when Tm > 1."""
-    if p.shape[1] == 1:
-        return p[:, 0]
-    return p[:, :, 0].gather(1, (idx // S)[..., None].expand(-1, -1, p.shape[-1]))
-
-
-def _write_rows(cache: torch.Tensor, idx: torch.Tensor, pad: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    """Write recomputed rows into `cache` in place; padded entries (sequence parallel) are not written."""
-    if pad is None:
-        return sel.scatter_tokens_(cache, idx, rows)
-    if cache.is_meta:  # FLOP / traffic counting on the meta device: nothing to write
-        return cache
-    keep = ~pad
-    batch = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
-    cache[batch[keep], idx[keep]] = rows[keep].to(cache.dtype)
-    return cache
-
-
-def _count(idx: torch.Tensor, pad: torch.Tensor | None) -> int:
-    return idx.numel() - (0 if pad is None else int(pad.sum()))
-
-
 @contextmanager
 def _capture_output(module: nn.Module, sink: dict[str, torch.Tensor], key: str, enabled: bool):
     """Keep `module`'s output (e.g. the qkv projection) while a full step computes it anyway."""
@@ -79,7 +56,7 @@ def _capture_output(module: nn.Module, sink: dict[str, torch.Tensor], key: str, 
         handle.remove()
 
 
-class CacheController:
+class CacheController(FoldingMixin):
     """Listens to the sampler, holds the per-sample cache state and runs every block through the schedule."""
 
     def __init__(self, model: nn.Module, config: CacheConfig, fold: bool = True) -> None:
@@ -246,7 +223,7 @@ class CacheController:
             with _capture_output(block.attn.qkv, grabbed, "qkv", capture == "qkv"):
                 attn = block_self_attention(block, modulate_tokens(block.norm1(x), shift_msa, scale_msa), T, S)
             if act is Action.PARTIAL:
-                attn = _write_rows(self.state.get(index, "attn"), idx, pad, sel.gather_tokens(attn, idx))
+                attn = write_rows(self.state.get(index, "attn"), idx, pad, sel.gather_tokens(attn, idx))
         x = x + gate_tokens(gate_msa, attn)
 
         act = acts["cross"]
@@ -254,7 +231,7 @@ class CacheController:
             cross = self.state.get(index, "cross")
         elif act is Action.PARTIAL:
             rows = block.cross_attn(sel.gather_tokens(x, idx), y, mask)
-            cross = _write_rows(self.state.get(index, "cross"), idx, pad, rows)
+            cross = write_rows(self.state.get(index, "cross"), idx, pad, rows)
         else:
             with (
                 _capture_output(block.cross_attn.q_linear, grabbed, "q", capture == "cross"),
@@ -268,8 +245,8 @@ class CacheController:
             mlp = self.state.get(index, "mlp")
         elif act is Action.PARTIAL:
             rows = sel.gather_tokens(x, idx)
-            h = block.norm2(rows) * (1 + _rows_param(scale_mlp, idx, S)) + _rows_param(shift_mlp, idx, S)
-            mlp = _write_rows(self.state.get(index, "mlp"), idx, pad, block.mlp(h))
+            h = block.norm2(rows) * (1 + rows_param(scale_mlp, idx, S)) + rows_param(shift_mlp, idx, S)
+            mlp = write_rows(self.state.get(index, "mlp"), idx, pad, block.mlp(h))
         else:
             mlp = block.mlp(modulate_tokens(block.norm2(x), shift_mlp, scale_mlp))
         x = x + gate_tokens(gate_mlp, mlp)
@@ -285,7 +262,9 @@ class CacheController:
             if stats is not None:
                 n = value.shape[0] * value.shape[1]
                 done = (
-                    n if acts[module] is Action.COMPUTE else (_count(idx, pad) if acts[module] is Action.PARTIAL else 0)
+                    n
+                    if acts[module] is Action.COMPUTE
+                    else (count_rows(idx, pad) if acts[module] is Action.PARTIAL else 0)
                 )
                 stats["recomputed"][module] = stats["recomputed"].get(module, 0) + done
                 stats["tokens"][module] = stats["tokens"].get(module, 0) + n
@@ -294,70 +273,6 @@ class CacheController:
         if fold:
             self._store_folded(index, block, x.shape[0], attn, cross, mlp, T, S, x)
         return x
-
-    # -- folding ---------------------------------------------------------------------------------------
-    def _can_fold(self, kind: str) -> bool:
-        """This full step's attn/mlp outputs are read by exactly one later step, a conservative one that
-        reuses attn and cross whole: then only their gated sum (and the rows it recomputes) is needed."""
-        cfg, s = self.config, self.step
-        if not self.fold or self._fps_emb is None or not isinstance(cfg, TokenCacheConfig) or s + 1 >= len(self.plans):
-            return False
-        cur, nxt = self.plan.actions[kind], self.plans[s + 1]
-        after = nxt.actions[kind]
-        return (
-            nxt.kind == "conservative"
-            and cur["attn"] is Action.COMPUTE
-            and cur["mlp"] is Action.COMPUTE
-            and after["attn"] is Action.REUSE
-            and after["cross"] is Action.REUSE
-            and after["mlp"] in (Action.REUSE, Action.PARTIAL)
-            and not {"attn", "mlp"} & nxt.keep[kind]
-            and cfg.selector not in ("min_similarity", "max_similarity")  # these look at the next step's input
-            and cfg.age_bonus == 0
-        )
-
-    def _t_mlp_of_next_step(self, rows: int, like: torch.Tensor) -> torch.Tensor:
-        """The model's t_block output at the next step's timestep: the same ops the model will run then."""
-        step = self.step + 1
-        if self._next_t_mlp is None or self._next_t_mlp[0] != step:
-            embedder = self.model.t_embedder
-            t = torch.full((rows,), self.timesteps[step], device=like.device).to(like.dtype)
-            freq = sinusoid(t, embedder.frequency_embedding_size).to(like.dtype)
-            self._next_t_mlp = (step, self.model.t_block(embedder.mlp(freq) + self._fps_emb))
-        return self._next_t_mlp[1]
-
-    def _store_folded(self, index, block, rows, attn, cross, mlp, T, S, x) -> None:
-        _, _, gate_msa, _, _, gate_mlp = block_modulation(block, self._t_mlp_of_next_step(rows, attn))
-        contribution = gate_tokens(gate_msa, attn) + cross
-        self.state.put(index, "folded", contribution + gate_tokens(gate_mlp, mlp))
-        kind = "temporal" if block.temporal else "spatial"
-        if self.plans[self.step + 1].action(kind, "mlp") is Action.PARTIAL:
-            idx, pad = self._select(index, x, T, S, step=self.step + 1)
-            self.state.put(index, "folded_idx", idx)
-            if pad is not None:
-                self.state.put(index, "folded_pad", pad)
-            self.state.put(index, "folded_rows", sel.gather_tokens(contribution, idx))
-
-    def _run_folded(self, index, block, x, t, x_mask, t0, S, acts) -> torch.Tensor:
-        out = x + self.state.get(index, "folded")
-        idx = self.state.get(index, "folded_idx")
-        if idx is not None:
-            _, _, _, shift_mlp, scale_mlp, gate_mlp = block_modulation(block, t, x_mask, t0)
-            rows = sel.gather_tokens(x, idx) + self.state.get(index, "folded_rows")
-            h = block.norm2(rows) * (1 + _rows_param(scale_mlp, idx, S)) + _rows_param(shift_mlp, idx, S)
-            pad = self.state.get(index, "folded_pad")
-            _write_rows(out, idx, pad, rows + _rows_param(gate_mlp, idx, S) * block.mlp(h))
-        else:
-            pad = None
-        for name in ("folded", "folded_idx", "folded_rows", "folded_pad"):
-            self.state.drop(index, name)
-        if self.history:
-            stats, n = self.history[-1], x.shape[0] * x.shape[1]
-            for module in ("attn", "cross", "mlp"):
-                done = _count(idx, pad) if module == "mlp" and idx is not None else 0
-                stats["recomputed"][module] = stats["recomputed"].get(module, 0) + done
-                stats["tokens"][module] = stats["tokens"].get(module, 0) + n
-        return out
 
     # -- token selection -------------------------------------------------------------------------------
     def _store_scores(self, index, block, grabbed, mask, T, S) -> None:
