@@ -236,9 +236,7 @@ def generate(models: Models, cfg: InferenceConfig, jobs: list[VideoJob], progres
     return Generated(latents.float().cpu(), frames, latency, flops, memory.peak_bytes(), memory.kind, cache_bytes)
 
 
-def make_record(
-    cfg: InferenceConfig, m: Models, job: VideoJob, g: Generated, n: int
-) -> dict[str, Any]:
+def make_record(cfg: InferenceConfig, m: Models, job: VideoJob, g: Generated, n: int) -> dict[str, Any]:
     """The contract-4 record of one video (DESIGN.md); `duca_video.io.RECORD_FIELDS` lists its keys."""
     t, h, w, _ = g.frames[0].shape
     return {
