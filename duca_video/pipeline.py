@@ -35,6 +35,7 @@ from duca_video.configs.build import build_model, build_text_encoder, build_vae
 from duca_video.configs.preflight import (
     InputError,
     VideoJob,
+    batch_jobs,
     check_cache_settings,
     data_parallel_share,
     load_prompts,
@@ -274,14 +275,20 @@ def write_outputs(
 
 
 # ---------------------------------------------------------------------------------------------------- the job
-def run(cfg: InferenceConfig) -> RunSummary:
-    """Check every input, load the models only if something is left to do, generate, write, summarise."""
+def run(cfg: InferenceConfig, jobs: list[VideoJob] | None = None) -> RunSummary:
+    """Check every input, load the models only if something is left to do, generate, write, summarise.
+
+    `jobs` replaces the config's prompts with a planned list (names and seeds chosen by the caller, e.g. the
+    VBench suite); data-parallel groups split it the same way."""
     try:
         ctx = init_parallel(cfg.sp_size)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     # Data parallel: each SP group takes a contiguous share of the prompts (seeds do not depend on it).
-    batches = plan_batches(cfg, data_parallel_share(load_prompts(cfg), ctx.dp_size, ctx.dp_rank))
+    if jobs is None:
+        batches = plan_batches(cfg, data_parallel_share(load_prompts(cfg), ctx.dp_size, ctx.dp_rank))
+    else:
+        batches = batch_jobs(data_parallel_share(list(jobs), ctx.dp_size, ctx.dp_rank), cfg.batch_size)
     weights = resolve_weights(cfg)
     saved = read_config(weights["model"]) if weights["model"] else None
     heads = cfg.model.extra.get("num_heads") or (saved or {}).get("num_heads") or STDiT3Config().num_heads

@@ -5,6 +5,7 @@ which input and how to fix it."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ __all__ = [
     "plan_batches",
     "resolve_device",
     "resolve_weights",
+    "batch_jobs",
     "data_parallel_share",
 ]
 
@@ -41,7 +43,20 @@ class VideoJob:
     name: str
 
 
-def data_parallel_share(prompts: list[tuple[int, str]], dp_size: int, dp_rank: int) -> list[tuple[int, str]]:
+def batch_jobs(jobs: Sequence[VideoJob], size: int) -> list[list[VideoJob]]:
+    """Batches of up to `size` jobs sharing one seed, in job order. The sampler seeds token selection with the
+    batch's first seed, so one seed per batch keeps every video independent of how it was batched."""
+    batches: list[list[VideoJob]] = []
+    pending: dict[int, list[VideoJob]] = {}
+    for job in jobs:
+        group = pending.setdefault(job.seed, [])
+        group.append(job)
+        if len(group) == size:
+            batches.append(pending.pop(job.seed))
+    return batches + list(pending.values())
+
+
+def data_parallel_share(prompts: list, dp_size: int, dp_rank: int) -> list:
     """The contiguous range of prompts one data-parallel group generates (the groups' shares are disjoint and
     cover every prompt; a prompt's seed does not depend on which group draws it)."""
     per, extra = divmod(len(prompts), dp_size)

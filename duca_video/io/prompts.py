@@ -12,8 +12,9 @@ __all__ = ["PromptError", "append_scores", "load_prompt_file", "select_prompts",
 
 log = logging.getLogger(__name__)
 
-# Room left in a 255-byte file name for ".latent.safetensors" and the temporary-name decoration.
-_MAX_NAME_BYTES = 200
+# A file name has 255 bytes: keep room for ".latent.safetensors" (19) and the temporary-name decoration
+# (".NAME.<pid>.tmp": 1 + 1 + up to 7 + 4). VBench's longest name (212 bytes) fits whole.
+_MAX_NAME_BYTES = 222
 
 
 class PromptError(ValueError):

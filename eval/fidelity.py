@@ -1,0 +1,242 @@
+"""Fidelity of each method's videos to the uncached videos of the same name, and what each method saves.
+
+    python eval/fidelity.py --reference samples/vbench/none --methods duca=samples/vbench/duca,toca=... --out DIR
+
+For every video NAME.mp4 (with its NAME.json record) present in the reference folder and in a method's folder:
+PSNR (one MSE over the whole video, 8-bit range), SSIM (mean over frames and RGB planes) and LPIPS (mean over
+frames; only when the `lpips` package and its backbone weights are available locally, otherwise null with the
+reason). Speed-ups come from the records: summed reference latency_s (dit_tflops) over the method's, over the
+videos both have. Writes into --out:
+  fidelity_per_video.csv   one row per (method, video)
+  fidelity_summary.csv     one row per method: mean and median of each metric, speed-ups
+  fidelity_summary.json    the same, plus the LPIPS status (eval/report.py reads it)
+  fidelity_summary.md      the summary as a markdown table
+  fidelity_speedup.png     speed-up against fidelity, one point per method (needs matplotlib)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: import `eval.` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from eval.common import (
+    EvalError,
+    atomic_write_json,
+    atomic_write_text,
+    compare_costs,
+    fmt,
+    markdown_table,
+    mean,
+    median,
+    parse_named_paths,
+    read_records,
+)
+
+log = logging.getLogger("eval.fidelity")
+
+METRICS = ("psnr", "ssim", "lpips")
+PER_VIDEO_FIELDS = ("method", "name", "psnr", "ssim", "lpips", "latency_s", "reference_latency_s", "dit_tflops",
+                    "reference_dit_tflops")  # fmt: skip
+SUMMARY_FIELDS = ("method", "pairs", "missing", "identical", "psnr_mean", "psnr_median", "ssim_mean", "ssim_median",
+                  "lpips_mean", "lpips_median", "latency_s_mean", "reference_latency_s_mean", "latency_speedup",
+                  "dit_tflops_mean", "reference_dit_tflops_mean", "flops_speedup")  # fmt: skip
+
+
+def compare(
+    reference: Path, methods: dict[str, Path], lpips_net: str | None = "alex", device: str = "cpu",
+    limit: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Per-video rows and per-method summaries (see the module docstring)."""
+    from duca_video.metrics.fidelity import load_lpips, video_fidelity
+    from duca_video.metrics.video import read_video
+
+    ref_records = read_records(reference)
+    if not ref_records:
+        raise EvalError(f"reference folder {str(reference)!r} holds no complete video (NAME.mp4 with NAME.json)")
+    records = {}
+    for method, folder in methods.items():
+        records[method] = read_records(folder)
+        if not set(records[method]) & set(ref_records):
+            raise EvalError(f"method {method!r}: {str(folder)!r} has no video named as one in the reference folder")
+    lpips_model, lpips_reason = (None, "disabled (--lpips off)") if lpips_net is None else load_lpips(lpips_net, device)
+    if lpips_reason:
+        log.warning("LPIPS unavailable: %s", lpips_reason)
+
+    names = sorted(ref_records)[:limit]
+    rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for i, name in enumerate(names):
+        ref_video = None  # decoded once per name, for all methods
+        for method, folder in methods.items():
+            rec = records[method].get(name)
+            if rec is None:
+                continue
+            try:  # an unreadable file or a size mismatch ends the run, naming the video
+                ref_video = read_video(reference / f"{name}.mp4") if ref_video is None else ref_video
+                other = read_video(folder / f"{name}.mp4")
+                scores = video_fidelity(ref_video, other, lpips_model)
+            except ValueError as exc:
+                raise EvalError(f"method {method!r}, video {name!r}: {exc}") from None
+            except RuntimeError as exc:  # LPIPS on frames too small for its backbone, or out of memory
+                if lpips_model is None:
+                    raise
+                log.warning("LPIPS failed on %s (%s); reporting no LPIPS for any video", name, exc)
+                lpips_model, lpips_reason = None, f"failed on {name!r}: {type(exc).__name__}: {exc}"
+                for done in (r for method_rows in rows.values() for r in method_rows):
+                    done["lpips"] = None  # all or nothing: a mean over some videos would mislead
+                scores = video_fidelity(ref_video, other, None)
+            ref = ref_records[name]
+            rows[method].append({"method": method, "name": name, **scores, "latency_s": rec.get("latency_s"),
+                                 "reference_latency_s": ref.get("latency_s"), "dit_tflops": rec.get("dit_tflops"),
+                                 "reference_dit_tflops": ref.get("dit_tflops")})  # fmt: skip
+        log.info("[%d/%d] %s", i + 1, len(names), name)
+
+    summaries = {}
+    for method in methods:
+        got = rows[method]
+        subset = {n: ref_records[n] for n in names}
+        costs = compare_costs(subset, {r["name"]: records[method][r["name"]] for r in got})
+        summary: dict[str, Any] = {"method": method, "pairs": len(got), "missing": len(names) - len(got),
+                                   "identical": sum(r["psnr"] == math.inf for r in got)}  # fmt: skip
+        for metric in METRICS:
+            summary[f"{metric}_mean"] = mean(r[metric] for r in got)
+            summary[f"{metric}_median"] = median(r[metric] for r in got)
+        summary.update({k: costs[k] for k in SUMMARY_FIELDS if k in costs})
+        summaries[method] = summary
+    return {
+        "reference": str(reference),
+        "methods": {m: str(p) for m, p in methods.items()},
+        "lpips": {"net": lpips_net, "available": lpips_model is not None, "reason": lpips_reason},
+        "psnr": "one MSE over all pixels of the video, data range 255; inf when identical",
+        "speedup": "sum of the reference's latency_s (dit_tflops) / sum of the method's, over the videos both have",
+        "summary": summaries,
+        "per_video": [r for m in methods for r in rows[m]],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- outputs
+def _csv(rows: list[dict[str, Any]], fields: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in fields})
+    return buf.getvalue()
+
+
+def summary_markdown(result: dict[str, Any]) -> str:
+    headers = ["method", "videos", "PSNR mean", "PSNR median", "SSIM mean", "SSIM median", "LPIPS mean",
+               "latency speed-up", "FLOPs speed-up"]  # fmt: skip
+    rows = [[s["method"], str(s["pairs"]), fmt(s["psnr_mean"], ".2f"), fmt(s["psnr_median"], ".2f"),
+             fmt(s["ssim_mean"], ".4f"), fmt(s["ssim_median"], ".4f"), fmt(s["lpips_mean"], ".4f"),
+             fmt(s["latency_speedup"], ".2f"), fmt(s["flops_speedup"], ".2f")]
+            for s in result["summary"].values()]  # fmt: skip
+    text = markdown_table(headers, rows)
+    if not result["lpips"]["available"]:
+        text += f"\nLPIPS unavailable: {result['lpips']['reason']}\n"
+    return text
+
+
+def plot(result: dict[str, Any], path: Path, speedup: str = "latency") -> str | None:
+    """Speed-up (x) against mean PSNR / SSIM / LPIPS (one panel each; LPIPS only when measured). Returns why no
+    plot was written, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only: no display on evaluation machines
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    key = f"{speedup}_speedup"
+    panels = [m for m in METRICS if any(s[f"{m}_mean"] is not None for s in result["summary"].values())]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharex=True)
+    colors = plt.get_cmap("tab10")
+    for ax, metric in zip(axes[0], panels, strict=True):
+        identical = []
+        for i, s in enumerate(result["summary"].values()):
+            x, y = s[key], s[f"{metric}_mean"]
+            if x is None or y is None:
+                continue
+            if not math.isfinite(y):  # identical videos: PSNR has no finite place on the axis
+                identical.append(s["method"])
+                continue
+            ax.scatter([x], [y], color=colors(i % 10))
+            ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if identical:
+            ax.text(0.02, 0.02, f"identical (inf): {', '.join(identical)}", transform=ax.transAxes, fontsize=7)
+        ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_xlabel(f"{'latency' if speedup == 'latency' else 'DiT FLOPs'} speed-up vs reference (x)")
+        ax.set_ylabel({"psnr": "PSNR (dB), higher is better", "ssim": "SSIM, higher is better",
+                       "lpips": "LPIPS, lower is better"}[metric])  # fmt: skip
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=150)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return None
+
+
+def write_outputs(result: dict[str, Any], out: Path, speedup: str = "latency") -> tuple[dict[str, Path], str | None]:
+    """The files listed in the module docstring; returns their paths and why the plot was skipped (or None)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {name: out / f"fidelity_{name}" for name in ("per_video.csv", "summary.csv", "summary.json",
+                                                        "summary.md", "speedup.png")}  # fmt: skip
+    atomic_write_text(paths["per_video.csv"], _csv(result["per_video"], PER_VIDEO_FIELDS))
+    atomic_write_text(paths["summary.csv"], _csv(list(result["summary"].values()), SUMMARY_FIELDS))
+    atomic_write_text(paths["summary.md"], summary_markdown(result))
+    why_not = plot(result, paths["speedup.png"], speedup)
+    result = {**result, "plot": None if why_not else str(paths["speedup.png"]), "plot_skipped": why_not}
+    atomic_write_json(paths["summary.json"], result)
+    if why_not:
+        del paths["speedup.png"]
+    return paths, why_not
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval/fidelity.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference", required=True, help="folder of the uncached videos (NAME.mp4 + NAME.json)")
+    p.add_argument("--methods", required=True, help="NAME=DIR[,NAME=DIR...]: each method's video folder")
+    p.add_argument("--out", required=True, help="folder for the CSV, JSON, markdown and PNG outputs")
+    p.add_argument("--lpips", default="alex", choices=["alex", "vgg", "squeeze", "off"], help="LPIPS backbone")
+    p.add_argument("--device", default="cpu", help="device for LPIPS (cpu, cuda, cuda:N)")
+    p.add_argument("--speedup", default="latency", choices=["latency", "flops"], help="x axis of the plot")
+    p.add_argument("--limit", type=int, help="compare only the first N reference videos (by name)")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        methods = parse_named_paths(args.methods, "--methods")
+        if args.limit is not None and args.limit < 1:
+            raise EvalError(f"--limit {args.limit}: must be >= 1")
+        result = compare(Path(args.reference), methods, None if args.lpips == "off" else args.lpips, args.device,
+                         args.limit)  # fmt: skip
+    except (EvalError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    paths, why_not = write_outputs(result, Path(args.out), args.speedup)
+    print(summary_markdown(result), end="")
+    for path in paths.values():
+        print(f"wrote {path}")
+    if why_not:
+        print(f"no plot: {why_not}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""Methods side by side: latency, DiT FLOPs, speed-ups, memory, VBench scores and fidelity, as a markdown table.
+
+    python eval/report.py --reference samples/vbench/none --methods duca=samples/vbench/duca,toca=... \\
+        --vbench none=scores/none,duca=scores/duca --fidelity fidelity/fidelity_summary.json --out report.md
+
+- Costs come from the per-video JSON records (NAME.json next to NAME.mp4) of each folder: means over the videos
+  a method shares with the reference, speed-ups as summed reference cost / summed method cost over them.
+- --vbench NAME=PATH: PATH is scaled_results.json or the score folder holding it (eval/vbench/tabulate.py).
+- --fidelity: fidelity_summary.json from eval/fidelity.py (mean PSNR, SSIM, LPIPS against the reference).
+Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: import `eval.` from the repository root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from eval.common import (
+    EvalError,
+    atomic_write_text,
+    compare_costs,
+    fmt,
+    markdown_table,
+    parse_named_paths,
+    read_records,
+)
+
+HEADERS = ["method", "videos", "latency (s)", "latency speed-up", "DiT TFLOPs", "FLOPs speed-up", "peak mem (GiB)",
+           "cache (MiB)", "VBench total", "quality", "semantic", "PSNR", "SSIM", "LPIPS"]  # fmt: skip
+
+
+def load_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise EvalError(f"{what} {str(path)!r} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise EvalError(f"{what} {str(path)!r} cannot be read as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise EvalError(f"{what} {str(path)!r}: expected a JSON object")
+    return data
+
+
+def load_vbench(path: Path) -> dict[str, Any]:
+    path = path / "scaled_results.json" if path.is_dir() else path
+    data = load_json(path, "VBench results")
+    for key in ("total", "quality", "semantic"):
+        if key not in data:
+            raise EvalError(f"VBench results {str(path)!r}: no field {key!r} (expected eval/vbench/tabulate.py output)")
+    return data
+
+
+def _float(value: Any) -> float | None:
+    if value == "inf":  # eval/common.atomic_write_json's spelling of infinity
+        return float("inf")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def build_rows(
+    reference_name: str,
+    folders: dict[str, Path],
+    vbench: dict[str, dict[str, Any]],
+    fidelity: dict[str, Any] | None,
+) -> tuple[list[list[str]], list[str]]:
+    """Table rows (reference first) and the notes to print under the table."""
+    records = {name: read_records(folder) for name, folder in folders.items()}
+    reference = records[reference_name]
+    if not reference:
+        raise EvalError(f"reference folder {str(folders[reference_name])!r} holds no complete video")
+    notes = []
+    fid_summary = (fidelity or {}).get("summary", {})
+    rows = []
+    for name, recs in records.items():
+        costs = compare_costs(reference, recs)
+        if name != reference_name and costs["common"] < len(reference):
+            notes.append(f"{name}: {costs['common']} of the reference's {len(reference)} videos (costs over those)")
+        scores = vbench.get(name, {})
+        if scores and scores.get("missing"):
+            notes.append(f"{name}: VBench dimensions missing: {', '.join(scores['missing'])}")
+        fid = fid_summary.get(name, {})
+        peak, cache = costs["peak_memory_bytes_mean"], costs["cache_bytes_mean"]
+        rows.append([
+            name, str(costs["common"]), fmt(costs["latency_s_mean"], ".2f"), fmt(costs["latency_speedup"], ".2f"),
+            fmt(costs["dit_tflops_mean"], ".4g"), fmt(costs["flops_speedup"], ".2f"),
+            fmt(None if peak is None else peak / 2**30, ".2f"), fmt(None if cache is None else cache / 2**20, ".1f"),
+            fmt(_float(scores.get("total")), ".2f"), fmt(_float(scores.get("quality")), ".2f"),
+            fmt(_float(scores.get("semantic")), ".2f"),
+            "(reference)" if name == reference_name else fmt(_float(fid.get("psnr_mean")), ".2f"),
+            "" if name == reference_name else fmt(_float(fid.get("ssim_mean")), ".4f"),
+            "" if name == reference_name else fmt(_float(fid.get("lpips_mean")), ".4f"),
+        ])  # fmt: skip
+    if fidelity is not None:
+        lp = fidelity.get("lpips", {})
+        if not lp.get("available", True):
+            notes.append(f"LPIPS unavailable: {lp.get('reason')}")
+        ref_path = fidelity.get("reference")
+        if ref_path and Path(ref_path).resolve() != folders[reference_name].resolve():
+            notes.append(f"fidelity was measured against {ref_path}, not {folders[reference_name]}")
+    return rows, notes
+
+
+def report(rows: list[list[str]], notes: list[str]) -> str:
+    text = markdown_table(HEADERS, rows)
+    text += "\nLatency and TFLOPs: means per video from the records; speed-ups: summed reference cost / summed cost.\n"
+    text += "".join(f"- {note}\n" for note in notes)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="eval/report.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference", required=True, help="folder of the uncached videos (NAME.mp4 + NAME.json)")
+    p.add_argument("--reference-name", default="none", help="its name in the table (default: none)")
+    p.add_argument("--methods", required=True, help="NAME=DIR[,NAME=DIR...]: each method's video folder")
+    p.add_argument("--vbench", help="NAME=PATH[,...]: scaled_results.json (or its folder) per method")
+    p.add_argument("--fidelity", help="fidelity_summary.json from eval/fidelity.py")
+    p.add_argument("--out", help="also write the markdown here")
+    args = p.parse_args(argv)
+    try:
+        methods = parse_named_paths(args.methods, "--methods")
+        if args.reference_name in methods:
+            raise EvalError(f"--methods: {args.reference_name!r} is the reference's name (--reference-name)")
+        folders = {args.reference_name: Path(args.reference), **methods}
+        vbench = {}
+        for name, path in (parse_named_paths(args.vbench, "--vbench") if args.vbench else {}).items():
+            if name not in folders:
+                raise EvalError(f"--vbench: {name!r} is not a method; allowed: {', '.join(folders)}")
+            vbench[name] = load_vbench(path)
+        fidelity = load_json(Path(args.fidelity), "fidelity summary") if args.fidelity else None
+        text = report(*build_rows(args.reference_name, folders, vbench, fidelity))
+    except EvalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.out:
+        atomic_write_text(args.out, text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
