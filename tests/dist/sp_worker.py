@@ -14,6 +14,9 @@ import torch.distributed as dist
 
 from duca_video import cache
 from duca_video.models import STDiT3, STDiT3Config
+from tests.test_vae import TINY_SPATIAL, TINY_TEMPORAL
+from duca_video.models.vae import OpenSoraVAE
+from duca_video.parallel.group_work import decode_across
 from duca_video.parallel.launch import init_parallel
 from duca_video.parallel.sequence import disable_sequence_parallel, enable_sequence_parallel
 from duca_video.sampling.rflow import RFlowSampler
@@ -79,6 +82,16 @@ def main(out_dir: str) -> None:
         kinds = Counter(kind for _, kind in calls)
         report["methods"][method] = {"max_diff": (out - single).abs().max().item(), "calls_by_step": dict(kinds),
                                      "history": [h["kind"] for h in controller.history]}  # fmt: skip
+    # VAE decoding split over the group: 40 frames = 3 chunks (17, 17, 6), so with 4 ranks one has none.
+    torch.manual_seed(0)
+    vae = OpenSoraVAE.from_config(TINY_SPATIAL, TINY_TEMPORAL).eval()
+    z = torch.randn(1, 4, vae.get_latent_size((40, None, None))[0], 4, 6, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        split = decode_across(vae, z, 40, ctx)
+        if ctx.is_writer:
+            report["vae_max_diff"] = (split - vae.decode(z, num_frames=40)).abs().max().item()
+        else:
+            report["vae_max_diff"] = None if split is None else "non-writer got frames"
     Path(out_dir, f"rank{ctx.rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()

@@ -1,0 +1,175 @@
+"""The synthetic testbed: data, metrics, word encoder, pixel VAE, the training script and the shipped model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from duca_video.models import STDiT3, STDiT3Config
+from duca_video.testbed import PixelVAE, WordTextEncoder
+from duca_video.testbed.adherence import CHANCE, adherence, color_accuracy, direction_accuracy, parse_caption
+from duca_video.testbed.data import DataConfig, SyntheticVideos
+from duca_video.testbed.grammar import vocabulary
+from duca_video.testbed.tiny import DEFAULT_TINY_DIR, load_tiny, read_tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def clips():
+    return SyntheticVideos().sample(240, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------- data + metrics
+def test_ground_truth_scores_100_percent(clips):
+    videos, captions, _ = clips
+    assert videos.shape == (240, 3, 6, 16, 16) and videos.min() >= -1 and videos.max() <= 1
+    assert color_accuracy(videos, captions) == 1.0
+    assert direction_accuracy(videos, captions) == 1.0
+    scores = adherence(videos, captions)
+    assert scores["shape"] == scores["background"] == scores["size"] == scores["all_correct"] == 1.0
+    assert scores["consistency"] > 0.8
+
+
+def test_shuffled_captions_score_near_chance(clips):
+    videos, captions, _ = clips
+    shuffled = captions[:]
+    random.Random(0).shuffle(shuffled)
+    scores = adherence(videos, shuffled)
+    assert abs(scores["colour"] - CHANCE["colour"]) < 0.1
+    assert abs(scores["direction"] - CHANCE["direction"]) < 0.1
+
+
+def test_data_is_seeded_and_shapes_stay_inside(clips):
+    videos, captions, meta = clips
+    again, captions2, _ = SyntheticVideos().sample(240, seed=3)
+    assert torch.equal(videos, again) and captions == captions2
+    assert not torch.equal(videos[:8], SyntheticVideos().sample(8, seed=4)[0])
+    # A shape cut by the border would lose area in some frames: the covered area must be the same in all.
+    bg = torch.tensor([-0.84 if c.background == "dark" else 0.84 for c in meta])[:, None, None, None]
+    area = (videos - bg[:, None]).abs().sum(1).flatten(2).sum(-1)  # (B, T)
+    assert torch.allclose(area, area[:, :1].expand_as(area), rtol=0.05)
+    assert set(parse_caption(captions[0])) >= {"colour", "shape", "direction", "background"}
+
+
+def test_caption_parsing():
+    parsed = parse_caption("A large red square moving left on a dark background")
+    assert parsed == {"colour": "red", "shape": "square", "direction": "left", "background": "dark",
+                      "size": "large", "speed": None}  # fmt: skip
+    with pytest.raises(ValueError, match="names no direction"):
+        parse_caption("a red square on a dark background")
+    with pytest.raises(ValueError, match="several colours"):
+        parse_caption("a red blue square moving up on a dark background")
+
+
+def test_data_config_rejects_tracks_that_leave_the_frame():
+    with pytest.raises(ValueError, match="does not fit"):
+        DataConfig(num_frames=16)
+    assert DataConfig.from_dict(DataConfig().to_dict()) == DataConfig()
+
+
+# ---------------------------------------------------------------------------------------------- word encoder
+def test_word_encoder_shapes_masks_and_unknown_words(tmp_path):
+    enc = WordTextEncoder(output_dim=8, model_max_length=12).eval()
+    assert enc.words == vocabulary() and enc.output_dim == 8 and enc.model_max_length == 12
+    out = enc.encode(["a red square moving left on a dark background", "Blue circle!"])
+    assert out["y"].shape == (2, 1, 12, 8) and out["y"].dtype == torch.float32
+    assert out["mask"].dtype == torch.long and out["mask"].sum(1).tolist() == [9, 2]
+    assert not out["y"].requires_grad
+    assert torch.equal(out["y"][1, 0, 2:], torch.zeros(10, 8))  # <pad> is a zero vector
+    with pytest.warns(UserWarning, match=r"unknown words .*\['purple', 'triangle'\]"):
+        out = enc.encode(["a purple triangle"])
+    assert torch.equal(out["y"][0, 0, 1], enc.embedding.weight[1])  # <unk>
+    for bad in ([""], ["  !? "]):
+        with pytest.raises(ValueError, match="empty caption"):
+            enc.encode(bad)
+    with pytest.raises(TypeError):
+        enc.encode("a red square")
+    with pytest.warns(UserWarning, match="limit is 12"):
+        enc.encode(["a " * 13])
+    enc.train()
+    assert enc.encode(["red"])["y"].requires_grad  # learns jointly with the model in train mode
+
+    enc.save_pretrained(tmp_path)
+    loaded = WordTextEncoder.from_pretrained(tmp_path)
+    assert loaded.words == enc.words and torch.equal(loaded.embedding.weight, enc.embedding.weight)
+    assert json.loads((tmp_path / "text_encoder.json").read_text())["model_max_length"] == 12
+
+
+def test_word_encoder_null_caption_is_the_models():
+    enc = WordTextEncoder(output_dim=8, model_max_length=12)
+    cfg = STDiT3Config(depth=1, hidden_size=16, num_heads=2, in_channels=3, caption_channels=8,
+                       model_max_length=12, pred_sigma=False)  # fmt: skip
+    model = STDiT3(cfg)
+    with pytest.raises(RuntimeError, match="needs a model"):
+        enc.null(2)
+    null = enc.attach(model).null(3)
+    assert null.shape == (3, 1, 12, 8) and torch.equal(null[2, 0], model.y_embedder.y_embedding)
+
+
+# ---------------------------------------------------------------------------------------------- pixel VAE
+def test_pixel_vae_round_trip():
+    vae = PixelVAE()
+    x = torch.rand(2, 3, 5, 8, 8) * 2 - 1
+    assert vae.in_channels == vae.out_channels == 3 and vae.dtype == torch.float32 and vae.device.type == "cpu"
+    assert vae.get_latent_size((5, 8, 8)) == (5, 8, 8) and vae.get_latent_size((None, 8, 8)) == (None, 8, 8)
+    assert torch.equal(vae.decode(vae.encode(x), num_frames=5), x)
+    assert vae.decode(torch.full((1, 3, 2, 4, 4), 3.0)).max() == 1.0
+    assert vae.to(torch.float64).encode(x).dtype == torch.float64
+    with pytest.raises(ValueError):
+        vae.encode(torch.zeros(1, 4, 2, 4, 4))
+    with pytest.raises(ValueError, match="num_frames"):
+        vae.decode(x, num_frames=4)
+
+
+# ---------------------------------------------------------------------------------------------- training script
+def _train_module():
+    spec = importlib.util.spec_from_file_location("train_tiny", ROOT / "scripts" / "train_tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_script_resume_matches_an_uninterrupted_run(tmp_path):
+    train = _train_module()
+    common = ["--depth", "1", "--hidden", "32", "--heads", "2", "--batch-size", "2", "--no-bf16", "--warmup", "1",
+              "--threads", "1", "--log-every", "1", "--text-dim", "8"]  # fmt: skip
+    train.main([*common, "--out", str(tmp_path / "a"), "--steps", "3"])
+    train.main([*common, "--out", str(tmp_path / "b"), "--steps", "3", "--stop-at", "2"])
+    train.main([*common, "--out", str(tmp_path / "b"), "--steps", "3", "--resume"])
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log = (tmp_path / "b" / "run" / "loss.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss") and len(log) == 4
+    bed = load_tiny(tmp_path / "a")
+    assert bed.generate(["a red circle moving up on a light background"], seeds=[0]).shape == (1, 3, 6, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------- shipped model
+@pytest.mark.skipif(not (DEFAULT_TINY_DIR / "model.safetensors").is_file(), reason="weights/tiny not shipped")
+def test_shipped_tiny_model_loads_strictly_and_generates():
+    files = [p for p in DEFAULT_TINY_DIR.iterdir() if p.is_file() and not p.name.startswith(".")]
+    assert sum(p.stat().st_size for p in files) <= 10 * 2**20
+    config, testbed = read_tiny_config(DEFAULT_TINY_DIR)
+    assert config.in_channels == 3 and testbed["sampler"]["use_timestep_transform"] is False
+    bed = load_tiny(DEFAULT_TINY_DIR)  # strict: any missing/unexpected key raises
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every caption word is in the vocabulary
+        video = bed.generate(["a large red square moving left on a dark background"], seeds=[0],
+                             sampler=_few_steps(bed.sampler))  # fmt: skip
+    t, h, w = testbed["num_frames"], testbed["height"], testbed["width"]
+    assert video.shape == (1, 3, t, h, w) and video.abs().max() <= 1 and torch.isfinite(video).all()
+
+
+def _few_steps(sampler):
+    import dataclasses
+
+    return dataclasses.replace(sampler, num_sampling_steps=3)
