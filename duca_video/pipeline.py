@@ -54,6 +54,7 @@ from duca_video.io import (
     to_uint8_frames,
     write_video,
 )
+from duca_video.metrics.flops import flop_counter
 from duca_video.models import STDiT3, STDiT3Config
 from duca_video.models.attention import attention_backend
 from duca_video.models.checkpoint import read_config
@@ -174,17 +175,6 @@ def _max_rss() -> int:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS reports bytes, Linux KiB
-
-
-def flop_counter() -> Any:
-    """torch's FlopCounterMode, taught the CPU flash-attention kernel it does not know (else attention is 0)."""
-    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
-    mapping = {}
-    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_sdpa is not None:
-        mapping[cpu_sdpa] = lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)
-    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def _sync(device: torch.device) -> None:

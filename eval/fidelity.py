@@ -149,44 +149,15 @@ def summary_markdown(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], path: Path, speedup: str = "latency") -> str | None:
     """Speed-up (x) against mean PSNR / SSIM / LPIPS (one panel each; LPIPS only when measured). Returns why no
     plot was written, or None."""
-    try:
-        import matplotlib
+    from duca_video.metrics.plot import speedup_fidelity_plot
 
-        matplotlib.use("Agg")  # files only: no display on evaluation machines
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed (pip install matplotlib)"
-    key = f"{speedup}_speedup"
-    panels = [m for m in METRICS if any(s[f"{m}_mean"] is not None for s in result["summary"].values())]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False, sharex=True)
-    colors = plt.get_cmap("tab10")
-    for ax, metric in zip(axes[0], panels, strict=True):
-        identical = []
-        for i, s in enumerate(result["summary"].values()):
-            x, y = s[key], s[f"{metric}_mean"]
-            if x is None or y is None:
-                continue
-            if not math.isfinite(y):  # identical videos: PSNR has no finite place on the axis
-                identical.append(s["method"])
-                continue
-            ax.scatter([x], [y], color=colors(i % 10))
-            ax.annotate(s["method"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        if identical:
-            ax.text(0.02, 0.02, f"identical (inf): {', '.join(identical)}", transform=ax.transAxes, fontsize=7)
-        ax.axvline(1.0, color="grey", linewidth=0.8, linestyle=":")
-        ax.set_xlabel(f"{'latency' if speedup == 'latency' else 'DiT FLOPs'} speed-up vs reference (x)")
-        ax.set_ylabel({"psnr": "PSNR (dB), higher is better", "ssim": "SSIM, higher is better",
-                       "lpips": "LPIPS, lower is better"}[metric])  # fmt: skip
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=150)
-        tmp.replace(path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return None
+    labels = {"psnr": "PSNR (dB), higher is better", "ssim": "SSIM, higher is better",
+              "lpips": "LPIPS, lower is better"}  # fmt: skip
+    panels = [(m, labels[m]) for m in METRICS if any(s[f"{m}_mean"] is not None for s in result["summary"].values())]
+    points = [{"method": s["method"], "speedup": s[f"{speedup}_speedup"], **{m: s[f"{m}_mean"] for m, _ in panels}}
+              for s in result["summary"].values()]  # fmt: skip
+    xlabel = f"{'latency' if speedup == 'latency' else 'DiT FLOPs'} speed-up vs reference (x)"
+    return speedup_fidelity_plot(points, path, xlabel, panels)
 
 
 def write_outputs(result: dict[str, Any], out: Path, speedup: str = "latency") -> tuple[dict[str, Path], str | None]:

@@ -24,6 +24,7 @@ from duca_video.cache import METHODS
 from duca_video.configs.loader import load_config
 from duca_video.metrics.benchmark import BenchSetup, compare, format_table
 from duca_video.metrics.flops import video_latent_shape
+from duca_video.metrics.plot import speedup_fidelity_plot
 from duca_video.models import STDiT3, STDiT3Config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-sampling-steps", type=int, help="override the config's steps")
     p.add_argument("--ckpt-path", help="STDiT3 weights for the timed runs (default: random weights)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--prompts", type=int, default=64, help="testbed configs: fixed prompt/seed pairs per method")
+    p.add_argument("--plot", help="also write a PNG of speed-up against PSNR / SSIM vs none")
     p.add_argument("--sp-sizes", default="", help="e.g. 2,4,8: also count the bytes each method sends per video "
                    "under sequence parallelism of these sizes (meta device, simulated group)")  # fmt: skip
     return p.parse_args(argv)
@@ -83,8 +86,45 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    setup = setup_from_config(args.config, args.num_sampling_steps)
     cfg = load_config(args.config)
+    if cfg.text_encoder.type == "word":  # the trained testbed model: real prompts, adherence from the frames
+        results, run = testbed(cfg, args, methods)
+    else:
+        results, run = open_sora(cfg, args, methods)
+    print(format_table(results))
+    write_json(args.json, {"config": run, "methods": results})
+    if args.plot:
+        points = [{"method": m, "speedup": r["flops_speedup"], "psnr": r["psnr_vs_none"], "ssim": r["ssim_vs_none"]}
+                  for m, r in results.items()]  # fmt: skip
+        why = speedup_fidelity_plot(points, Path(args.plot), "DiT FLOPs speed-up vs none (x)",
+                                    [("psnr", "PSNR vs none (dB)"), ("ssim", "SSIM vs none")])  # fmt: skip
+        if why:
+            print(f"no plot: {why}", file=sys.stderr)
+    return 0
+
+
+def testbed(cfg, args: argparse.Namespace, methods: list[str]) -> tuple[dict, dict]:
+    from duca_video.metrics.testbed_bench import compare_testbed
+    from duca_video.testbed.tiny import load_tiny
+
+    weights = args.ckpt_path or cfg.model.from_pretrained
+    if weights is None or not Path(weights, "config.json").is_file():
+        sys.exit(f"{args.config}: the testbed benchmark needs trained weights (model.from_pretrained or --ckpt-path "
+                 f"naming a folder with config.json); got {weights!r}")  # fmt: skip
+    if args.flops_only:
+        sys.exit("--flops-only is for Open-Sora sizes; the testbed benchmark always runs the model")
+    bed = load_tiny(weights)
+    if args.num_sampling_steps:
+        bed.sampler.num_sampling_steps = args.num_sampling_steps
+    results = compare_testbed(bed, methods, n_prompts=args.prompts, seed=args.seed, repeats=args.repeats)
+    run = {"config_file": args.config, "weights": str(weights), "prompts": args.prompts, "seed": args.seed,
+           "repeats": args.repeats, "threads": torch.get_num_threads(), "sampler": vars(bed.sampler),
+           "model": bed.model.config.to_dict()}  # fmt: skip
+    return results, run
+
+
+def open_sora(cfg, args: argparse.Namespace, methods: list[str]) -> tuple[dict, dict]:
+    setup = setup_from_config(args.config, args.num_sampling_steps)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,12 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     sp_sizes = tuple(int(v) for v in args.sp_sizes.split(",") if v.strip())
     results = compare(setup, methods, model=model, flops_only=args.flops_only, device=device, dtype=dtype,
                       repeats=args.repeats, seed=args.seed, sp_sizes=sp_sizes)  # fmt: skip
-    print(format_table(results))
     run = {"config_file": args.config, "device": device, "dtype": str(dtype).removeprefix("torch."),
            "weights": args.ckpt_path or "random", "threads": torch.get_num_threads(), "flops_only": args.flops_only,
            "repeats": args.repeats, "seed": args.seed}  # fmt: skip
-    write_json(args.json, {"config": {**setup.to_dict(), **run}, "methods": results})
-    return 0
+    return results, {**setup.to_dict(), **run}
 
 
 if __name__ == "__main__":

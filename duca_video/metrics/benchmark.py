@@ -199,17 +199,19 @@ def compare(
 
 
 def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table of the records (adherence columns when the testbed benchmark measured them)."""
+
     def fmt(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    lines = [f"{'method':<13}{'TFLOPs':>10}{'FLOPs x':>9}{'latency s':>11}{'lat. x':>8}{'peak MiB':>10}"
-             f"{'cache MiB':>11}{'PSNR':>8}{'SSIM':>8}"]  # fmt: skip
+    columns = [("tflops", "TFLOPs", ".4g", 1), ("flops_speedup", "FLOPs x", ".2f", 1),
+               ("latency_s", "latency s", ".3f", 1), ("latency_speedup", "lat. x", ".2f", 1),
+               ("peak_memory_bytes", "peak MiB", ".0f", 2**20), ("cache_bytes", "cache MiB", ".1f", 2**20),
+               ("psnr_vs_none", "PSNR", ".2f", 1), ("ssim_vs_none", "SSIM", ".4f", 1),
+               ("color_accuracy", "colour", ".3f", 1), ("direction_accuracy", "direction", ".3f", 1)]  # fmt: skip
+    present = [c for c in columns if any(c[0] in r for r in results.values())]
+    lines = [f"{'method':<13}" + "".join(f"{title:>11}" for _, title, _, _ in present)]
     for name, r in results.items():
-        peak = None if r["peak_memory_bytes"] is None else r["peak_memory_bytes"] / 2**20
-        cache_mib = None if r["cache_bytes"] is None else r["cache_bytes"] / 2**20
-        cells = [fmt(r["tflops"], ".2f").rjust(10), fmt(r["flops_speedup"], ".2f").rjust(9),
-                 fmt(r["latency_s"], ".3f").rjust(11), fmt(r["latency_speedup"], ".2f").rjust(8),
-                 fmt(peak, ".0f").rjust(10), fmt(cache_mib, ".1f").rjust(11), fmt(r["psnr_vs_none"], ".2f").rjust(8),
-                 fmt(r["ssim_vs_none"], ".4f").rjust(8)]  # fmt: skip
-        lines.append(f"{name:<13}" + "".join(cells))
+        cells = [fmt(None if r.get(k) is None else r[k] / div, spec) for k, _, spec, div in present]
+        lines.append(f"{name:<13}" + "".join(f"{c:>11}" for c in cells))
     return "\n".join(lines)

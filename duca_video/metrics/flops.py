@@ -20,10 +20,21 @@ from duca_video.models.stdit3 import STDiT3, STDiT3Config
 
 def count_flops(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, Any]:
     """Run `fn(*args, **kwargs)` under a FLOP counter; returns (flops, result)."""
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with counter, torch.no_grad():
         result = fn(*args, **kwargs)
     return counter.get_total_flops(), result
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FlopCounterMode, taught the CPU flash-attention kernel it does not know (else attention is 0)."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    mapping = {}
+    cpu_sdpa = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_sdpa is not None:
+        mapping[cpu_sdpa] = lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def meta_inputs(
