@@ -58,6 +58,7 @@ class _Evil:
         return (print, ("unpickled!",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
