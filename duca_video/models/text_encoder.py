@@ -67,7 +67,26 @@ def _dtype_kwarg() -> str:
     return "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
 
 
-class T5TextEncoder:
+class NullCaptionSource:
+    """`attach(model)` once, then `null(n)` gives that model's null caption (upstream sets the text encoder's
+    `y_embedder` the same way). Shared by every text encoder."""
+
+    _null_source: Any = None
+
+    def attach(self, model: Any):
+        _y_embedding(model)  # fail now rather than at the first sample
+        self._null_source = model
+        return self
+
+    def null(self, n: int, model: Any = None) -> torch.Tensor:
+        """The model's `y_embedder.y_embedding` as (n, 1, L, C): the null caption used for CFG."""
+        source = model if model is not None else self._null_source
+        if source is None:
+            raise RuntimeError(f"{type(self).__name__}.null needs a model: pass it, or call attach(model) once")
+        return null_caption(source, n)
+
+
+class T5TextEncoder(NullCaptionSource):
     """transformers `T5EncoderModel` + `AutoTokenizer` loaded offline from a local directory.
 
     Matches Open-Sora 1.2's `T5Encoder`: prompts are tokenized as given (no caption cleaning; upstream's
@@ -108,23 +127,10 @@ class T5TextEncoder:
         self.model = T5EncoderModel.from_pretrained(str(self.path), **load_kwargs).to(self.device).eval()
         self.model.requires_grad_(False)
         self.output_dim = int(self.model.config.d_model)
-        self._null_source: Any = None
 
     @property
     def hidden_size(self) -> int:
         return self.output_dim
-
-    def attach(self, model: Any) -> T5TextEncoder:
-        """Remember the STDiT whose null caption `null(n)` returns (upstream sets `text_encoder.y_embedder`)."""
-        _y_embedding(model)  # fail now rather than at the first sample
-        self._null_source = model
-        return self
-
-    def null(self, n: int, model: Any = None) -> torch.Tensor:
-        source = model if model is not None else self._null_source
-        if source is None:
-            raise RuntimeError("T5TextEncoder.null needs a model: pass it, or call attach(model) once")
-        return null_caption(source, n)
 
     def token_counts(self, prompts: Sequence[str]) -> list[int]:
         """Tokens per prompt including the closing </s>, before truncation."""
