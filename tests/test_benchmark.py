@@ -60,3 +60,22 @@ def test_comm_bytes_counted_on_a_simulated_group_and_cached_methods_send_less():
     for p in ("2", "4"):
         assert 0 < fora[p] < duca[p] < none[p]
     assert none["4"] > none["2"]  # more ranks, more of each tensor crosses the network
+
+
+TINY_WEIGHTS = ROOT / "weights" / "tiny"
+
+
+def test_testbed_benchmark_reports_adherence_per_method(tmp_path):
+    if not (TINY_WEIGHTS / "config.json").is_file():
+        import pytest
+
+        pytest.skip("the trained testbed weights (weights/tiny) are not in this checkout")
+    out, plot = tmp_path / "tiny.json", tmp_path / "tiny.png"
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--config", str(ROOT / "configs" / "tiny.py"),
+           "--ckpt-path", str(TINY_WEIGHTS), "--methods", "none,duca", "--prompts", "4", "--num-sampling-steps",
+           "6", "--json", str(out), "--plot", str(plot), "--threads", "1"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
+    data = json.loads(out.read_text())["methods"]
+    for record in data.values():
+        assert KEYS <= set(record) and 0 <= record["color_accuracy"] <= 1 and 0 <= record["direction_accuracy"] <= 1
+    assert data["duca"]["flops_speedup"] > 1.2 and plot.stat().st_size > 0
