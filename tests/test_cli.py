@@ -15,11 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from duca_video import pipeline
+from duca_video.configs.loader import load_config
 from duca_video.io import RECORD_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "inference.py"
 TINY = ROOT / "configs" / "tiny.py"
+FRAMES = load_config(TINY).num_frames
 PROMPTS = [
     "a large red square moving left on a dark background",
     "a small blue circle moving up on a light background",
@@ -67,18 +69,18 @@ def test_end_to_end_then_everything_is_skipped(tmp_path, capsys):
     )
     for name in names:
         frames = frames_of(out / f"{name}.mp4")
-        assert len(frames) == 8 and frames[0].shape == (16, 16, 3)
+        assert len(frames) == FRAMES and frames[0].shape == (16, 16, 3)
         record = json.loads((out / f"{name}.json").read_text())
         assert set(RECORD_FIELDS) <= set(record)
         k = int(name[-1])
         assert record["seed"] == 5 + k and record["sample_index"] == k and record["prompt"] in PROMPTS
         assert record["method"] == "duca" and record["method_config"]["warmup_steps"] >= 0
-        assert record["steps"] == 5 and record["frames"] == 8 and record["video_size"] == [16, 16]
+        assert record["steps"] == 5 and record["frames"] == FRAMES and record["video_size"] == [16, 16]
         assert record["world_size"] == 1 and record["batch_size"] == 2 and record["latency_s"] > 0
         assert record["dit_tflops"] > 0 and record["peak_memory_bytes"] >= 0 and record["cache_bytes"] > 0
         assert record["peak_memory_kind"] in ("process_peak_rss_growth", "process_max_rss_growth")
         latent = load_file(out / f"{name}.latent.safetensors")["latent"]
-        assert latent.shape == (3, 8, 16, 16) and latent.dtype == torch.float32
+        assert latent.shape == (3, FRAMES, 16, 16) and latent.dtype == torch.float32
     # The second run (in-process: no second interpreter start) finds every video complete.
     assert main(["--config", str(TINY), *argv]) == 0
     assert "0 written, 4 skipped (already complete), 0 failed" in capsys.readouterr().out
@@ -150,7 +152,7 @@ def test_a_killed_job_leaves_no_partial_file_and_resumes(tmp_path, capsys):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     for video in out.glob("*.mp4"):  # whatever was renamed into place is a whole video
-        assert len(frames_of(video)) == 8
+        assert len(frames_of(video)) == FRAMES
     for record in out.glob("*.json"):
         assert record.with_suffix(".mp4").is_file()
     done = {p.stem for p in out.glob("*.json")}

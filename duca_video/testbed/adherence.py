@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .data import DataConfig
 from .grammar import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, SIZES, SPEEDS
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
 # palette colour is >= 0.72 away from both backgrounds, so a pixel more than ~70% covered counts fully.
 FG_LO, FG_HI = 0.2, 0.5
 MIN_SPEED = 0.3  # px per frame: slower centroid drift reads as "not moving"
-SIZE_SPLIT = 2.625  # equivalent radius (px) between the "small" and "large" ranges of DataConfig
 CHANCE = {"colour": 1 / len(COLOURS), "direction": 1 / len(DIRECTIONS), "shape": 1 / len(SHAPES)}
 
 _CATEGORIES: dict[str, tuple[str, ...]] = {
@@ -113,8 +113,15 @@ def _templates(cx: torch.Tensor, cy: torch.Tensor, area: torch.Tensor, h: int, w
     return {"circle": disc, "square": box}
 
 
-def read_clips(video: torch.Tensor) -> list[ClipReading]:
-    """Read every clip of a (B, 3, T, H, W) batch in [-1, 1]."""
+def _size_split(config: DataConfig) -> float:
+    """Equivalent radius (px) halfway between the "small" and "large" ranges."""
+    return (config.radius["small"][1] + config.radius["large"][0]) / 2
+
+
+def read_clips(video: torch.Tensor, config: DataConfig | None = None) -> list[ClipReading]:
+    """Read every clip of a (B, 3, T, H, W) batch in [-1, 1]; `config` (default DataConfig()) sets the size
+    classes."""
+    size_split = _size_split(config or DataConfig())
     rgb, background, fg, dist = _foreground(video)
     b, t, h, w = fg.shape
     # Colour from the mask's core (weight^2) so anti-aliased edges, half background, barely count.
@@ -167,7 +174,7 @@ def read_clips(video: torch.Tensor) -> list[ClipReading]:
         shape = max(SHAPES, key=lambda s: float(iou[s][i][ok].mean()))
         area = float(mass[i][ok].mean())
         radius = (area / torch.pi) ** 0.5 if shape == "circle" else area**0.5 / 2
-        size = "small" if radius < SIZE_SPLIT else "large"
+        size = "small" if radius < size_split else "large"
         colour = list(COLOURS)[int(colour_idx[i])]
         readings.append(ClipReading(bg_name, colour, shape, size, direction, (vx, vy), float(consistency[i]), track))
     return readings
@@ -195,10 +202,10 @@ def temporal_consistency(video: torch.Tensor) -> float:
     return sum(r.consistency for r in read_clips(video)) / max(1, video.shape[0])
 
 
-def adherence(video: torch.Tensor, captions: list[str]) -> dict[str, Any]:
+def adherence(video: torch.Tensor, captions: list[str], config: DataConfig | None = None) -> dict[str, Any]:
     """All metrics at once: per-attribute accuracies, `all_correct` (colour, direction, shape and background
     all right), `consistency`, and `n`. Size is scored only for captions that name a size."""
-    readings = read_clips(video)
+    readings = read_clips(video, config)
     parsed = [parse_caption(c) for c in captions]
     if len(readings) != len(parsed):
         raise ValueError(f"{len(readings)} clips but {len(captions)} captions")

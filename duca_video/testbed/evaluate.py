@@ -59,7 +59,7 @@ def evaluate(
         bed.generate(prompts[i : i + batch_size], [seed + j for j in range(i, min(n, i + batch_size))], sampler)
         for i in range(0, n, batch_size)
     ])  # fmt: skip
-    result = adherence(videos, prompts)
+    result = adherence(videos, prompts, bed.data)
     result.update(
         steps=sampler.num_sampling_steps, cfg_scale=sampler.cfg_scale, seed=seed,
         seconds=round(time.perf_counter() - start, 1), chance=CHANCE,
