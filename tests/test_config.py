@@ -35,17 +35,21 @@ def test_opensora_configs(name, size, method):
     assert cfg.dtype == "bf16" and cfg.fps == 24 and cfg.video_fps == 24
 
 
-def test_tiny_config_is_random_init_until_weights_exist(tmp_path):
+def test_tiny_config_uses_the_shipped_weights_or_random_init(tmp_path):
+    import re
+
     cfg = load_config(CONFIGS / "tiny.py")
-    assert cfg.model.type == "STDiT3" and cfg.model.from_pretrained is None and cfg.model.extra["depth"] >= 1
+    shipped = CONFIGS.parent / "weights" / "tiny"
+    assert cfg.model.type == "STDiT3" and cfg.model.from_pretrained == cfg.text_encoder.from_pretrained == str(shipped)
+    assert not cfg.model.extra  # the architecture comes from the weights' config.json
     assert (cfg.vae.type, cfg.text_encoder.type) == ("PixelVAE", "word")
-    assert not cfg.scheduler.use_timestep_transform and cfg.size == (16, 16) and cfg.num_frames == 8
-    # The documented one-line switch: the weights folder replaces the random-init architecture.
-    text = (CONFIGS / "tiny.py").read_text().replace("_weights = None", '_weights = "weights/tiny"')
+    assert not cfg.scheduler.use_timestep_transform and cfg.size == (16, 16) and cfg.num_frames >= 1
+    # The documented one-line switch back to a randomly initialised model (architecture from _random_init).
+    text = re.sub(r"^_weights = .*$", "_weights = None", (CONFIGS / "tiny.py").read_text(), flags=re.MULTILINE)
     switched = tmp_path / "tiny.py"
     switched.write_text(text)
     cfg = load_config(switched)
-    assert cfg.model.from_pretrained == cfg.text_encoder.from_pretrained == "weights/tiny" and not cfg.model.extra
+    assert cfg.model.from_pretrained is None and cfg.model.extra["depth"] >= 1
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -217,5 +221,6 @@ def test_weight_paths_flag_config_env(tmp_path, monkeypatch):
     paths = resolve_weights(cfg)
     assert paths == {"model": str(tmp_path / "dit.safetensors"), "vae": str(tmp_path / "vae"),
                      "text_encoder": str(tmp_path / "t5")}  # fmt: skip
-    # Random-init sections never read the variables (a global DUCA_CKPT_PATH must not leak into the testbed).
-    assert resolve_weights(load_config(CONFIGS / "tiny.py")) == {"model": None, "vae": None, "text_encoder": None}
+    # Testbed sections never read the variables (a global DUCA_CKPT_PATH must not leak into the tiny model).
+    shipped = str(CONFIGS.parent / "weights" / "tiny")
+    assert resolve_weights(load_config(CONFIGS / "tiny.py")) == {"model": shipped, "vae": None, "text_encoder": shipped}
