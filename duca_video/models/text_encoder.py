@@ -75,7 +75,7 @@ class NullCaptionSource:
 
     def attach(self, model: Any):
         _y_embedding(model)  # fail now rather than at the first sample
-        self._null_source = model
+        self.__dict__["_null_source"] = model  # a plain reference: never a registered submodule of an encoder
         return self
 
     def null(self, n: int, model: Any = None) -> torch.Tensor:

@@ -12,13 +12,12 @@ import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..models.text_encoder import _y_embedding, null_caption
+from ..models.text_encoder import NullCaptionSource
 from .grammar import PAD, UNK, vocabulary
 
 __all__ = ["WordTextEncoder"]
@@ -28,7 +27,7 @@ CONFIG_NAME = "text_encoder.json"
 _WORD = re.compile(r"[a-z]+|<unk>|<pad>")
 
 
-class WordTextEncoder(nn.Module):
+class WordTextEncoder(NullCaptionSource, nn.Module):
     """Lower-cased words -> learned vectors (B, 1, L, C), padded with <pad> to `model_max_length`.
 
     In train mode `encode` is differentiable (the embeddings learn with the model); in eval mode it returns
@@ -60,7 +59,6 @@ class WordTextEncoder(nn.Module):
         nn.init.normal_(self.embedding.weight, std=output_dim**-0.5)
         with torch.no_grad():
             self.embedding.weight[0].zero_()
-        self._null_source: Any = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -124,19 +122,6 @@ class WordTextEncoder(nn.Module):
         with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
             y = self.embed_ids(ids)
         return {"y": y if self.training else y.detach(), "mask": mask}
-
-    def attach(self, model: Any) -> WordTextEncoder:
-        """Remember the STDiT whose null caption `null(n)` returns (as `T5TextEncoder.attach`)."""
-        _y_embedding(model)  # fail now rather than at the first sample
-        self._null_source = model
-        return self
-
-    def null(self, n: int, model: Any = None) -> torch.Tensor:
-        """The model's `y_embedder.y_embedding` as (n, 1, L, C): the null caption used for CFG."""
-        source = model if model is not None else self._null_source
-        if source is None:
-            raise RuntimeError("WordTextEncoder.null needs a model: pass it, or call attach(model) once")
-        return null_caption(source, n)
 
     # ------------------------------------------------------------------ files
     def save_pretrained(self, directory: str | Path) -> None:
