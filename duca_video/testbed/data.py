@@ -24,13 +24,20 @@ __all__ = ["Clip", "DataConfig", "SyntheticVideos", "render"]
 class DataConfig:
     """Video size and the ranges attributes are drawn from. Radii and speeds are in pixels (per frame)."""
 
-    num_frames: int = 6
+    num_frames: int = 8
     height: int = 16
     width: int = 16
     fps: int = 8
-    radius: dict[str, tuple[float, float]] = field(default_factory=lambda: {"small": (2.0, 2.5), "large": (2.75, 3.25)})
-    # Fast, steady motion (the shape crosses about half the frame) is what a tiny model learns fastest.
-    speed: dict[str, tuple[float, float]] = field(default_factory=lambda: {"slowly": (1.3, 1.4), "quickly": (1.4, 1.5)})
+    radius: dict[str, tuple[float, float]] = field(default_factory=lambda: {"small": (1.75, 2.25), "large": (2.5, 3.0)})
+    speed: dict[str, tuple[float, float]] = field(
+        default_factory=lambda: {"slowly": (0.6, 0.65), "quickly": (0.65, 0.7)}
+    )
+    # "centre": every track starts within `start_jitter` px of the frame centre and heads for the edge the
+    # caption names, so the direction word also says which half of the frame the shape is in, a cue a small
+    # model picks up as early as colour (see scripts/train_tiny.py). "anywhere": any start that keeps the
+    # whole track inside the frame.
+    start: str = "centre"
+    start_jitter: float = 1.0
     caption_size: bool = True  # write "small"/"large" in the caption
     caption_speed: bool = False  # write "slowly"/"quickly" in the caption
 
@@ -41,9 +48,14 @@ class DataConfig:
             raise ValueError(f"radius keys must be {SIZES} and speed keys {SPEEDS}")
         if min(self.num_frames, self.height, self.width) < 2:
             raise ValueError("num_frames, height and width must be >= 2")
+        if self.start not in ("centre", "anywhere"):
+            raise ValueError(f"start must be 'centre' or 'anywhere', got {self.start!r}")
+        if self.start_jitter < 0:
+            raise ValueError(f"start_jitter must be >= 0, got {self.start_jitter}")
         r_max = max(hi for _, hi in self.radius.values())
         travel = max(hi for _, hi in self.speed.values()) * (self.num_frames - 1)
-        if 2 * r_max + travel > min(self.height, self.width):
+        room = min(self.height, self.width) / (2 if self.start == "centre" else 1)
+        if (2 - (self.start == "centre")) * r_max + travel > room:
             raise ValueError(
                 f"a shape of radius {r_max} moving {travel:.2f} px does not fit in {self.height}x{self.width}: "
                 "shrink the radius or the speed, or use fewer frames"
@@ -110,13 +122,16 @@ def render(clips: list[Clip], config: DataConfig, device: str | torch.device = "
     return bg + cover * (fg - bg)
 
 
-def _start(step: int, extent: int, radius: float, travel: float, frac: float) -> float:
-    """Start coordinate: along the motion it leaves room for the whole travel; across it, anywhere inside."""
+def _start(step: int, extent: int, radius: float, travel: float, frac: float, jitter: float | None) -> float:
+    """Start coordinate: along the motion it leaves room for the whole travel; across it, anywhere inside.
+    With `jitter`, it is also within `jitter` px of the centre."""
     lo, hi = radius, extent - radius
     if step > 0:
         hi -= travel
     elif step < 0:
         lo += travel
+    if jitter is not None:  # DataConfig checked that the centre itself leaves room for the track
+        lo, hi = max(lo, extent / 2 - jitter), min(hi, extent / 2 + jitter)
     return lo + (hi - lo) * frac
 
 
@@ -144,9 +159,10 @@ class SyntheticVideos:
             direction = directions[di]
             ddx, ddy = DIRECTIONS[direction]
             travel = speed * (cfg.num_frames - 1)
+            jitter = cfg.start_jitter if cfg.start == "centre" else None
             start = (
-                _start(ddx, cfg.width, radius, travel, ua),
-                _start(ddy, cfg.height, radius, travel, ub),
+                _start(ddx, cfg.width, radius, travel, ua, jitter),
+                _start(ddy, cfg.height, radius, travel, ub, jitter),
             )
             clips.append(Clip(colours[ci], SHAPES[si], direction, backgrounds[bi], size, speed_word,
                               radius, speed, start))  # fmt: skip
