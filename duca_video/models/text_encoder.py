@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["T5TextEncoder", "TextEncoder", "null_caption"]
+__all__ = ["T5TextEncoder", "TextEncoder", "check_prompts", "null_caption"]
 
 
 @runtime_checkable
@@ -31,6 +31,18 @@ class TextEncoder(Protocol):
     def null(self, n: int) -> torch.Tensor:
         """The (n, 1, L, C) null caption for classifier-free guidance."""
         ...
+
+
+def check_prompts(prompts: Sequence[str]) -> list[str]:
+    """The prompts as a non-empty list of str; a bare string or anything else is refused with a clear error."""
+    if isinstance(prompts, str):
+        raise TypeError("encode takes a list of prompts, not a single string")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError("encode needs at least one prompt")
+    if not all(isinstance(p, str) for p in prompts):
+        raise TypeError("every prompt must be a str")
+    return prompts
 
 
 def _y_embedding(model: Any) -> torch.Tensor:
@@ -149,13 +161,7 @@ class T5TextEncoder(NullCaptionSource):
 
     @torch.no_grad()
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        if isinstance(prompts, str):
-            raise TypeError("encode takes a list of prompts, not a single string")
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("encode needs at least one prompt")
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("every prompt must be a str")
+        prompts = check_prompts(prompts)
         self._check_lengths(prompts)
         tokens = self.tokenizer(
             prompts,

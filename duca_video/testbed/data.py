@@ -54,8 +54,12 @@ class DataConfig:
             raise ValueError(f"start_jitter must be >= 0, got {self.start_jitter}")
         r_max = max(hi for _, hi in self.radius.values())
         travel = max(hi for _, hi in self.speed.values()) * (self.num_frames - 1)
-        room = min(self.height, self.width) / (2 if self.start == "centre" else 1)
-        if (2 - (self.start == "centre")) * r_max + travel > room:
+        # From the centre the track has half the frame (one radius of margin); from anywhere, all of it (two).
+        if self.start == "centre":
+            needed, room = r_max + travel, min(self.height, self.width) / 2
+        else:
+            needed, room = 2 * r_max + travel, min(self.height, self.width)
+        if needed > room:
             raise ValueError(
                 f"a shape of radius {r_max} moving {travel:.2f} px does not fit in {self.height}x{self.width}: "
                 "shrink the radius or the speed, or use fewer frames"

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..models.text_encoder import NullCaptionSource
+from ..models.text_encoder import NullCaptionSource, check_prompts
 from .grammar import PAD, UNK, vocabulary
 
 __all__ = ["WordTextEncoder"]
@@ -80,13 +80,7 @@ class WordTextEncoder(NullCaptionSource, nn.Module):
 
     def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids (B, L) long, mask (B, L) long) with L = model_max_length."""
-        if isinstance(prompts, str):
-            raise TypeError("encode takes a list of prompts, not a single string")
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("encode needs at least one prompt")
-        if not all(isinstance(p, str) for p in prompts):
-            raise TypeError("every prompt must be a str")
+        prompts = check_prompts(prompts)
         L = self.model_max_length
         ids = torch.zeros(len(prompts), L, dtype=torch.long)
         mask = torch.zeros(len(prompts), L, dtype=torch.long)
