@@ -16,6 +16,7 @@ from duca_video.io import (
     PromptError,
     append_scores,
     atomic_path,
+    check_writable,
     load_prompt_file,
     remove_stale_temps,
     select_prompts,
@@ -113,6 +114,27 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
     with atomic_path(final) as tmp:
         tmp.write_bytes(b"ok")
     assert [p.name for p in tmp_path.iterdir()] == ["v.mp4"]
+
+
+def _probe_many(folder: str) -> None:
+    for _ in range(300):
+        check_writable(folder)
+
+
+def test_save_dir_check_is_safe_when_ranks_run_it_together(tmp_path):
+    # Data-parallel ranks all check the save folder at start-up; a shared probe file made one rank's
+    # clean-up fail now and then (FileNotFoundError, exit 2 under torchrun).
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_probe_many, args=(str(tmp_path),)) for _ in range(2)]
+    for proc in procs:
+        proc.start()
+    _probe_many(str(tmp_path))
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_stale_temps_of_dead_writers_are_removed(tmp_path):

@@ -99,7 +99,8 @@ def check_writable(folder: str | os.PathLike) -> Path:
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"save directory {str(folder)!r} exists and is not a directory")
     folder.mkdir(parents=True, exist_ok=True)
-    probe = folder / ".write-probe"
+    # One probe per process: data-parallel ranks check the same folder at the same moment.
+    probe = folder / f".write-probe-{os.getpid()}"
     with atomic_path(probe) as tmp:
         tmp.write_bytes(b"")
     probe.unlink()
