@@ -7,10 +7,10 @@ returns a summary. `scripts/inference.py` is the command line around it.
 Measurements written into each record:
 - latency_s: wall time of text encoding + sampling + VAE decode (+ copy to the CPU) of the batch, divided by
   the videos in it (file writing excluded); CUDA is synchronised around it.
-- dit_tflops: FLOPs counted by torch's FlopCounterMode around the sampling loop of the real run (all steps, the
-  CFG batch, whatever the cache skipped), divided by the videos in the batch. Counting during the run rather
-  than on a meta copy is what makes data-dependent caches (TeaCache, score-based token selection) exact; it
-  costs a little Python time per operator. xformers kernels are invisible to the counter.
+- dit_tflops: FLOPs of the batch's sampling loop (all steps, the CFG batch, whatever the cache skipped), divided
+  by the videos in the batch. Counted after the timed window, by replaying the loop on a meta copy of the model
+  (no weights, no compute) with the cache's decisions of the real run (TeaCache's per-step choice); which
+  tokens a selector picks does not change the cost. So latency_s carries no counting overhead.
 - peak_memory_bytes: CUDA max allocated during the batch (weights included), or on the CPU the peak resident
   set growth over the batch; `peak_memory_kind` says which.
 """
@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,10 +53,10 @@ from duca_video.io import (
     to_uint8_frames,
     write_video,
 )
-from duca_video.metrics.flops import flop_counter
+from duca_video.metrics.flops import SamplingFlops
 from duca_video.models import STDiT3, STDiT3Config
-from duca_video.models.attention import attention_backend
 from duca_video.models.checkpoint import read_config
+from duca_video.models.text_encoder import null_caption
 from duca_video.parallel.group_work import TextShape, decode_across, encode_text
 from duca_video.parallel.launch import ParallelContext, init_parallel
 from duca_video.parallel.sequence import SequenceParallel, check_sp_size, enable_sequence_parallel
@@ -84,6 +83,7 @@ class Models:
     method_config: dict[str, Any]
     weights: dict[str, str]
     flops_counted_by: str
+    flops: SamplingFlops | None = None  # counts each batch's FLOPs on a meta copy, outside the timed window
     ctx: ParallelContext = dataclasses.field(default_factory=ParallelContext)
     sp: SequenceParallel | None = None
 
@@ -124,13 +124,13 @@ def load_models(
             sampler.num_sampling_steps = int(controller.config.num_steps)
     names = {"model": source, "vae": weights["vae"] or cfg.vae.type, "text_encoder": weights["text_encoder"]}
     names["text_encoder"] = names["text_encoder"] or f"{cfg.text_encoder.type} (random init, seed {cfg.seed})"
-    counted_by = "FlopCounterMode over the sampling loop of this run (all steps, CFG batch)"
-    if cfg.count_flops and attention_backend(device) == "xformers":
-        log.warning("xformers attention is invisible to the FLOP counter: dit_tflops leaves it out "
-                    "(set DUCA_ATTENTION=sdpa for complete counts)")  # fmt: skip
-        counted_by += "; xformers attention not counted"
-    return Models(model, vae, encoder, sampler, controller, device, dtype,
-                  (int(vae.out_channels), *latent), method_config, names, counted_by, ctx, sp)  # fmt: skip
+    counted_by = ("FlopCounterMode over a meta-device replay of the batch's sampling loop after the timed run "
+                  "(all steps, CFG batch, the cache's decisions of this run; single-device count)")  # fmt: skip
+    flops = None
+    if cfg.count_flops:
+        flops = SamplingFlops(model, dtype, None if controller is None else controller.config, sampler)
+    return Models(model, vae, encoder, sampler, controller, device, dtype, (int(vae.out_channels), *latent),
+                  method_config, names, counted_by, flops, ctx, sp)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
@@ -205,17 +205,16 @@ def generate(models: Models, cfg: InferenceConfig, jobs: list[VideoJob], progres
     _sync(m.device)
     start = time.perf_counter()
     y, mask = encode_text(m.text_encoder, [j.text for j in jobs], m.ctx, m.device)
-    y_null = m.text_encoder.null(n, m.model).to(m.device)
+    # The null caption is the model's own buffer: every rank of an SP group has it, encoder or not.
+    y_null = null_caption(m.model, n).to(m.device)
     noise = [torch.randn(m.latent_shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs]
     # Upstream draws the noise and builds these inputs in the model dtype (bf16 turns width 854 into 856).
     z = torch.stack(noise).to(device=m.device, dtype=m.dtype)
     model_kwargs = {key: torch.full((n,), float(value), device=m.device, dtype=m.dtype)
                     for key, value in (("height", height), ("width", width), ("num_frames", cfg.num_frames),
                                        ("fps", fps))}  # fmt: skip
-    counter = flop_counter() if cfg.count_flops else nullcontext()
-    with counter:
-        latents = m.sampler.sample(m.model, z, y, y_null, mask, model_kwargs=model_kwargs, progress=progress,
-                                   seed=jobs[0].seed)  # fmt: skip
+    latents = m.sampler.sample(m.model, z, y, y_null, mask, model_kwargs=model_kwargs, progress=progress,
+                               seed=[j.seed for j in jobs])  # fmt: skip
     cache_bytes = int(m.controller.cache_bytes) if m.controller is not None else 0
     if m.sp is not None:
         latents = m.sp.gather_latents(latents, m.model.config.patch_size)
@@ -223,7 +222,9 @@ def generate(models: Models, cfg: InferenceConfig, jobs: list[VideoJob], progres
     frames = [] if video is None else [to_uint8_frames(v) for v in video]
     _sync(m.device)
     latency = time.perf_counter() - start
-    flops = int(counter.get_total_flops()) if cfg.count_flops else None
+    # Counted after the timed window: the counter's per-operator overhead must not inflate latency_s.
+    kinds = [h["kind"] for h in m.controller.history] if m.controller is not None else None
+    flops = m.flops.count(n, m.latent_shape, model_kwargs, kinds) if m.flops is not None else None
     return Generated(latents.float().cpu(), frames, latency, flops, memory.peak_bytes(), memory.kind, cache_bytes)
 
 

@@ -8,26 +8,38 @@ same folder, then renamed, so a killed script never leaves a half-written result
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "EXCLUDE_FLAG",
+    "PAIR_FIELDS",
     "EvalError",
+    "FolderScan",
+    "Mismatch",
     "atomic_write_json",
     "atomic_write_text",
     "compare_costs",
+    "excluded_names",
+    "find_mismatches",
     "fmt",
     "markdown_table",
     "mean",
     "median",
     "number_or_none",
+    "pair_problems",
     "parse_named_paths",
     "read_record",
     "read_records",
+    "scan_folder",
+    "settle_mismatches",
 ]
 
 
@@ -101,20 +113,158 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def read_records(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
-    """{name: record} for every complete video in `folder`: NAME.mp4 with its NAME.json (the pipeline writes the
-    record last, so a record marks a finished video). Other JSON files (manifests) have no mp4 and are ignored."""
+@dataclass(frozen=True)
+class FolderScan:
+    """The videos of one folder: {name: record} for NAME.mp4 with its NAME.json, and the names of the mp4 files
+    that have no record (a writer killed before its record, or a file copied in by hand)."""
+
+    folder: Path
+    records: dict[str, dict[str, Any]]
+    orphans: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def videos(self) -> set[str]:
+        return set(self.records) | self.orphans
+
+
+def scan_folder(folder: str | os.PathLike) -> FolderScan:
+    """Every NAME.mp4 of `folder` and its NAME.json. Other JSON files (manifests) have no mp4 and are ignored."""
     folder = Path(folder)
     if not folder.is_dir():
         raise EvalError(f"video folder {str(folder)!r} does not exist")
-    records = {}
+    records, orphans = {}, set()
     for video in sorted(folder.glob("*.mp4")):
         if video.name.startswith("."):  # temporary files of a writer still at work
             continue
         record = video.with_suffix(".json")
         if record.is_file():
             records[video.stem] = read_record(record)
-    return records
+        else:
+            orphans.add(video.stem)
+    return FolderScan(folder, records, frozenset(orphans))
+
+
+def read_records(folder: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """{name: record} for every complete video in `folder` (NAME.mp4 with its NAME.json, see scan_folder)."""
+    return scan_folder(folder).records
+
+
+# ---------------------------------------------------------------------------------------------------- pairing
+# What makes two videos of one name the same video: the same conditioning, noise, size and length. A method
+# changes how the video is sampled, never these; a difference means the pair compares different videos.
+PAIR_FIELDS = ("prompt", "text", "seed", "image_size", "video_size", "frames", "fps")
+EXCLUDE_FLAG = "--exclude-mismatched"
+_ABSENT = object()
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A (reference, method) pair of one name that is not a pair; method None: the reference video itself is
+    unusable, for every method."""
+
+    method: str | None
+    name: str
+    problems: tuple[str, ...]
+
+    def describe(self) -> str:
+        who = "reference video" if self.method is None else f"method {self.method!r}, video"
+        return f"{who} {self.name!r}: {'; '.join(self.problems)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "name": self.name, "problems": list(self.problems)}
+
+
+def _show(value: Any) -> str:
+    text = "(absent)" if value is _ABSENT else repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def pair_problems(reference: dict[str, Any], method: dict[str, Any]) -> list[str]:
+    """One line per PAIR_FIELDS field on which the two records differ (a field absent from a record differs: a
+    pair that cannot be checked is not trusted)."""
+    out = []
+    for key in PAIR_FIELDS:
+        ref, other = reference.get(key, _ABSENT), method.get(key, _ABSENT)
+        if ref is _ABSENT or other is _ABSENT or ref != other:
+            out.append(f"{key} differs: reference {_show(ref)}, method {_show(other)}")
+    return out
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_problems(folder: Path, name: str, record: dict[str, Any] | None, digest: bool) -> list[str]:
+    """Whether NAME.mp4 is the video its record describes: the record exists, names this file, and (where the
+    record holds them) the file's size and sha256 agree. `digest` False skips the hash (it reads the file)."""
+    video = folder / f"{name}.mp4"
+    if record is None:
+        return [f"no record {name}.json beside {str(video)!r}"]
+    files = record.get("files")
+    entry = files.get("video") if isinstance(files, dict) else None
+    if isinstance(entry, dict):
+        recorded, size, sha = entry.get("name"), entry.get("bytes", entry.get("size")), entry.get("sha256")
+    else:
+        recorded, size, sha = entry, record.get("video_bytes"), record.get("video_sha256")
+    out = []
+    if isinstance(recorded, str) and recorded != video.name:
+        out.append(f"its record describes {recorded!r}, not {video.name!r}")
+    if isinstance(size, int) and not isinstance(size, bool) and video.stat().st_size != size:
+        out.append(f"{str(video)!r} has {video.stat().st_size} bytes, its record says {size}")
+    elif digest and isinstance(sha, str) and _sha256(video) != sha.lower():
+        out.append(f"{str(video)!r} does not have the sha256 its record gives ({sha})")
+    return out
+
+
+def find_mismatches(
+    reference: FolderScan, methods: dict[str, FolderScan], names: Iterable[str], digest: bool = True
+) -> list[Mismatch]:
+    """Every name (of `names`) whose reference video is unusable, and every (method, name) whose videos do not
+    correspond: a missing record, a file that is not its record's, a PAIR_FIELDS difference. Names a method
+    lacks altogether are not mismatches (a partial run; the callers count them as missing)."""
+    names = [n for n in names if n in reference.videos]
+    out, bad = [], set()
+    for name in names:
+        problems = record_problems(reference.folder, name, reference.records.get(name), digest)
+        if problems:
+            out.append(Mismatch(None, name, tuple(problems)))
+            bad.add(name)
+    for method, scan in methods.items():
+        for name in (n for n in names if n not in bad and n in scan.videos):
+            record = scan.records.get(name)
+            problems = record_problems(scan.folder, name, record, digest)
+            if record is not None:
+                problems += pair_problems(reference.records[name], record)
+            if problems:
+                out.append(Mismatch(method, name, tuple(problems)))
+    return out
+
+
+def excluded_names(mismatches: Iterable[Mismatch], method: str) -> set[str]:
+    """The names left out of `method`'s comparison: its own mismatches and the reference's unusable videos."""
+    return {m.name for m in mismatches if m.method in (None, method)}
+
+
+def settle_mismatches(mismatches: list[Mismatch], exclude: bool, shown: int = 10) -> None:
+    """No mismatch: nothing to do. Otherwise an error listing them (the first `shown`), or, with `exclude`
+    (the EXCLUDE_FLAG flag), each one on stderr; the caller then leaves them out."""
+    if not mismatches:
+        return
+    if exclude:
+        for m in mismatches:
+            print(f"excluded ({EXCLUDE_FLAG}): {m.describe()}", file=sys.stderr)
+        return
+    lines = [m.describe() for m in mismatches[:shown]]
+    if len(mismatches) > shown:
+        lines.append(f"... and {len(mismatches) - shown} more")
+    listed = "\n  ".join(lines)
+    raise EvalError(f"{len(mismatches)} video pair(s) do not compare the same video (same name, other prompt, "
+                    f"seed, size or file):\n  {listed}\n"
+                    f"regenerate them, or pass {EXCLUDE_FLAG} to leave them out (listed in the outputs)")  # fmt: skip
 
 
 def _numbers(values: Iterable[float | None]) -> list[float]:
@@ -142,8 +292,16 @@ def number_or_none(value: Any) -> float | None:
 def compare_costs(reference: dict[str, dict[str, Any]], method: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Cost of a method against the reference over the videos both have, from the per-video records: means of
     latency_s, dit_tflops, peak_memory_bytes and cache_bytes, and speed-ups as ratios of the summed costs (every
-    video weighs by its cost; a missing measurement on either side drops that video from that ratio only)."""
+    video weighs by its cost; a missing measurement on either side drops that video from that ratio only).
+
+    A name whose two records differ on a PAIR_FIELDS field is an error: its costs are those of another video
+    (callers leave such pairs out first, see find_mismatches)."""
     common = sorted(set(reference) & set(method))
+    for name in common:
+        problems = pair_problems(reference[name], method[name])
+        if problems:
+            raise EvalError(f"video {name!r}: the records do not describe the same video ({'; '.join(problems)}); "
+                            "its costs cannot be compared")  # fmt: skip
     out: dict[str, Any] = {"videos": len(method), "common": len(common)}
     for key, label in (("latency_s", "latency"), ("dit_tflops", "flops")):
         pairs = [(number_or_none(reference[n].get(key)), number_or_none(method[n].get(key))) for n in common]

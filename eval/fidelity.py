@@ -6,7 +6,13 @@ For every video NAME.mp4 (with its NAME.json record) present in the reference fo
 PSNR (one MSE over the whole video, 8-bit range), SSIM (mean over frames and RGB planes) and LPIPS (mean over
 frames; only when the `lpips` package and its backbone weights are available locally, otherwise null with the
 reason). Speed-ups come from the records: summed reference latency_s (dit_tflops) over the method's, over the
-videos both have. Writes into --out:
+videos both have.
+
+A name is a pair only when both records agree on prompt, text, seed, image_size, video_size, frames and fps, and
+each video is the file its record describes (its name; its size and sha256 where the record holds them). Anything
+else (a video without its record included) is an error naming the video, the field and both values; with
+--exclude-mismatched those pairs are left out, listed on stderr, in the markdown and under "excluded" in the
+JSON, and the rest are scored. Writes into --out:
   fidelity_per_video.csv   one row per (method, video)
   fidelity_summary.csv     one row per method: mean and median of each metric, speed-ups
   fidelity_summary.json    the same, plus the LPIPS status (eval/report.py reads it)
@@ -30,16 +36,23 @@ if __package__ in (None, ""):  # run as a file: import `eval.` from the reposito
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from eval.common import (
+    EXCLUDE_FLAG,
+    PAIR_FIELDS,
     EvalError,
+    FolderScan,
+    Mismatch,
     atomic_write_json,
     atomic_write_text,
     compare_costs,
+    excluded_names,
+    find_mismatches,
     fmt,
     markdown_table,
     mean,
     median,
     parse_named_paths,
-    read_records,
+    scan_folder,
+    settle_mismatches,
 )
 
 log = logging.getLogger("eval.fidelity")
@@ -47,38 +60,72 @@ log = logging.getLogger("eval.fidelity")
 METRICS = ("psnr", "ssim", "lpips")
 PER_VIDEO_FIELDS = ("method", "name", "psnr", "ssim", "lpips", "latency_s", "reference_latency_s", "dit_tflops",
                     "reference_dit_tflops")  # fmt: skip
-SUMMARY_FIELDS = ("method", "pairs", "missing", "identical", "psnr_mean", "psnr_median", "ssim_mean", "ssim_median",
-                  "lpips_mean", "lpips_median", "latency_s_mean", "reference_latency_s_mean", "latency_speedup",
-                  "dit_tflops_mean", "reference_dit_tflops_mean", "flops_speedup")  # fmt: skip
+SUMMARY_FIELDS = ("method", "pairs", "missing", "excluded", "identical", "psnr_mean", "psnr_median", "ssim_mean",
+                  "ssim_median", "lpips_mean", "lpips_median", "latency_s_mean", "reference_latency_s_mean",
+                  "latency_speedup", "dit_tflops_mean", "reference_dit_tflops_mean", "flops_speedup")  # fmt: skip
+
+
+def _pair_up(
+    reference: Path, methods: dict[str, Path], limit: int | None, exclude_mismatched: bool
+) -> tuple[FolderScan, dict[str, FolderScan], list[str], list[Mismatch]]:
+    """The folders read, the reference names to compare and the pairs left out; an error when a pair does not
+    compare the same video (unless excluded) or when a method has nothing left to compare."""
+    ref = scan_folder(reference)
+    if not ref.records:
+        raise EvalError(f"reference folder {str(reference)!r} holds no complete video (NAME.mp4 with NAME.json)")
+    scans = {}
+    for method, folder in methods.items():
+        scans[method] = scan_folder(folder)
+        if not scans[method].videos & ref.videos:
+            raise EvalError(f"method {method!r}: {str(folder)!r} has no video named as one in the reference folder")
+    names = sorted(ref.videos)[:limit]
+    mismatches = find_mismatches(ref, scans, names)
+    settle_mismatches(mismatches, exclude_mismatched)
+    for method, scan in scans.items():
+        if not {n for n in names if n in scan.videos} - excluded_names(mismatches, method):
+            raise EvalError(f"method {method!r}: every video it shares with the reference was excluded as "
+                            f"mismatched ({EXCLUDE_FLAG}); nothing is left to compare")  # fmt: skip
+    return ref, scans, names, mismatches
+
+
+def _summary(
+    method: str, got: list[dict[str, Any]], ref: FolderScan, scan: FolderScan, names: list[str], skip: set[str]
+) -> dict[str, Any]:
+    """One method's means, medians and speed-ups over its compared pairs; pairs + missing + excluded = names."""
+    excluded = len({n for n in names if n in scan.videos} & skip)
+    costs = compare_costs({n: ref.records[n] for n in names if n in ref.records},
+                          {r["name"]: scan.records[r["name"]] for r in got})  # fmt: skip
+    summary: dict[str, Any] = {"method": method, "pairs": len(got), "missing": len(names) - len(got) - excluded,
+                               "excluded": excluded, "identical": sum(r["psnr"] == math.inf for r in got)}  # fmt: skip
+    for metric in METRICS:
+        summary[f"{metric}_mean"] = mean(r[metric] for r in got)
+        summary[f"{metric}_median"] = median(r[metric] for r in got)
+    summary.update({k: costs[k] for k in SUMMARY_FIELDS if k in costs})
+    return summary
 
 
 def compare(
     reference: Path, methods: dict[str, Path], lpips_net: str | None = "alex", device: str = "cpu",
-    limit: int | None = None,
+    limit: int | None = None, exclude_mismatched: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Per-video rows and per-method summaries (see the module docstring)."""
+    """Per-video rows and per-method summaries (see the module docstring). Pairs whose records differ on
+    PAIR_FIELDS, or whose files are not their records', are an error, or left out and listed when
+    `exclude_mismatched`."""
     from duca_video.metrics.fidelity import load_lpips, video_fidelity
     from duca_video.metrics.video import read_video
 
-    ref_records = read_records(reference)
-    if not ref_records:
-        raise EvalError(f"reference folder {str(reference)!r} holds no complete video (NAME.mp4 with NAME.json)")
-    records = {}
-    for method, folder in methods.items():
-        records[method] = read_records(folder)
-        if not set(records[method]) & set(ref_records):
-            raise EvalError(f"method {method!r}: {str(folder)!r} has no video named as one in the reference folder")
+    ref, scans, names, mismatches = _pair_up(reference, methods, limit, exclude_mismatched)
+    skip = {method: excluded_names(mismatches, method) for method in methods}
     lpips_model, lpips_reason = (None, "disabled (--lpips off)") if lpips_net is None else load_lpips(lpips_net, device)
     if lpips_reason:
         log.warning("LPIPS unavailable: %s", lpips_reason)
 
-    names = sorted(ref_records)[:limit]
     rows: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for i, name in enumerate(names):
         ref_video = None  # decoded once per name, for all methods
         for method, folder in methods.items():
-            rec = records[method].get(name)
-            if rec is None:
+            rec = scans[method].records.get(name)
+            if rec is None or name in skip[method]:
                 continue
             try:  # an unreadable file or a size mismatch ends the run, naming the video
                 ref_video = read_video(reference / f"{name}.mp4") if ref_video is None else ref_video
@@ -94,30 +141,22 @@ def compare(
                 for done in (r for method_rows in rows.values() for r in method_rows):
                     done["lpips"] = None  # all or nothing: a mean over some videos would mislead
                 scores = video_fidelity(ref_video, other, None)
-            ref = ref_records[name]
+            ref_rec = ref.records[name]
             rows[method].append({"method": method, "name": name, **scores, "latency_s": rec.get("latency_s"),
-                                 "reference_latency_s": ref.get("latency_s"), "dit_tflops": rec.get("dit_tflops"),
-                                 "reference_dit_tflops": ref.get("dit_tflops")})  # fmt: skip
+                                 "reference_latency_s": ref_rec.get("latency_s"), "dit_tflops": rec.get("dit_tflops"),
+                                 "reference_dit_tflops": ref_rec.get("dit_tflops")})  # fmt: skip
         log.info("[%d/%d] %s", i + 1, len(names), name)
 
-    summaries = {}
-    for method in methods:
-        got = rows[method]
-        subset = {n: ref_records[n] for n in names}
-        costs = compare_costs(subset, {r["name"]: records[method][r["name"]] for r in got})
-        summary: dict[str, Any] = {"method": method, "pairs": len(got), "missing": len(names) - len(got),
-                                   "identical": sum(r["psnr"] == math.inf for r in got)}  # fmt: skip
-        for metric in METRICS:
-            summary[f"{metric}_mean"] = mean(r[metric] for r in got)
-            summary[f"{metric}_median"] = median(r[metric] for r in got)
-        summary.update({k: costs[k] for k in SUMMARY_FIELDS if k in costs})
-        summaries[method] = summary
+    summaries = {m: _summary(m, rows[m], ref, scans[m], names, skip[m]) for m in methods}
     return {
         "reference": str(reference),
         "methods": {m: str(p) for m, p in methods.items()},
         "lpips": {"net": lpips_net, "available": lpips_model is not None, "reason": lpips_reason},
         "psnr": "one MSE over all pixels of the video, data range 255; inf when identical",
         "speedup": "sum of the reference's latency_s (dit_tflops) / sum of the method's, over the videos both have",
+        "pairing": f"same name, and records equal on {', '.join(PAIR_FIELDS)}; mismatched pairs "
+        + ("excluded (listed under 'excluded')" if exclude_mismatched else "are an error"),
+        "excluded": [m.to_dict() for m in mismatches],
         "summary": summaries,
         "per_video": [r for m in methods for r in rows[m]],
     }
@@ -134,15 +173,19 @@ def _csv(rows: list[dict[str, Any]], fields: Sequence[str]) -> str:
 
 
 def summary_markdown(result: dict[str, Any]) -> str:
-    headers = ["method", "videos", "PSNR mean", "PSNR median", "SSIM mean", "SSIM median", "LPIPS mean",
+    headers = ["method", "videos", "excluded", "PSNR mean", "PSNR median", "SSIM mean", "SSIM median", "LPIPS mean",
                "latency speed-up", "FLOPs speed-up"]  # fmt: skip
-    rows = [[s["method"], str(s["pairs"]), fmt(s["psnr_mean"], ".2f"), fmt(s["psnr_median"], ".2f"),
+    rows = [[s["method"], str(s["pairs"]), str(s["excluded"]), fmt(s["psnr_mean"], ".2f"), fmt(s["psnr_median"], ".2f"),
              fmt(s["ssim_mean"], ".4f"), fmt(s["ssim_median"], ".4f"), fmt(s["lpips_mean"], ".4f"),
              fmt(s["latency_speedup"], ".2f"), fmt(s["flops_speedup"], ".2f")]
             for s in result["summary"].values()]  # fmt: skip
     text = markdown_table(headers, rows)
     if not result["lpips"]["available"]:
         text += f"\nLPIPS unavailable: {result['lpips']['reason']}\n"
+    if result["excluded"]:  # said next to the numbers: they are over fewer videos than the folders hold
+        text += f"\nExcluded as mismatched ({EXCLUDE_FLAG}):\n"
+        text += "".join(f"- {Mismatch(m['method'], m['name'], tuple(m['problems'])).describe()}\n"
+                        for m in result["excluded"])  # fmt: skip
     return text
 
 
@@ -185,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device for LPIPS (cpu, cuda, cuda:N)")
     p.add_argument("--speedup", default="latency", choices=["latency", "flops"], help="x axis of the plot")
     p.add_argument("--limit", type=int, help="compare only the first N reference videos (by name)")
+    p.add_argument(EXCLUDE_FLAG, action="store_true",
+                   help="leave out (and list) the pairs whose records differ on prompt, seed, size, frames or fps, "
+                   "or whose video has no record; without it they are an error")  # fmt: skip
     return p
 
 
@@ -196,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise EvalError(f"--limit {args.limit}: must be >= 1")
         result = compare(Path(args.reference), methods, None if args.lpips == "off" else args.lpips, args.device,
-                         args.limit)  # fmt: skip
+                         args.limit, args.exclude_mismatched)  # fmt: skip
     except (EvalError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

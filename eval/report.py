@@ -5,6 +5,9 @@
 
 - Costs come from the per-video JSON records (NAME.json next to NAME.mp4) of each folder: means over the videos
   a method shares with the reference, speed-ups as summed reference cost / summed method cost over them.
+- A shared name whose records differ on prompt, text, seed, image_size, video_size, frames or fps (another video,
+  whose costs say nothing), or a video without its record, is an error; --exclude-mismatched leaves those out
+  and lists them under the table.
 - --vbench NAME=PATH: PATH is scaled_results.json or the score folder holding it (eval/vbench/tabulate.py).
 - --fidelity: fidelity_summary.json from eval/fidelity.py (mean PSNR, SSIM, LPIPS against the reference).
 Standard library only.
@@ -23,13 +26,18 @@ if __package__ in (None, ""):  # run as a file: import `eval.` from the reposito
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from eval.common import (
+    EXCLUDE_FLAG,
     EvalError,
+    Mismatch,
     atomic_write_text,
     compare_costs,
+    excluded_names,
+    find_mismatches,
     fmt,
     markdown_table,
     parse_named_paths,
-    read_records,
+    scan_folder,
+    settle_mismatches,
 )
 
 HEADERS = ["method", "videos", "latency (s)", "latency speed-up", "DiT TFLOPs", "FLOPs speed-up", "peak mem (GiB)",
@@ -63,18 +71,38 @@ def _float(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def paired_records(
+    reference_name: str, folders: dict[str, Path], exclude_mismatched: bool = False
+) -> tuple[dict[str, dict[str, dict[str, Any]]], list[Mismatch]]:
+    """{method: {name: record}} (the reference included) over the videos that pair with the reference's, and the
+    pairs left out. A pair whose records differ on eval.common.PAIR_FIELDS, or a video without its record, is an
+    error (its costs are another video's), or left out with `exclude_mismatched`. File hashes are not read here:
+    eval/fidelity.py, which decodes every video anyway, checks them."""
+    scans = {name: scan_folder(folder) for name, folder in folders.items()}
+    reference = scans[reference_name]
+    if not reference.records:
+        raise EvalError(f"reference folder {str(folders[reference_name])!r} holds no complete video")
+    others = {name: scan for name, scan in scans.items() if name != reference_name}
+    mismatches = find_mismatches(reference, others, sorted(reference.videos), digest=False)
+    settle_mismatches(mismatches, exclude_mismatched)
+    records = {}
+    for name, scan in scans.items():
+        skip = excluded_names(mismatches, name)
+        records[name] = {n: r for n, r in scan.records.items() if n not in skip}
+    return records, mismatches
+
+
 def build_rows(
     reference_name: str,
     folders: dict[str, Path],
     vbench: dict[str, dict[str, Any]],
     fidelity: dict[str, Any] | None,
+    exclude_mismatched: bool = False,
 ) -> tuple[list[list[str]], list[str]]:
     """Table rows (reference first) and the notes to print under the table."""
-    records = {name: read_records(folder) for name, folder in folders.items()}
+    records, mismatches = paired_records(reference_name, folders, exclude_mismatched)
     reference = records[reference_name]
-    if not reference:
-        raise EvalError(f"reference folder {str(folders[reference_name])!r} holds no complete video")
-    notes = []
+    notes = [f"excluded as mismatched ({EXCLUDE_FLAG}): {m.describe()}" for m in mismatches]
     fid_summary = (fidelity or {}).get("summary", {})
     rows = []
     for name, recs in records.items():
@@ -100,6 +128,9 @@ def build_rows(
         lp = fidelity.get("lpips", {})
         if not lp.get("available", True):
             notes.append(f"LPIPS unavailable: {lp.get('reason')}")
+        if fidelity.get("excluded"):
+            notes.append(f"fidelity left out {len(fidelity['excluded'])} mismatched pair(s) ({EXCLUDE_FLAG}; "
+                         "listed under 'excluded' in its summary)")  # fmt: skip
         ref_path = fidelity.get("reference")
         if ref_path and Path(ref_path).resolve() != folders[reference_name].resolve():
             notes.append(f"fidelity was measured against {ref_path}, not {folders[reference_name]}")
@@ -121,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vbench", help="NAME=PATH[,...]: scaled_results.json (or its folder) per method")
     p.add_argument("--fidelity", help="fidelity_summary.json from eval/fidelity.py")
     p.add_argument("--out", help="also write the markdown here")
+    p.add_argument(EXCLUDE_FLAG, action="store_true",
+                   help="leave out (and list) the videos whose records do not pair with the reference's (other "
+                   "prompt, seed, size, frames or fps, or no record); without it they are an error")  # fmt: skip
     args = p.parse_args(argv)
     try:
         methods = parse_named_paths(args.methods, "--methods")
@@ -133,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise EvalError(f"--vbench: {name!r} is not a method; allowed: {', '.join(folders)}")
             vbench[name] = load_vbench(path)
         fidelity = load_json(Path(args.fidelity), "fidelity summary") if args.fidelity else None
-        text = report(*build_rows(args.reference_name, folders, vbench, fidelity))
+        text = report(*build_rows(args.reference_name, folders, vbench, fidelity, args.exclude_mismatched))
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ import pytest
 
 from eval.common import EvalError, compare_costs, parse_named_paths
 from eval.report import build_rows
+from eval.report import main as report_main
 from eval.vbench import generate, score, tabulate
 from eval.vbench.protocol import (
     DIMENSIONS,
@@ -106,7 +107,7 @@ def test_list_imports_no_torch(full_info):
     assert shard.stdout.splitlines() == [f"{BLUE}-0.mp4", f"{BLUE}-1.mp4"]
 
 
-def test_batches_share_one_seed():
+def test_batches_are_contiguous_whatever_the_seeds():
     from duca_video.configs.preflight import batch_jobs
 
     class Job:
@@ -115,7 +116,8 @@ def test_batches_share_one_seed():
 
     jobs = [Job(f"p{p}-{k}", 42 + k) for p in range(3) for k in range(2)]
     batches = batch_jobs(jobs, 2)
-    assert [[j.name for j in b] for b in batches] == [["p0-0", "p1-0"], ["p0-1", "p1-1"], ["p2-0"], ["p2-1"]]
+    # Each video draws noise and token selection from its own seed, so batches need not share one.
+    assert [[j.name for j in b] for b in batches] == [["p0-0", "p0-1"], ["p1-0", "p1-1"], ["p2-0", "p2-1"]]
 
 
 # ---------------------------------------------------------------------------------------------------- generating
@@ -253,6 +255,18 @@ def test_missing_dimension_is_an_error_unless_allowed(tmp_path, capsys):
     assert "missing: scene" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("bad", [1.3, -0.1, float("nan"), float("inf")])
+def test_a_score_outside_0_1_is_an_error(tmp_path, capsys, bad):
+    # A percentage where VBench writes a fraction, or NaN from a failed dimension, would give a plausible total.
+    _write_results(tmp_path / "s", {**RAW, "color": bad}, per_file=16)  # json writes nan / inf as NaN / Infinity
+    capsys.readouterr()
+    assert tabulate.main(["--score-dir", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "part0_eval_results.json" in err and "Traceback" not in err
+    assert f"dimension 'color' scores {bad}, outside [0, 1]" in err
+    assert not (tmp_path / "s" / "scaled_results.json").exists()
+
+
 def test_bad_results_name_the_file_and_field(tmp_path):
     folder = tmp_path / "s"
     folder.mkdir()
@@ -271,11 +285,20 @@ def test_bad_results_name_the_file_and_field(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- the report
-def _records(folder, latencies, tflops):
+def _identity(i, **changed):
+    """The record fields that say which video NAME.mp4 is (eval.common.PAIR_FIELDS), as the pipeline writes them."""
+    fields = {"prompt": f"prompt {i}", "text": f"prompt {i}", "seed": 42 + i, "image_size": [16, 16],
+              "video_size": [16, 16], "frames": 8, "fps": 8}  # fmt: skip
+    return {**fields, **changed}
+
+
+def _records(folder, latencies, tflops, changed=None):
     folder.mkdir()
     for i, (lat, fl) in enumerate(zip(latencies, tflops, strict=True)):
         (folder / f"v{i}.mp4").write_bytes(b"")
-        (folder / f"v{i}.json").write_text(json.dumps({"latency_s": lat, "dit_tflops": fl, "cache_bytes": 2**20}))
+        record = {**_identity(i, **(changed or {}).get(i, {})), "latency_s": lat, "dit_tflops": fl,
+                  "cache_bytes": 2**20}  # fmt: skip
+        (folder / f"v{i}.json").write_text(json.dumps(record))
 
 
 def test_report_side_by_side(tmp_path):
@@ -290,8 +313,32 @@ def test_report_side_by_side(tmp_path):
     assert rows[1][:6] == ["duca", "2", "2.00", "2.50", "40", "2.50"]  # 10 s / 4 s, 200 / 80 TFLOPs
     assert rows[1][8:] == ["79.50", "80.00", "77.50", "30.00", "0.9000", "-"]
     assert notes == ["LPIPS unavailable: no lpips here"]
-    costs = compare_costs({"a": {"latency_s": 2.0}}, {"a": {"latency_s": None}})
+    costs = compare_costs({"a": {**_identity(0), "latency_s": 2.0}}, {"a": {**_identity(0), "latency_s": None}})
     assert costs["latency_speedup"] is None and costs["latency_s_mean"] is None
+
+
+def test_report_refuses_costs_of_other_videos(tmp_path, capsys):
+    # v1 of the method was sampled with another seed, v2 at another size: their costs are not v1's and v2's.
+    _records(tmp_path / "none", [4.0, 6.0, 8.0], [100.0, 100.0, 100.0])
+    _records(tmp_path / "duca", [2.0, 1.0, 1.0], [40.0, 10.0, 10.0],
+             changed={1: {"seed": 7}, 2: {"frames": 16, "video_size": [32, 32]}})  # fmt: skip
+    folders = {"none": tmp_path / "none", "duca": tmp_path / "duca"}
+    with pytest.raises(EvalError, match=r"(?s)2 video pair\(s\).*video 'v1': seed differs: reference 43, method 7"):
+        build_rows("none", folders, {}, None)
+    argv = ["--reference", str(tmp_path / "none"), "--methods", f"duca={tmp_path / 'duca'}"]
+    capsys.readouterr()
+    assert report_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: 2 video pair(s)") and "Traceback" not in err
+    assert "video 'v2': video_size differs: reference [16, 16], method [32, 32]; frames differs: reference 8, " \
+        "method 16" in err  # fmt: skip
+    assert report_main([*argv, "--exclude-mismatched"]) == 0
+    out = capsys.readouterr()
+    assert "| duca | 1 | 2.00 | 2.00 | 40 | 2.50 |" in out.out  # v0 alone: 4 s / 2 s, 100 / 40 TFLOPs
+    assert "excluded as mismatched (--exclude-mismatched): method 'duca', video 'v1': seed differs" in out.out
+    assert "method 'duca', video 'v2'" in out.err
+    with pytest.raises(EvalError, match=r"video 'a': the records do not describe the same video \(seed differs"):
+        compare_costs({"a": _identity(0)}, {"a": _identity(0, seed=1)})
 
 
 def test_named_paths():

@@ -23,3 +23,38 @@ def test_flops_scale_with_batch_and_count_a_known_matmul():
     a, b = torch.empty(3, 5, device="meta"), torch.empty(5, 7, device="meta")
     flops, _ = count_flops(torch.mm, a, b)
     assert flops == 2 * 3 * 5 * 7
+
+
+# The pipeline counts FLOPs after the timed run on a meta copy; the count must equal counting the real loop.
+def _real_and_replayed(method: str, **overrides):
+    from duca_video import cache
+    from duca_video.metrics.flops import SamplingFlops, flop_counter
+    from duca_video.sampling.rflow import RFlowSampler
+    from tests.test_stdit3 import tiny_model
+
+    model = tiny_model()
+    controller = None if method == "none" else cache.enable(model, method, **overrides)
+    sampler = RFlowSampler(num_sampling_steps=10, cfg_scale=3.0, use_timestep_transform=False)
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(2, 4, 3, 8, 10, generator=g), torch.randn(2, 1, 8, 32, generator=g)
+    kw = {"height": torch.full((2,), 64.0), "width": torch.full((2,), 80.0), "fps": torch.full((2,), 8.0)}
+    y_null = model.y_embedder.y_embedding[None, None].expand_as(y)
+    counter = flop_counter()
+    with counter, torch.no_grad():
+        sampler.sample(model, z, y, y_null, torch.ones(2, 8, dtype=torch.long), model_kwargs=kw, progress=False,
+                       seed=[1, 2])  # fmt: skip
+    kinds = None if controller is None else [h["kind"] for h in controller.history]
+    replay = SamplingFlops(model, torch.float32, None if controller is None else controller.config, sampler)
+    return counter.get_total_flops(), replay.count(2, tuple(z.shape[1:]), kw, kinds), kinds
+
+
+def test_meta_replay_counts_the_flops_of_the_real_loop():
+    for method in ("none", "duca", "toca", "pab"):
+        real, replayed, _ = _real_and_replayed(method)
+        assert replayed == real > 0, method
+
+
+def test_meta_replay_repeats_teacaches_decisions_from_the_run():
+    real, replayed, kinds = _real_and_replayed("teacache", threshold=100)
+    assert "aggressive" in kinds and "full" in kinds  # the threshold made it skip some steps, not all
+    assert replayed == real

@@ -163,6 +163,26 @@ def test_steps_method_sets_the_sampler_steps(tmp_path):
     assert record["cache_bytes"] == 0 and record["method"] == "steps"
 
 
+def test_no_flop_counter_runs_inside_the_timed_window(tmp_path, monkeypatch):
+    # latency_s is the video's own time: the real sampling loop must run with no dispatch mode (FLOP counter)
+    # active, and the FLOPs still get counted (after the window, on a meta copy).
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    from duca_video.sampling.rflow import RFlowSampler
+
+    real, modes = RFlowSampler.sample, []
+
+    def spy(self, model, z, *args, **kwargs):
+        if not z.is_meta:
+            modes.append(_get_current_dispatch_mode())
+        return real(self, model, z, *args, **kwargs)
+
+    monkeypatch.setattr(RFlowSampler, "sample", spy)
+    pipeline.run(tiny(tmp_path, "--prompt", *PROMPTS[:2], "--batch-size", "2", "--cache", "duca"))
+    record = json.loads((tmp_path / "out" / "sample_0000.json").read_text())
+    assert modes == [None] and record["dit_tflops"] > 0 and "after the timed run" in record["dit_tflops_counted_by"]
+
+
 def test_dit_flops_of_the_real_run_match_the_meta_count(tmp_path):
     # The CPU attention kernel is unknown to torch's counter; without the pipeline's mapping it would count 0.
     from duca_video.metrics.flops import stdit3_forward_flops
@@ -188,13 +208,52 @@ def again_cfg_frames(tmp_path) -> int:
     return tiny(tmp_path).num_frames
 
 
-def test_same_seed_same_video_in_any_batch(tmp_path):
-    pipeline.run(tiny(tmp_path / "a", "--batch-size", "2", "--save-latents", "--cache", "none"))
-    pipeline.run(tiny(tmp_path / "b", "--batch-size", "1", "--save-latents", "--cache", "none"))
-    for name in ("sample_0000", "sample_0001"):
-        a = load_file(tmp_path / "a" / "out" / f"{name}.latent.safetensors")["latent"]
-        b = load_file(tmp_path / "b" / "out" / f"{name}.latent.safetensors")["latent"]
-        assert a.shape == (3, again_cfg_frames(tmp_path), 16, 16) and torch.allclose(a, b, atol=1e-5)
+FOUR = [*PROMPTS, "a small yellow square moving down on a dark background"]
+
+
+@pytest.mark.parametrize("method", ["duca", "toca", "toca:random_frame", "none"])
+def test_same_seed_same_video_in_any_batch(tmp_path, method):
+    # With caching on, token selection is random: each video must draw it from its own seed, not from its
+    # row in the batch (batch 4 puts the fourth prompt on row 3, batch 1 on row 0).
+    method, _, selector = method.partition(":")
+    flags = ["--prompt", *FOUR, "--save-latents", "--cache", method, "--num-sampling-steps", "8"]
+    flags += ["--cache-opt", f"selector={selector}"] if selector else []
+    pipeline.run(tiny(tmp_path / "a", *flags, "--batch-size", "4"))
+    pipeline.run(tiny(tmp_path / "b", *flags, "--batch-size", "1"))
+    for i in range(4):
+        a = load_file(tmp_path / "a" / "out" / f"sample_{i:04d}.latent.safetensors")["latent"]
+        b = load_file(tmp_path / "b" / "out" / f"sample_{i:04d}.latent.safetensors")["latent"]
+        assert a.shape == (3, again_cfg_frames(tmp_path), 16, 16)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_batched_sampling_draws_each_videos_selection_from_its_own_seed():
+    from duca_video import cache
+    from duca_video.sampling.rflow import RFlowSampler
+    from tests.test_stdit3 import tiny_model
+
+    model = tiny_model()
+    controller = cache.enable(model, "toca", selector="random")
+    picks = []
+    original = controller._select
+
+    def spy(*args, **kwargs):
+        idx, pad = original(*args, **kwargs)
+        picks.append(idx.clone())
+        return idx, pad
+
+    controller._select = spy
+    sampler = RFlowSampler(num_sampling_steps=6, cfg_scale=2.0, use_timestep_transform=False)
+    g = torch.Generator().manual_seed(0)
+    z, y = torch.randn(3, 4, 3, 8, 10, generator=g), torch.randn(3, 1, 8, 32, generator=g)
+    kw = {"height": torch.full((3,), 64.0), "width": torch.full((3,), 80.0), "fps": torch.full((3,), 8.0)}
+    y_null = model.y_embedder.y_embedding[None, None].expand_as(y)
+    sampler.sample(model, z, y, y_null, None, model_kwargs=kw, progress=False, seed=[7, 8, 7])
+    assert picks, "toca made no conservative step"
+    for idx in picks:  # rows: cond 7, 8, 7 then null 7, 8, 7
+        assert torch.equal(idx[0], idx[2]) and torch.equal(idx[0], idx[3]) and torch.equal(idx[1], idx[4])
+        assert not torch.equal(idx[0], idx[1])
+    cache.disable(model)
 
 
 def test_a_failed_batch_is_recorded_and_the_job_goes_on(tmp_path, monkeypatch):

@@ -74,13 +74,15 @@ class CacheController(FoldingMixin):
         self.plan: StepPlan | None = None
         self.step = -1
         self.cfg = False
-        self.seed = 0
+        self.seeds: tuple[int, ...] = ()  # one per video of the batch
         self.timesteps: tuple[float, ...] = ()
         self.history: list[dict[str, Any]] = []
         self.cache_bytes = 0  # peak bytes of the last finished (or current) sample
         self._skip_stack = False
         self._stack_in: torch.Tensor | None = None
         self._tea_accumulated = 0.0
+        # FLOP replays on the meta device (metrics.flops.SamplingFlops): TeaCache's per-step kinds of a real run.
+        self.replay_kinds: list[str] | None = None
 
     # -- installation ---------------------------------------------------------------------------------
     def install(self) -> None:
@@ -107,7 +109,8 @@ class CacheController(FoldingMixin):
         self.state.reset()
         self.timesteps = tuple(event.timesteps)
         self.plans = build_schedule(self.config, self.timesteps)
-        self.cfg, self.seed = event.cfg, event.seed or 0
+        self.cfg = event.cfg
+        self.seeds = tuple(event.seeds) if event.seeds else (event.seed or 0,) * event.batch_size
         self.history, self.step, self.plan = [], -1, None
         self._tea_accumulated = 0.0
         self.cache_bytes = 0
@@ -160,6 +163,11 @@ class CacheController(FoldingMixin):
         self._stack_in = None
 
     def _teacache_decide(self, block: nn.Module, x: torch.Tensor, t: torch.Tensor) -> None:
+        if self.replay_kinds is not None:  # meta tensors carry no signal: repeat the real run's decisions
+            self._skip_stack = self.replay_kinds[self.step] == "aggressive"
+            if self.history:
+                self.history[-1]["kind"] = "aggressive" if self._skip_stack else "full"
+            return
         shift, scale = block_modulation(block, t)[:2]
         current = modulate_tokens(block.norm1(x), shift, scale)
         previous = self.state.get(STACK, "modulated_input")
@@ -311,22 +319,23 @@ class CacheController(FoldingMixin):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens to recompute at `step` (default: the current one): (indices (B, k), padding mask or None).
 
-        The draw depends on (seed, step, block) only. Under sequence parallelism the scores cover the whole
+        The draw depends on (video seed, step, block) only. Under sequence parallelism the scores cover the whole
         grid, identical on every rank, and each rank keeps its share: the same choice as one process."""
         cfg, sp = self.config, self.sp
         rows = x.shape[0]
         n = T * sp.s_global if sp else x.shape[1]
         k = round(cfg.recompute_ratio * n)
-        g = sel.token_generator(self.seed, self.step if step is None else step, index)
+        draw = (self.seeds, self.step if step is None else step, index)
         if cfg.selector == "random":
-            scores = sel.random_scores(rows, n, self.cfg, g)
+            scores = sel.random_scores(rows, n, self.cfg, *draw)
         elif cfg.selector == "random_frame":
-            scores = sel.random_frame_scores(rows, T, n // T, self.cfg, g)
+            scores = sel.random_frame_scores(rows, T, n // T, self.cfg, *draw)
         elif cfg.selector in ("min_similarity", "max_similarity"):
             if sp:
                 raise ValueError(f"selector {cfg.selector!r} compares tokens across the whole grid at the step"
                                  " itself; it is not supported with sequence parallelism, use another one")  # fmt: skip
-            scores = sel.similarity_scores(x, 0.01, cfg.selector == "min_similarity", g)
+            gens = sel.row_generators(*draw, rows, self.cfg)
+            scores = sel.similarity_scores(x, 0.01, cfg.selector == "min_similarity", gens)
         else:
             scores = self.state.get(index, "scores")
             if scores is None:

@@ -1,12 +1,15 @@
 """Token selectors for conservative steps: which tokens get recomputed.
 
 A selector turns a score per token (B, N) into the indices (B, k) of the k highest-scoring valid tokens.
-Random scores are drawn on the CPU from a generator seeded by (run seed, step, block), so the choice is
-reproducible, identical on every rank of a sequence-parallel group, and shared by the two CFG halves.
+Random scores are drawn on the CPU, per video, from a generator seeded by (video seed, step, block), so the
+choice is reproducible, independent of the batch the video is in, identical on every rank of a sequence-parallel
+group, and shared by the two CFG halves.
 Only `cross_entropy` looks at attention probabilities, and only for the layers that use it.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,31 +20,45 @@ def token_generator(seed: int | None, step: int, block: int) -> torch.Generator:
     return torch.Generator().manual_seed(mixed)
 
 
-def random_scores(rows: int, n_tokens: int, cfg: bool, generator: torch.Generator) -> torch.Tensor:
-    """(rows, N) uniform scores; with CFG the null half repeats the cond half (one draw per prompt)."""
-    draws = rows // 2 if cfg else rows
-    scores = torch.rand(draws, n_tokens, generator=generator)
-    return torch.cat([scores, scores]) if cfg else scores
+def row_generators(seeds: Sequence[int], step: int, block: int, rows: int, cfg: bool) -> list[torch.Generator]:
+    """One generator per row of the model batch, from that row's video seed: a video's selection is the same
+    in any batch, at any row, after any resume. With CFG the null half reuses its prompt's generator seed."""
+    videos = rows // 2 if cfg else rows
+    if len(seeds) != videos:
+        raise ValueError(f"token selection: {len(seeds)} video seed(s) for a batch of {videos} video(s)")
+    gens = [token_generator(s, step, block) for s in seeds]
+    return gens + [token_generator(s, step, block) for s in seeds] if cfg else gens
 
 
-def random_frame_scores(rows: int, frames: int, per_frame: int, cfg: bool, generator: torch.Generator) -> torch.Tensor:
+def _uniform(gens: list[torch.Generator], n_tokens: int) -> torch.Tensor:
+    return torch.stack([torch.rand(n_tokens, generator=g) for g in gens])
+
+
+def random_scores(rows: int, n_tokens: int, cfg: bool, seeds: Sequence[int], step: int, block: int) -> torch.Tensor:
+    """(rows, N) uniform scores, one draw per video; with CFG the null half repeats the cond half."""
+    return _uniform(row_generators(seeds, step, block, rows, cfg), n_tokens)
+
+
+def random_frame_scores(
+    rows: int, frames: int, per_frame: int, cfg: bool, seeds: Sequence[int], step: int, block: int
+) -> torch.Tensor:
     """Stratified: every frame gets the same share of the selection (ties broken by one random draw).
 
     Scores are ranks within each frame, so the global top-k takes an equal count from every frame."""
-    scores = random_scores(rows, frames * per_frame, cfg, generator).view(rows, frames, per_frame)
+    scores = random_scores(rows, frames * per_frame, cfg, seeds, step, block).view(rows, frames, per_frame)
     rank = scores.argsort(dim=-1, descending=True).argsort(dim=-1).float()  # 0 = best within the frame
     # Smaller rank first; the frame's own random number breaks ties so no frame is favoured systematically.
     return (-rank + scores * 1e-3).view(rows, frames * per_frame)
 
 
-def similarity_scores(x: torch.Tensor, base_fraction: float, lowest: bool, generator: torch.Generator) -> torch.Tensor:
+def similarity_scores(x: torch.Tensor, base_fraction: float, lowest: bool, gens: list[torch.Generator]) -> torch.Tensor:
     """Scores from cosine similarity to a random 1% of base tokens (DuCa's experiment).
 
     `lowest=True` favours tokens least similar to the base (the diverse choice), False the most similar.
     Base tokens themselves always score highest."""
     rows, n, _ = x.shape
     n_base = max(1, round(base_fraction * n))
-    base = torch.rand(rows, n, generator=generator).argsort(dim=1)[:, :n_base].to(x.device)
+    base = _uniform(gens, n).argsort(dim=1)[:, :n_base].to(x.device)
     feats = F.normalize(x.float(), dim=-1)
     base_feats = feats.gather(1, base[..., None].expand(-1, -1, feats.shape[-1]))
     sim = torch.einsum("bnc,bkc->bnk", feats, base_feats).amax(dim=-1)

@@ -44,16 +44,10 @@ class VideoJob:
 
 
 def batch_jobs(jobs: Sequence[VideoJob], size: int) -> list[list[VideoJob]]:
-    """Batches of up to `size` jobs sharing one seed, in job order. The sampler seeds token selection with the
-    batch's first seed, so one seed per batch keeps every video independent of how it was batched."""
-    batches: list[list[VideoJob]] = []
-    pending: dict[int, list[VideoJob]] = {}
-    for job in jobs:
-        group = pending.setdefault(job.seed, [])
-        group.append(job)
-        if len(group) == size:
-            batches.append(pending.pop(job.seed))
-    return batches + list(pending.values())
+    """Batches of up to `size` jobs, in job order. Every video draws its noise and its token selection from
+    its own seed, so how videos are batched does not change any of them."""
+    jobs = list(jobs)
+    return [jobs[i : i + size] for i in range(0, len(jobs), size)]
 
 
 def data_parallel_share(prompts: list, dp_size: int, dp_rank: int) -> list:

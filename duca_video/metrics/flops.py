@@ -74,6 +74,56 @@ def stdit3_forward_flops(
     return flops
 
 
+class SamplingFlops:
+    """FLOPs of whole sampling loops, counted on a meta copy of the model *after* a timed run, so the counter's
+    per-operator Python overhead never lands in a measured latency.
+
+    The copy has the model's architecture and dtype and the same cache method; it runs the same sampler on meta
+    tensors of the batch's shapes. What the cache decides from real data is replayed: TeaCache's full / reuse
+    choice per step is taken from the real run's history (`kinds`); which tokens a selector picks does not change
+    the cost. Counts are memoised per (batch size, decisions), so a long job pays for one replay per batch size.
+    The count is the single-device loop (sequence parallelism splits the same work over its ranks).
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, method: Any, sampler: Any) -> None:
+        from duca_video import cache as cache_lib
+
+        with torch.device("meta"):
+            self.model = type(model)(model.config).eval().to(dtype)
+        self.sampler, self.dtype = sampler, dtype
+        self.controller = None if method is None else cache_lib.enable(self.model, method)
+        self._memo: dict[tuple, int] = {}
+
+    def count(
+        self, batch: int, latent_shape: tuple[int, ...], model_kwargs: dict[str, Any], kinds: list[str] | None = None
+    ) -> int:
+        """FLOPs of one loop for `batch` videos of latent (C, T, H, W); `kinds` = the real run's step kinds."""
+        replayed = tuple(kinds) if kinds is not None and self._data_dependent() else None
+        key = (batch, tuple(latent_shape), replayed)
+        if key not in self._memo:
+            self._memo[key] = self._replay(batch, latent_shape, model_kwargs, replayed)
+        return self._memo[key]
+
+    def _data_dependent(self) -> bool:
+        return self.controller is not None and self.controller.config.method == "teacache"
+
+    def _replay(self, batch: int, latent_shape: tuple[int, ...], model_kwargs: dict[str, Any], kinds) -> int:
+        config = self.model.config
+        with torch.device("meta"):
+            z = torch.empty(batch, *latent_shape, dtype=self.dtype)
+            y = torch.empty(batch, 1, config.model_max_length, config.caption_channels, dtype=self.dtype)
+            mask = torch.ones(batch, config.model_max_length, dtype=torch.long)
+        # Sizes keep their values on the CPU: they set the position scale and the timestep transform.
+        kwargs = {k: (v.to("cpu") if k in ("height", "width", "num_frames") else v.to("meta"))
+                  for k, v in model_kwargs.items()}  # fmt: skip
+        if self.controller is not None:
+            self.controller.replay_kinds = list(kinds) if kinds is not None else None
+        y_null = torch.empty_like(y)
+        flops, _ = count_flops(self.sampler.sample, self.model, z, y, y_null, mask, model_kwargs=kwargs,
+                               progress=False, seed=[0] * batch)  # fmt: skip
+        return int(flops)
+
+
 def video_latent_shape(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
     """Open-Sora 1.2 VAE latent size: 8x spatial (floor), 17-frame chunks -> 5 latents, a partial chunk of r
     frames -> ceil(r / 4) latents."""

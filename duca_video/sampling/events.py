@@ -24,6 +24,9 @@ class SampleStart:
     batch_size: int  # prompts in the batch (the model sees 2x this with CFG)
     cfg: bool  # True when the model batch is [cond, null]
     seed: int | None  # the run's seed, for reproducible token selection
+    # One seed per video (batch_size of them) when the caller has them: each video's token selection is then
+    # drawn from its own seed, independent of the batch; None = every video uses `seed`.
+    seeds: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)

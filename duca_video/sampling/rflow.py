@@ -7,7 +7,7 @@ latent towards the data.  The sampler tells listeners registered on the model (s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,7 +145,7 @@ class RFlowSampler:
         frame_mask: torch.Tensor | None = None,
         guidance_scale: float | None = None,
         progress: bool = True,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Denoise `z` (B, C, T, H, W) from t = num_timesteps to 0; returns the final latent (float32 or wider).
@@ -154,7 +154,9 @@ class RFlowSampler:
         As upstream, the null half of the CFG batch uses the *same* token mask as its prompt, so the null
         caption is cut to each prompt's length. frame_mask: (B, T) in [0, 1], 1 = generate, 0 = keep the input
         frame (a reference), in between = keep it until t falls to frame_mask * num_timesteps, then noise it.
-        The reference-frame noise comes from `generator` (or from a generator seeded with `seed`).
+        seed: the run's seed, or one seed per video (B of them): each video then draws its token selection
+        (announced to the cache) and its reference-frame noise from its own seed, so it does not depend on the
+        batch it is in. The reference-frame noise comes from `generator` when given.
         """
         scale = float(self.cfg_scale if guidance_scale is None else guidance_scale)
         cfg = scale != 1.0  # with scale 1 the null half cancels out exactly, so it is not computed
@@ -169,8 +171,8 @@ class RFlowSampler:
         ts = torch.tensor(ts_list, dtype=torch.float32, device=z.device)
         num_steps = len(ts_list)
 
-        if generator is None and seed is not None and frame_mask is not None:
-            generator = torch.Generator(device=z.device).manual_seed(seed)
+        seeds = _video_seeds(seed, batch)
+        draw_noise = _noise_source(generator, seed, seeds, z.device) if frame_mask is not None else None
         # Upstream's model returns fp32, which promotes a bf16/fp16 latent to fp32 after the first step;
         # promoting up front gives the same numbers and a dtype that does not change mid-loop.
         z = z.to(torch.promote_types(z.dtype, torch.float32))
@@ -188,7 +190,7 @@ class RFlowSampler:
 
         listeners = listeners_of(model)
         try:
-            start = SampleStart(num_steps, tuple(ts_list), batch, cfg, seed)
+            start = SampleStart(num_steps, tuple(ts_list), batch, cfg, seeds[0] if seeds else seed, seeds)
             for listener in listeners:
                 listener.on_sample_start(start)
             bar = tqdm(range(num_steps), total=num_steps, desc="rflow", disable=None if progress else True)
@@ -198,7 +200,7 @@ class RFlowSampler:
                 if frame_mask is not None:
                     x0 = z.clone()
                     # Drawn every step (as upstream's randn_like) so the random stream does not depend on mask.
-                    noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+                    noise = draw_noise(z)  # type: ignore[misc]
                     upper = mask_t >= t
                     fresh = upper & ~noise_added
                     z = torch.where(fresh[:, None, :, None, None], add_noise(x0, noise, t, self.num_timesteps), x0)
@@ -322,3 +324,28 @@ class RFlowSampler:
 def describe(sampler: RFlowSampler) -> dict[str, Any]:
     """The sampler's settings as plain data, for run records."""
     return {k: getattr(sampler, k) for k in sampler.__dataclass_fields__}
+
+
+def _video_seeds(seed: int | Sequence[int] | None, batch: int) -> tuple[int, ...] | None:
+    """Per-video seeds as a tuple (None for a single run seed)."""
+    if seed is None or isinstance(seed, int):
+        return None
+    seeds = tuple(int(s) for s in seed)
+    if len(seeds) != batch:
+        raise ValueError(f"sample: {len(seeds)} seeds for a batch of {batch} videos (pass one per video)")
+    return seeds
+
+
+def _noise_source(
+    generator: torch.Generator | None, seed: int | Sequence[int] | None, seeds: tuple[int, ...] | None,
+    device: torch.device,
+) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
+    """Draws the reference-frame noise like `z`: from `generator`, else one generator per video seed (so a video's
+    noise does not depend on its batch), else one generator seeded with the run seed."""
+    if generator is None and seeds is not None:
+        gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        return lambda z: torch.stack([torch.randn(z.shape[1:], generator=g, device=z.device, dtype=z.dtype)
+                                      for g in gens])  # fmt: skip
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))  # type: ignore[arg-type]
+    return lambda z: torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)

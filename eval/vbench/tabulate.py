@@ -10,6 +10,7 @@ Reads every `*_eval_results.json` in DIR (`{dimension: [aggregate, [per-video re
 Normalisation (VBench 1.0): norm = (raw - min) / (max - min) * weight; quality = sum of the quality norms / 6.5,
 semantic = sum of the semantic norms / 9, total = (4 * quality + semantic) / 5.
 
+A raw aggregate outside [0, 1], or not finite, is an error naming the dimension, the file and the value.
 A dimension with no result is an error naming it (VBench's own script would count it as 0). With --allow-missing
 it is listed under "missing", and the scores of any group it belongs to are null rather than a smaller number.
 Standard library only: runs in either environment.
@@ -61,14 +62,23 @@ def read_results(score_dir: Path) -> tuple[dict[str, float], dict[str, str]]:
             if dim not in NORMALIZATION:
                 raise EvalError(f"{str(path)!r}: unknown dimension {dim!r}; allowed: {', '.join(DIMENSIONS)}")
             first = value[0] if isinstance(value, list) and value else None
-            if isinstance(first, bool) or not isinstance(first, (int, float)) or not math.isfinite(first):
+            if isinstance(first, bool) or not isinstance(first, (int, float)):
                 raise EvalError(f"{str(path)!r}: field {dim!r} must be [aggregate number, [per-video results]], "
                                 f"got {str(value)[:80]}")  # fmt: skip
+            check_raw(dim, first, path)
             if dim in raw and raw[dim] != first:
                 raise EvalError(f"dimension {dim!r} is in both {source[dim]!r} ({raw[dim]}) and {path.name!r} "
                                 f"({first}); remove the stale one")  # fmt: skip
             raw[dim], source[dim] = float(first), path.name
     return {d: raw[d] for d in DIMENSIONS if d in raw}, source
+
+
+def check_raw(dim: str, value: float, path: Path) -> None:
+    """VBench's raw aggregates are fractions in [0, 1]; anything else (a percentage, NaN from an empty or broken
+    run) would go into the totals as a plausible-looking number."""
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        raise EvalError(f"{str(path)!r}: dimension {dim!r} scores {value}, outside [0, 1] (VBench's raw aggregates "
+                        "are fractions; a percentage or a failed run?)")  # fmt: skip
 
 
 def normalized(dim: str, raw: float) -> float:
