@@ -53,6 +53,8 @@ from duca_video.io import (
     to_uint8_frames,
     write_video,
 )
+from duca_video.io.resume import canonical, file_digest
+from duca_video.job import VideoIdentity, claim_batch, finish_summary, scan_outputs
 from duca_video.metrics.flops import SamplingFlops
 from duca_video.models import STDiT3, STDiT3Config
 from duca_video.models.checkpoint import read_config
@@ -228,8 +230,11 @@ def generate(models: Models, cfg: InferenceConfig, jobs: list[VideoJob], progres
     return Generated(latents.float().cpu(), frames, latency, flops, memory.peak_bytes(), memory.kind, cache_bytes)
 
 
-def make_record(cfg: InferenceConfig, m: Models, job: VideoJob, g: Generated, n: int) -> dict[str, Any]:
-    """The contract-4 record of one video (DESIGN.md); `duca_video.io.RECORD_FIELDS` lists its keys."""
+def make_record(
+    cfg: InferenceConfig, m: Models, job: VideoJob, g: Generated, n: int, identity: dict[str, Any]
+) -> dict[str, Any]:
+    """The contract-4 record of one video (DESIGN.md); `duca_video.io.RECORD_FIELDS` lists its keys. `identity`
+    is every setting that changes the pixels: resume compares it (see `duca_video.job`)."""
     t, h, w, _ = g.frames[0].shape
     return {
         "name": job.name, "prompt": job.prompt, "prompt_index": job.index, "sample_index": job.k, "text": job.text,
@@ -248,19 +253,24 @@ def make_record(cfg: InferenceConfig, m: Models, job: VideoJob, g: Generated, n:
         "sp_size": m.ctx.sp_size, "dp_size": m.ctx.dp_size, "weights": m.weights,
         "sampler": dataclasses.asdict(m.sampler),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"duca_video": __version__, "torch": torch.__version__},
+        "versions": {"duca_video": __version__, "torch": torch.__version__}, "identity": canonical(identity),
     }  # fmt: skip
 
 
 def write_outputs(
     cfg: InferenceConfig, out: OutputPaths, frames: torch.Tensor, latent: torch.Tensor, record: dict[str, Any]
 ) -> None:
-    """Latent, then video, then the record last: a record on disk means the video is complete."""
+    """Latent, then video, then the record last: a record on disk means the video is complete, and the sizes and
+    hashes in it tell a whole file from a truncated or replaced one."""
     files = {"video": out.video.name}
     if cfg.save_latents:
         save_latent(out.latent, latent, metadata={"prompt": record["prompt"], "seed": str(record["seed"])})
         files["latent"] = out.latent.name
+        digest = file_digest(out.latent)
+        record["latent_bytes"], record["latent_sha256"] = digest["bytes"], digest["sha256"]
     record["video_codec"] = write_video(out.video, frames, cfg.video_fps)
+    digest = file_digest(out.video)
+    record["video_bytes"], record["video_sha256"] = digest["bytes"], digest["sha256"]
     record["files"] = files
     atomic_write_json(out.record, record)
 
@@ -275,18 +285,11 @@ def run(cfg: InferenceConfig, jobs: list[VideoJob] | None = None) -> RunSummary:
         ctx = init_parallel(cfg.sp_size)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    # Data parallel: each SP group takes a contiguous share of the prompts (seeds do not depend on it).
-    if jobs is None:
-        batches = plan_batches(cfg, data_parallel_share(load_prompts(cfg), ctx.dp_size, ctx.dp_rank))
-    else:
-        batches = batch_jobs(data_parallel_share(list(jobs), ctx.dp_size, ctx.dp_rank), cfg.batch_size)
+    planned = [j for batch in plan_batches(cfg, load_prompts(cfg)) for j in batch] if jobs is None else list(jobs)
+    # Data parallel: each SP group takes a contiguous share of the videos (seeds do not depend on it).
+    mine = data_parallel_share(planned, ctx.dp_size, ctx.dp_rank)
     weights = resolve_weights(cfg)
-    saved = read_config(weights["model"]) if weights["model"] else None
-    heads = cfg.model.extra.get("num_heads") or (saved or {}).get("num_heads") or STDiT3Config().num_heads
-    try:  # before any weight is loaded
-        check_sp_size(int(heads), ctx.sp_size)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    _check_sp_size(cfg, weights, ctx)
     check_cache_settings(cfg)
     device = resolve_device(cfg.device)
     try:  # last of the checks, so that a run refused for another reason creates no folder
@@ -295,65 +298,94 @@ def run(cfg: InferenceConfig, jobs: list[VideoJob] | None = None) -> RunSummary:
         raise InputError(f"save directory {cfg.save_dir!r} is not writable: {exc}") from None
     if ctx.is_writer:
         remove_stale_temps(save_dir)
+    identity = VideoIdentity(cfg, weights)
+    summary = RunSummary(str(save_dir), writer=ctx.is_writer)
+    todo = scan_outputs(cfg, save_dir, planned, mine, identity, summary, ctx, device)
+    if todo:
+        models = load_models(cfg, weights, device, ctx)
+        try:
+            _generate_all(cfg, models, save_dir, batch_jobs(todo, cfg.batch_size), identity, summary)
+        except KeyboardInterrupt:
+            summary.interrupted = True
+        finally:
+            if models.controller is not None:
+                from duca_video import cache as cache_lib
 
-    summary, todo, seen = RunSummary(str(save_dir), writer=ctx.is_writer), [], set()
-    expected = {"method": cfg.cache.method, "frames": cfg.num_frames, "image_size": list(cfg.size)}
-    for batch in batches:
-        left = []
-        for job in batch:
-            out = OutputPaths(save_dir, job.name)
-            if job.name in seen or out.complete(cfg.save_latents):
-                summary.skipped.append(job.name)
-                if job.name not in seen and (stale := out.differs({**expected, "seed": job.seed})):
-                    log.warning("%s exists with other %s; kept (delete it to regenerate)", out.record, stale)
-            else:
-                left.append(job)
-            seen.add(job.name)
-        if left:
-            todo.append(left)
-    if not todo:
+                cache_lib.disable(models.model)
+    else:
         log.info("nothing to do: all %d video(s) in %s are complete", len(summary.skipped), save_dir)
-        return summary
+    return finish_summary(cfg, save_dir, planned, identity, summary, ctx)
 
-    models = load_models(cfg, weights, device, ctx)
-    bar = tqdm(total=sum(map(len, todo)), unit="video", desc="videos", disable=True if cfg.quiet else None)
+
+def _check_sp_size(cfg: InferenceConfig, weights: dict[str, str | None], ctx: ParallelContext) -> None:
+    saved = read_config(weights["model"]) if weights["model"] else None
+    heads = cfg.model.extra.get("num_heads") or (saved or {}).get("num_heads") or STDiT3Config().num_heads
+    try:  # before any weight is loaded
+        check_sp_size(int(heads), ctx.sp_size)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _generate_all(
+    cfg: InferenceConfig, models: Models, save_dir: Path, batches: list[list[VideoJob]], identity: VideoIdentity,
+    summary: RunSummary,
+) -> None:  # fmt: skip
+    """Every batch in turn: claim (lock) its videos, generate, write; one failed batch does not end the job."""
+    bar = tqdm(total=sum(map(len, batches)), unit="video", desc="videos", disable=True if cfg.quiet else None)
     try:
-        for jobs in todo:
+        for batch in batches:
+            jobs, locks = claim_batch(cfg, save_dir, batch, identity, summary, models.ctx, models.device)
             try:
-                g = generate(models, cfg, jobs, progress=not cfg.quiet)
-            except Exception as exc:  # noqa: BLE001 - one batch (e.g. out of memory) must not end a long job
-                log.exception("batch %s failed", [j.name for j in jobs])
-                summary.failed += [(j.name, f"{type(exc).__name__}: {exc}") for j in jobs]
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                bar.update(len(jobs))
-                continue
-            if not ctx.is_writer:  # the writer of this SP group writes and counts the videos
-                bar.update(len(jobs))
-                continue
-            for i, job in enumerate(jobs):
-                record = make_record(cfg, models, job, g, len(jobs))
-                try:
-                    write_outputs(cfg, OutputPaths(save_dir, job.name), g.frames[i], g.latents[i], record)
-                except Exception as exc:  # noqa: BLE001 - e.g. disk full: report it, try the next video
-                    log.exception("writing %s failed", job.name)
-                    summary.failed.append((job.name, f"{type(exc).__name__}: {exc}"))
-                else:
-                    summary.written.append(job.name)
-                    summary.latencies.append(record["latency_s"])
-                    if record["dit_tflops"] is not None:
-                        summary.tflops.append(record["dit_tflops"])
-                    log.info("wrote %s.mp4 (%.2f s, %s)", job.name, record["latency_s"], _tflops(record["dit_tflops"]))
-                bar.update(1)
-    except KeyboardInterrupt:
-        summary.interrupted = True
+                if jobs:
+                    _generate_batch(cfg, models, save_dir, jobs, identity, summary)
+            finally:
+                for lock in locks:
+                    lock.release()
+            bar.update(len(batch))
     finally:
         bar.close()
-        if models.controller is not None:
-            from duca_video import cache as cache_lib
 
-            cache_lib.disable(models.model)
-    return summary
+
+def _generate_batch(
+    cfg: InferenceConfig, m: Models, save_dir: Path, jobs: list[VideoJob], identity: VideoIdentity,
+    summary: RunSummary,
+) -> None:  # fmt: skip
+    try:
+        g = generate(m, cfg, jobs, progress=not cfg.quiet)
+    except Exception as exc:  # noqa: BLE001 - one batch (e.g. out of memory) must not end a long job
+        if m.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(jobs) > 1 and m.ctx.sp_size == 1:
+            # A video does not depend on its batch, so each alone gives the same result: one bad prompt (or a
+            # batch too large for memory) must not take the others down. (Under SP the ranks would have to
+            # agree on the retry; there the batch fails as a whole.)
+            log.warning("batch %s failed (%s: %s); generating its videos one at a time",
+                        [j.name for j in jobs], type(exc).__name__, exc)  # fmt: skip
+            for job in jobs:
+                _generate_batch(cfg, m, save_dir, [job], identity, summary)
+            return
+        log.exception("batch %s failed", [j.name for j in jobs])
+        summary.failed += [(j.name, f"{type(exc).__name__}: {exc}") for j in jobs]
+        return
+    if not m.ctx.is_writer:  # the writer of this SP group writes and counts the videos
+        return
+    for i, job in enumerate(jobs):
+        if not bool(torch.isfinite(g.latents[i]).all()):  # e.g. a fp16 overflow: never write a black video
+            log.error("%s: the final latent is not finite (NaN or inf); nothing written", job.name)
+            summary.failed.append((job.name, "the final latent is not finite (NaN or inf); nothing written"))
+            continue
+        record = make_record(cfg, m, job, g, len(jobs), identity(job))
+        try:
+            write_outputs(cfg, OutputPaths(save_dir, job.name), g.frames[i], g.latents[i], record)
+        except Exception as exc:  # noqa: BLE001 - e.g. disk full: report it, try the next video
+            log.exception("writing %s failed", job.name)
+            summary.failed.append((job.name, f"{type(exc).__name__}: {exc}"))
+            continue
+        summary.written.append(job.name)
+        summary.latencies.append(record["latency_s"])
+        if record["dit_tflops"] is not None:
+            summary.tflops.append(record["dit_tflops"])
+        log.info("wrote %s.mp4 (%.2f s, %s)", job.name, record["latency_s"], _tflops(record["dit_tflops"]))
 
 
 def _tflops(value: float | None) -> str:

@@ -19,6 +19,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from duca_video.configs import ConfigError, config_from_args
 from duca_video.io import PromptError
 from duca_video.models import CheckpointMismatchError
+from duca_video.models.checkpoint import CheckpointError
 from duca_video.pipeline import InputError, run
 
 
@@ -28,12 +29,19 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+# Bad input, found before anything is generated: `error: ...` and exit status 2, never a traceback.
+_INPUT_ERRORS = (ConfigError, InputError, PromptError, CheckpointError, CheckpointMismatchError, FileNotFoundError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, _ = config_from_args(argv)
-    except ConfigError as exc:
+    except _INPUT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while a config file runs: nothing was started
+        print("interrupted", file=sys.stderr)
+        return 130
     logging.basicConfig(level=logging.WARNING if cfg.quiet else logging.INFO, format="%(message)s", force=True)
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
@@ -43,9 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():
             summary = run(cfg)
-    except (ConfigError, InputError, PromptError, CheckpointMismatchError, FileNotFoundError) as exc:
+    except _INPUT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while the models were loading (later, run() stops cleanly itself)
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)

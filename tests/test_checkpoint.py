@@ -1,11 +1,13 @@
 import json
 import pickle
+import re
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from duca_video.models import CheckpointMismatchError, STDiT3, STDiT3Config, load_checkpoint
+from duca_video.models.checkpoint import CheckpointError, check_checkpoint
 from tests.test_stdit3 import TINY, tiny_inputs, tiny_model
 
 
@@ -102,3 +104,64 @@ def test_checkpoint_of_another_architecture(tmp_path):
     save_file(other.state_dict(), str(path))
     with pytest.raises(CheckpointMismatchError, match="another architecture"):
         load_checkpoint(STDiT3(STDiT3Config(**TINY)), path)
+
+
+# -- unreadable files: a CheckpointError naming the file, from the headers alone where possible ---------------
+def _saved(tmp_path, trained, cut=None):
+    path = tmp_path / "w.safetensors"
+    save_file(trained.state_dict(), str(path))
+    if cut is not None:
+        path.write_bytes(path.read_bytes()[:cut])
+    return path
+
+
+@pytest.mark.parametrize("cut", [-1, 100, 8, 0])
+def test_truncated_safetensors(tmp_path, trained, cut):
+    path = _saved(tmp_path, trained, cut)
+    for read in (check_checkpoint, lambda p: load_checkpoint(STDiT3(STDiT3Config(**TINY)), p)):
+        with pytest.raises(CheckpointError, match=f"{path} cannot be read as safetensors weights .truncated"):
+            read(path)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_truncated_torch_file(tmp_path, trained, legacy):
+    path = tmp_path / "w.pt"
+    torch.save(trained.state_dict(), path, _use_new_zipfile_serialization=not legacy)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    if not legacy:  # a zip archive without its directory is refused up front
+        with pytest.raises(CheckpointError, match=f"{path} is not a torch checkpoint: neither a whole zip"):
+            check_checkpoint(path)
+    with pytest.raises(CheckpointError, match=f"{path} cannot be read as pt weights"):
+        load_checkpoint(STDiT3(STDiT3Config(**TINY)), path)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (b'{"depth": 2,', "is not valid JSON (truncated?): line 1 column 13"),
+        (b"[1, 2]", "holds a JSON list, expected an object of config keys"),
+        (b"\xff\xfe{}", "is not UTF-8 text"),
+    ],
+)
+def test_corrupt_config_json_is_named(tmp_path, trained, text, message):
+    save_file(trained.state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_bytes(text)
+    for path in (tmp_path, tmp_path / "model.safetensors"):
+        with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'config.json'} {message}")):
+            STDiT3.from_pretrained(str(path))
+        with pytest.raises(CheckpointError, match="config.json"):
+            check_checkpoint(path)
+
+
+def test_weights_file_uses_the_config_json_beside_it(tmp_path, trained):
+    (tmp_path / "config.json").write_text(json.dumps(STDiT3Config(**TINY).to_dict()))
+    save_file(trained.state_dict(), str(tmp_path / "model.safetensors"))
+    loaded = STDiT3.from_pretrained(str(tmp_path / "model.safetensors"))  # no config given: the folder's
+    assert loaded.config == STDiT3Config(**TINY)
+    torch.testing.assert_close(_out(loaded), _out(trained), atol=0, rtol=0)
+
+
+def test_corrupt_shard_index(tmp_path, trained):
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}')
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: expected a 'weight_map' object"):
+        STDiT3.from_pretrained(str(tmp_path), config=STDiT3Config(**TINY))

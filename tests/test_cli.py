@@ -175,4 +175,7 @@ def test_sigterm_stops_cleanly(tmp_path):
     if proc.returncode == 0:
         pytest.skip("the job finished before the signal arrived")
     assert proc.returncode == 130 and "(interrupted)" in stdout
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary file or lock left behind
+    # The summary counts the whole job, not only what this run wrote before the stop.
+    done = len(list(out.glob("*.json")))
+    assert f"job: {done} of {len(PROMPTS)} video(s) complete on disk" in stdout

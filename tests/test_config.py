@@ -1,13 +1,24 @@
 """Config files, their validation, CLI overrides, sizes and weight paths: no model is built here."""
 
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from duca_video import sizes
 from duca_video.configs import ConfigError, InferenceConfig, apply_args, build_parser, load_config, read_config_file
-from duca_video.configs.preflight import InputError, resolve_weights
+from duca_video.configs.preflight import (
+    InputError,
+    check_cache_settings,
+    load_prompts,
+    resolve_device,
+    resolve_weights,
+)
+from duca_video.io import PromptError
+from duca_video.models import STDiT3Config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -73,6 +84,19 @@ def test_tiny_config_uses_the_shipped_weights_or_random_init(tmp_path):
         ({"prompt_as_path": "yes"}, "prompt_as_path='yes' is not allowed: expected True or False"),
         ({"end_index": 0}, "end_index=0 must be greater than start_index=0"),
         ({"device": "tpu"}, "device='tpu' is not allowed"),
+        ({"device": "cuda:x"}, "device='cuda:x' is not allowed; allowed: auto, cpu, cuda, cuda:N"),
+        ({"scheduler": {"cfg_scale": float("nan")}}, "scheduler.cfg_scale=nan is not allowed: it must be a finite"),
+        ({"aes": float("-inf")}, "aes=-inf is not allowed: it must be a finite number"),
+        ({"scheduler": {"num_sampling_steps": 1001}}, "num_sampling_steps=1001 is not allowed: at most scheduler."),
+        ({"seed": -1}, "seed=-1 is not allowed: seeds must be in 0..2**63-1"),
+        ({"seed": 2**63}, f"seed={2**63} is not allowed: seeds must be in 0..2**63-1"),
+        ({"fps": 2**31}, f"fps={2**31} is not allowed: an mp4 frame rate is at most 2**31-1"),
+        ({"save_dir": "out\0"}, "save_dir='out\\x00' is not allowed: it contains a NUL character"),
+        ({"sample_name": "../up"}, "sample_name: '../up' is a path; give a plain name"),
+        ({"sample_name": ""}, "sample_name: it is empty"),
+        ({"sample_name": "x" * 201}, "sample_name: it is 201 bytes long; at most 200"),
+        ({"model": {"type": "STDiT3", "qk_norm": "yes"}}, "model: STDiT3Config.qk_norm='yes' is not allowed: expected"),
+        ({"model": {"type": "STDiT3", "patch_size": (1.7, 2, 2)}}, "model: STDiT3Config.patch_size=(1.7, 2, 2)"),
     ],
 )
 def test_validation_names_the_key(fields, message):
@@ -132,6 +156,30 @@ def test_config_file_errors(tmp_path):
     bad.write_text("x = 1 / 0\n")
     with pytest.raises(ConfigError, match="failed to run: ZeroDivisionError"):
         read_config_file(bad)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (b"import sys\nsys.exit(4)\n", "called exit(4) while it ran"),
+        (b"exit()\n", "called exit(None) while it ran"),
+        (b"fps = 24\x00\n", "is not a Python text file (it contains NUL bytes"),
+        (b"save_dir = 'caf\xe9'\n", "is not readable Python source text"),
+    ],
+)
+def test_config_files_that_exit_or_are_not_text(tmp_path, data, message):
+    path = tmp_path / "c.py"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError, match=re.escape(f"config file '{path}' {message}")):
+        read_config_file(path)
+    with pytest.raises(ConfigError, match="it is a folder"):
+        read_config_file(tmp_path)
+
+
+def test_config_file_in_its_declared_encoding(tmp_path):
+    path = tmp_path / "c.py"
+    path.write_bytes(b"# -*- coding: latin-1 -*-\nsave_dir = 'caf\xe9'\n")
+    assert read_config_file(path) == {"save_dir": "caf\u00e9"}
 
 
 def test_private_names_modules_and_functions_are_not_fields(tmp_path):
@@ -208,7 +256,7 @@ def test_weight_paths_flag_config_env(tmp_path, monkeypatch):
     for needle in ("--ckpt-path PATH, set DUCA_CKPT_PATH", "--vae-path PATH, set DUCA_VAE_PATH",
                    "--text-encoder-path PATH, set DUCA_T5_PATH"):  # fmt: skip
         assert needle in text
-    (tmp_path / "dit.safetensors").write_bytes(b"")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "dit.safetensors"))  # a readable header is checked, not keys
     (tmp_path / "vae").mkdir()
     monkeypatch.setenv("DUCA_CKPT_PATH", str(tmp_path / "dit.safetensors"))
     monkeypatch.setenv("DUCA_VAE_PATH", str(tmp_path / "vae"))
@@ -224,3 +272,75 @@ def test_weight_paths_flag_config_env(tmp_path, monkeypatch):
     # Testbed sections never read the variables (a global DUCA_CKPT_PATH must not leak into the tiny model).
     shipped = str(CONFIGS.parent / "weights" / "tiny")
     assert resolve_weights(load_config(CONFIGS / "tiny.py")) == {"model": shipped, "vae": None, "text_encoder": shipped}
+
+
+# ------------------------------------------------------------------------------------------- model architecture
+@pytest.mark.parametrize(
+    "fields, error, message",
+    [
+        (dict(patch_size=(1.7, 2, 2)), TypeError, "STDiT3Config.patch_size=(1.7, 2, 2) is not allowed: expected 3"),
+        (dict(patch_size="122"), TypeError, "STDiT3Config.patch_size='122' is not allowed"),
+        (dict(qk_norm="yes"), TypeError, "STDiT3Config.qk_norm='yes' is not allowed: expected True or False"),
+        (dict(pred_sigma=1), TypeError, "STDiT3Config.pred_sigma=1 is not allowed: expected True or False"),
+        (dict(depth=-1), ValueError, "STDiT3Config.depth=-1 is not allowed: expected a positive int"),
+        (dict(depth=True), TypeError, "STDiT3Config.depth=True is not allowed: expected a positive int"),
+        (dict(input_sq_size=2.5), TypeError, "STDiT3Config.input_sq_size=2.5 is not allowed"),
+        (dict(mlp_ratio=float("nan")), ValueError, "STDiT3Config.mlp_ratio=nan is not allowed: expected a finite"),
+        (dict(mlp_ratio="4"), TypeError, "STDiT3Config.mlp_ratio='4' is not allowed"),
+    ],
+)
+def test_stdit3_config_types_name_the_field(fields, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        STDiT3Config(**fields)
+    assert STDiT3Config(patch_size=[1, 2, 2]).patch_size == (1, 2, 2)  # a JSON list is fine
+
+
+# ------------------------------------------------------------------------------------------- cache settings
+@pytest.mark.parametrize(
+    "opts, expected",
+    [
+        (["recompute=mlp"], {"recompute": ("mlp",)}),
+        (["recompute=attn,mlp"], {"recompute": ("attn", "mlp")}),
+        (["recompute_ratio=1"], {"recompute_ratio": 1.0}),
+        (["recompute_ratio=True"], "recompute_ratio=True is invalid; allowed: a finite number"),
+        (["recompute_ratio=1e999"], "recompute_ratio=inf is invalid; allowed: a finite number"),
+        (["warmup_steps=2.0"], "warmup_steps=2.0 is invalid; allowed: an int"),
+        (["pattern=full,conservative"], "pattern=('full', 'conservative') is invalid; allowed: a sequence of 3"),
+        (["selector=[1]"], "selector=[1] is invalid; allowed: one of ('random'"),
+    ],
+)
+def test_cache_options_are_typed_by_their_field(opts, expected):
+    from duca_video.cache import make_config
+
+    flags = [part for opt in opts for part in ("--cache-opt", opt)]
+    cfg = InferenceConfig.from_dict(apply_args({"image_size": (16, 16), "cache": {"method": "duca"}}, args(*flags)))
+    if isinstance(expected, str):
+        with pytest.raises(ConfigError, match=re.escape(f"cache: cache method 'duca': {expected}")):
+            check_cache_settings(cfg)
+        return
+    check_cache_settings(cfg)
+    made = make_config("duca", **cfg.cache.overrides)
+    assert {k: repr(getattr(made, k)) for k in expected} == {k: repr(v) for k, v in expected.items()}  # 1 -> 1.0
+
+
+# ------------------------------------------------------------------------------------------- devices and prompts
+@pytest.mark.parametrize("name", ["cuda:x", "cpu:1", "cuda:-1", "gpu"])
+def test_device_strings(name):
+    with pytest.raises(InputError, match=f"device '{re.escape(name)}'"):
+        resolve_device(name)
+    assert resolve_device("cpu").type == "cpu" and resolve_device("auto").type in ("cpu", "cuda")
+
+
+def test_prompt_file_lines_and_duplicate_names(tmp_path):
+    path = tmp_path / "p.txt"
+    # A BOM is dropped; U+2028 inside a prompt does not split its line (line numbers are an editor's).
+    path.write_text("\ufeffa cat\n\nA dog\u2028 runs\n  \nx/y\nx_y\n\n\0", encoding="utf-8")
+    base = {"image_size": (16, 16), "prompt_path": str(path)}
+    assert load_prompts(make(**base, end_index=3)) == [(0, "a cat"), (1, "A dog\u2028 runs"), (2, "x/y")]
+    with pytest.raises(PromptError, match=re.escape(f"prompt 4 (prompt file '{path}', line 8) contains a NUL")):
+        load_prompts(make(**base))
+    with pytest.raises(PromptError) as err:
+        load_prompts(make(**base, end_index=4, prompt_as_path=True, num_sample=2))
+    assert "'x_y-0' from prompt 2 ('x/y'), prompt 3 ('x_y')" in str(err.value)
+    assert "'x_y-1' from prompt 2 ('x/y'), prompt 3 ('x_y')" in str(err.value)
+    assert len(load_prompts(make(**base, end_index=4, num_sample=2))) == 4  # sample_NNNN names never clash

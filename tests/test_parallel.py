@@ -1,6 +1,5 @@
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,13 +12,14 @@ from duca_video.parallel.sequence import SequenceParallel, check_sp_size, enable
 from tests.test_stdit3 import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = shutil.which("torchrun")
+# torchrun's own module, from this interpreter: a `torchrun` missing from PATH must not turn into a silent skip.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def run_workers(n: int, tmp_path: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
-        TORCHRUN,
+        *TORCHRUN,
         "--standalone",
         f"--nproc_per_node={n}",
         str(ROOT / "tests" / "dist" / "sp_worker.py"),
@@ -30,7 +30,6 @@ def run_workers(n: int, tmp_path: Path) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
 
 
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
 @pytest.mark.parametrize("n", [2, 4])
 def test_sequence_parallel_equals_one_process_and_cached_steps_need_no_collective(n, tmp_path):
     pytest.importorskip("colossalai")
@@ -77,13 +76,12 @@ def test_head_count_that_the_sp_size_does_not_divide_is_a_clear_error():
 def _inference(tmp_path: Path, save: str, nproc: int, *flags: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     script = str(ROOT / "scripts" / "inference.py")
-    launcher = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    launcher = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
     args = ["--config", str(ROOT / "configs" / "tiny.py"), "--save-dir", str(tmp_path / save), "--quiet",
             "--num-sampling-steps", "6", "--save-latents", "--batch-size", "1", *flags]  # fmt: skip
     return subprocess.run([*launcher, script, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
 def test_cli_data_parallel_writes_each_prompt_once_and_sequence_parallel_matches_one_process(tmp_path):
     pytest.importorskip("colossalai")
     from safetensors.torch import load_file
@@ -91,21 +89,28 @@ def test_cli_data_parallel_writes_each_prompt_once_and_sequence_parallel_matches
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle moving left on a dark background\n"
                        "a blue square moving up on a light background\n"
-                       "a green circle moving right on a dark background\n")  # fmt: skip
-    single = _inference(tmp_path, "single", 1, "--prompt-path", str(prompts))
+                       "a green circle moving right on a dark background\n"
+                       "a small yellow square moving down on a dark background\n")  # fmt: skip
+    names = [f"sample_{i:04d}" for i in range(4)]
+    # DuCa (tiny.py's method) with batches > 1: one process puts the 4 prompts in one batch, the 2 data-parallel
+    # groups put prompts 2 and 3 on rows 0 and 1 of their batch. Each video's selection follows its own seed.
+    single = _inference(tmp_path, "single", 1, "--prompt-path", str(prompts), "--batch-size", "4")
     assert single.returncode == 0, single.stderr[-2000:]
-    dp = _inference(tmp_path, "dp", 2, "--prompt-path", str(prompts), "--sp-size", "1")
+    dp = _inference(tmp_path, "dp", 2, "--prompt-path", str(prompts), "--sp-size", "1", "--batch-size", "2")
     assert dp.returncode == 0, dp.stderr[-2000:]
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "dp").glob("*.json"))]
-    assert [r["name"] for r in records] == ["sample_0000", "sample_0001", "sample_0002"]
+    assert [r["name"] for r in records] == names
     assert {r["rank"] for r in records} == {0, 1} and {r["dp_size"] for r in records} == {2}
-    sp = _inference(tmp_path, "sp", 2, "--prompt-path", str(prompts), "--sp-size", "2", "--end-index", "2")
+    # One summary for the whole job, printed once.
+    assert dp.stdout.count("summary:") == 1 and "4 written" in dp.stdout, dp.stdout
+    assert "job: 4 of 4 video(s) complete on disk" in dp.stdout
+    sp = _inference(tmp_path, "sp", 2, "--prompt-path", str(prompts), "--sp-size", "2", "--end-index", "2",
+                    "--batch-size", "2")  # fmt: skip
     assert sp.returncode == 0, sp.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "sp").glob("*.mp4")) == ["sample_0000.mp4", "sample_0001.mp4"]
-    for name in ("sample_0000", "sample_0001"):
-        ours = load_file(str(tmp_path / "sp" / f"{name}.latent.safetensors"))["latent"]
+    for name in names:
         ref = load_file(str(tmp_path / "single" / f"{name}.latent.safetensors"))["latent"]
-        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
-        for other in ("single", "dp"):  # the same seed gives the same video whatever the world size
+        others = ("sp", "dp") if name in names[:2] else ("dp",)
+        for other in others:  # the same seed gives the same video whatever the world size and the batch
             theirs = load_file(str(tmp_path / other / f"{name}.latent.safetensors"))["latent"]
             torch.testing.assert_close(theirs, ref, atol=1e-5, rtol=0)

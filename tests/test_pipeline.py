@@ -256,6 +256,22 @@ def test_batched_sampling_draws_each_videos_selection_from_its_own_seed():
     cache.disable(model)
 
 
+def test_a_prompt_that_fails_in_its_encoder_does_not_take_its_batch_down(tmp_path, monkeypatch):
+    from duca_video.testbed import WordTextEncoder
+
+    real = WordTextEncoder.encode
+
+    def picky(self, prompts):  # e.g. T5 in strict mode refusing a prompt over its token limit
+        if any("green" in p for p in prompts):
+            raise ValueError("prompt 0 has 512 tokens; the limit is 300")
+        return real(self, prompts)
+
+    monkeypatch.setattr(WordTextEncoder, "encode", picky)
+    summary = pipeline.run(tiny(tmp_path, "--prompt", *PROMPTS, "--batch-size", "3", "--save-latents"))
+    assert summary.written == ["sample_0000", "sample_0001"] and summary.exit_code == 1
+    assert summary.failed == [("sample_0002", "ValueError: prompt 0 has 512 tokens; the limit is 300")]
+
+
 def test_a_failed_batch_is_recorded_and_the_job_goes_on(tmp_path, monkeypatch):
     real, calls = pipeline.generate, []
 
@@ -302,18 +318,116 @@ def test_a_kill_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
     assert len(decode(out / "sample_0001.mp4")) == again_cfg_frames(tmp_path)
 
 
-def test_complete_outputs_need_no_model(tmp_path, monkeypatch, caplog):
+def test_complete_outputs_need_no_model(tmp_path, monkeypatch):
     assert pipeline.run(tiny(tmp_path)).written == ["sample_0000", "sample_0001"]
 
     def no_loading(*args, **kwargs):
         raise AssertionError("models loaded although every video is complete")
 
     monkeypatch.setattr(pipeline, "load_models", no_loading)
-    assert pipeline.run(tiny(tmp_path)).skipped == ["sample_0000", "sample_0001"]
-    # Kept even when made with other settings, but said so: the user decides whether to delete them.
-    with caplog.at_level("WARNING", logger="duca_video.pipeline"):
-        assert pipeline.run(tiny(tmp_path, "--seed", "9")).skipped == ["sample_0000", "sample_0001"]
-    assert "sample_0000.json exists with other ['seed']" in caplog.text
+    summary = pipeline.run(tiny(tmp_path))
+    assert summary.skipped == ["sample_0000", "sample_0001"] and summary.exit_code == 0
+    assert "job: 2 of 2 video(s) complete on disk" in summary.format()
+
+
+@pytest.mark.parametrize(
+    "flags, field",
+    [
+        (["--seed", "9"], "seed"),
+        (["--num-sampling-steps", "3"], "scheduler.num_sampling_steps"),
+        (["--cfg-scale", "2.5"], "scheduler.cfg_scale"),
+        (["--cache", "toca"], "method"),
+        (["--cache-opt", "recompute_ratio=0.3"], "method_config.recompute_ratio"),
+        (["--fps", "4"], "fps"),
+        (["--dtype", "bf16"], "dtype"),
+        (["--prompt", PROMPTS[2], PROMPTS[1]], "prompt"),
+    ],
+)  # fmt: skip
+def test_a_video_made_with_other_settings_is_refused_before_any_model_loads(tmp_path, monkeypatch, flags, field):
+    pipeline.run(tiny(tmp_path))
+    monkeypatch.setattr(pipeline, "load_models", lambda *a, **k: pytest.fail("models loaded"))
+    with pytest.raises(pipeline.InputError, match=r"sample_0000 \(.*" + field.replace(".", r"\.")) as err:
+        pipeline.run(tiny(tmp_path, *flags))
+    assert "--overwrite" in str(err.value)
+
+
+def test_overwrite_regenerates_videos_made_with_other_settings(tmp_path):
+    pipeline.run(tiny(tmp_path))
+    summary = pipeline.run(tiny(tmp_path, "--seed", "9", "--overwrite"))
+    assert summary.written == ["sample_0000", "sample_0001"]
+    record = json.loads((tmp_path / "out" / "sample_0000.json").read_text())
+    assert record["seed"] == 9 and record["identity"]["seed"] == 9
+    assert pipeline.run(tiny(tmp_path, "--seed", "9")).skipped == ["sample_0000", "sample_0001"]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "replace", "delete_latent"])
+def test_a_damaged_video_is_not_complete_and_is_made_again(tmp_path, damage):
+    pipeline.run(tiny(tmp_path, "--save-latents"))
+    out = tmp_path / "out"
+    video = out / "sample_0001.mp4"
+    data = video.read_bytes()
+    if damage == "truncate":
+        video.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        video.write_bytes(b"")
+    elif damage == "replace":  # same size, other bytes: only the hash tells
+        video.write_bytes(data[:-16] + bytes(16))
+    else:
+        (out / "sample_0001.latent.safetensors").unlink()
+    summary = pipeline.run(tiny(tmp_path, "--save-latents"))
+    assert summary.skipped == ["sample_0000"] and summary.written == ["sample_0001"]
+    assert video.read_bytes() == data  # the same video again (same prompt, seed, settings)
+    assert len(decode(video)) == again_cfg_frames(tmp_path)
+
+
+def test_a_video_held_by_another_live_job_is_left_to_it(tmp_path):
+    import subprocess
+    import sys
+
+    from duca_video.io.locks import lock_path
+
+    out = tmp_path / "out"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        holder = {"pid": other.pid, "host": __import__("socket").gethostname(), "started": 0, "command": "other"}
+        lock_path(out, "sample_0000").write_text(json.dumps(holder))
+        summary = pipeline.run(tiny(tmp_path))
+    finally:
+        other.kill()
+        other.wait()
+    assert summary.written == ["sample_0001"] and [n for n, _ in summary.busy] == ["sample_0000"]
+    assert summary.exit_code == 1 and "NOT DONE sample_0000: being generated by another job" in summary.format()
+    assert not (out / "sample_0000.mp4").exists() and lock_path(out, "sample_0000").exists()
+    # Its holder has gone now: the lock is stale, taken over, and released after writing.
+    summary = pipeline.run(tiny(tmp_path))
+    assert summary.written == ["sample_0000"] and not lock_path(out, "sample_0000").exists()
+
+
+def test_two_jobs_sharing_a_folder_never_leave_a_record_of_another_video(tmp_path):
+    import hashlib
+    import subprocess
+    import sys
+
+    script = str(ROOT / "scripts" / "inference.py")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(FOUR) + "\n")
+    base = [sys.executable, script, "--config", str(ROOT / "configs" / "tiny.py"), "--save-dir", str(tmp_path / "out"),
+            "--prompt-path", str(prompts), "--num-sampling-steps", "4", "--batch-size", "1", "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    jobs = [subprocess.Popen([*base, "--cache", method], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for method in ("duca", "fora")]  # fmt: skip
+    results = [job.communicate(timeout=300) + (job.returncode,) for job in jobs]
+    assert all(code in (0, 1, 2) for *_, code in results), results
+    assert all("Traceback" not in err for _, err, _ in results), results
+    records = sorted((tmp_path / "out").glob("sample_*.json"))
+    assert len(records) == 4  # every video was made, by one job or the other
+    for path in records:
+        record = json.loads(path.read_text())
+        video = path.with_suffix(".mp4")
+        assert hashlib.sha256(video.read_bytes()).hexdigest() == record["video_sha256"], path.name
+        assert record["method"] == record["identity"]["method"] in ("duca", "fora")
+    assert not list((tmp_path / "out").glob(".*.lock"))
 
 
 # ------------------------------------------------------------------------------------------- Open-Sora's components

@@ -4,6 +4,10 @@ controller = duca_video.cache.enable(model, "duca")        # or "toca", "fora", 
 ... sample ...
 print(controller.summary()); controller.cache_bytes
 duca_video.cache.disable(model)
+
+Our sampler announces its samples and steps. For upstream Open-Sora's `RFLOW.sample`, which announces nothing,
+give the cache the sampler's settings and it follows the model's forward calls:
+controller = duca_video.cache.enable(upstream_stdit3, "duca", scheduler=rflow)   # or num_sampling_steps=30
 """
 
 from .config import (

@@ -9,6 +9,8 @@ Schedules are written in steps of the sampler (0 = noisiest). Step kinds:
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -20,6 +22,62 @@ SELECTORS = ("random", "random_frame", "k_norm", "v_norm", "cross_entropy", "min
 def _check(cond: bool, method: str, name: str, allowed: str, value: Any) -> None:
     if not cond:
         raise ValueError(f"cache method {method!r}: {name}={value!r} is invalid; allowed: {allowed}")
+
+
+# The values a name field may take, quoted in type errors so that the message says what to write.
+_CHOICES = {"pattern": STEP_KINDS, "recompute": MODULES, "selector": SELECTORS}
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int to Python, never a number to a user: recompute_ratio=True must not read as 1.0.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """`value` as the field type `hint`, or raise TypeError saying what is allowed."""
+    args = typing.get_args(hint)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and _is_number(value):
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    if typing.get_origin(hint) is tuple:
+        item = args[0]
+        if isinstance(value, str) and item is str:
+            # "attn,mlp" (as --cache-opt recompute=attn,mlp gives it) is a list of names, never of letters.
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, (list, tuple)) and (Ellipsis in args or len(value) == len(args)):
+            if item is str and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            if item is float and all(_is_number(v) for v in value):
+                return tuple(float(v) for v in value)
+    raise TypeError(_describe(name, hint))
+
+
+def _describe(name: str, hint: Any) -> str:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple:
+        size = "a list of" if Ellipsis in args else f"a list of {len(args)}"
+        if args[0] is str:
+            return f"{size} names from {_CHOICES.get(name, 'str')} (e.g. {name}=a,b on the command line)"
+        return f"{size} finite numbers"
+    if name in _CHOICES:
+        return f"one of {_CHOICES[name]}"
+    return {bool: "True or False", int: "an int", float: "a finite number", str: "a string"}.get(hint, str(hint))
+
+
+def _check_types(config: CacheConfig) -> None:
+    """Every field of `config` has its declared type (converted where that loses nothing, e.g. 1 -> 1.0)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        try:
+            setattr(config, f.name, _typed(f.name, value, hints[f.name]))
+        except TypeError as exc:
+            raise ValueError(f"cache method {config.method!r}: {f.name}={value!r} is invalid; allowed: {exc}") from None
 
 
 @dataclass
@@ -201,6 +259,7 @@ def make_config(method: str | CacheConfig, **overrides: Any) -> CacheConfig:
     """A validated config from a method name (or a config object) and field overrides."""
     if isinstance(method, CacheConfig):
         config = dataclasses.replace(method, **overrides) if overrides else method
+        _check_types(config)
         config.validate()
         return config
     if method not in METHODS:
@@ -217,6 +276,7 @@ def make_config(method: str | CacheConfig, **overrides: Any) -> CacheConfig:
         raise ValueError(f"cache method {method!r} has no field(s) {unknown}; allowed: {sorted(names)}")
     # A preset sets defaults; explicit overrides still win.
     config = cls(**{**presets.get(preset, {}), **overrides})
+    _check_types(config)
     config.validate()
     return config
 

@@ -3,7 +3,9 @@
 It needs nothing but Open-Sora's block attribute names (`attn`, `cross_attn`, `mlp`, `norm1`, `norm2`,
 `scale_shift_table`, `temporal`) and the block call signature `(x, y, t, mask, x_mask, t0, T, S)`, so it works
 on our STDiT3 and on an upstream Open-Sora model instance alike. It learns where sampling is from the sampler's
-events (see `duca_video.sampling.events`); outside a sample every block runs its own forward untouched.
+events (see `duca_video.sampling.events`) or, for a sampler that announces nothing (upstream's `RFLOW.sample`),
+from the model's own forward calls and the sampler's settings (`follow.py`). Under upstream's sequence
+parallelism it reads upstream's group (`upstream.py`).
 """
 
 from __future__ import annotations
@@ -19,10 +21,13 @@ from ..models.stdit3 import block_modulation, block_self_attention, gate_tokens,
 from ..parallel.comm import all_reduce_sum
 from ..sampling.events import SampleStart, StepStart, register_listener, unregister_listener
 from . import selection as sel
-from .config import CacheConfig, TeaCacheConfig, TokenCacheConfig, make_config
+from .config import CacheConfig, NoneConfig, StepsConfig, TeaCacheConfig, TokenCacheConfig, make_config
 from .folding import FoldingMixin, count_rows, rows_param, write_rows
+from .follow import SampleFollower, SamplingSettings, settings_from
 from .schedule import Action, StepPlan, build_schedule, schedule_table
 from .state import STACK, CacheState
+from .tokens import SelectionMixin
+from .upstream import UpstreamLayout, localize_cross_attention, restore_cross_attention, upstream_sp_group
 
 BLOCK_ATTRS = ("attn", "cross_attn", "mlp", "norm1", "norm2", "scale_shift_table", "temporal")
 _ATTR = "_duca_cache_controller"
@@ -56,12 +61,23 @@ def _capture_output(module: nn.Module, sink: dict[str, torch.Tensor], key: str, 
         handle.remove()
 
 
-class CacheController(FoldingMixin):
+class CacheController(FoldingMixin, SelectionMixin):
     """Listens to the sampler, holds the per-sample cache state and runs every block through the schedule."""
 
-    def __init__(self, model: nn.Module, config: CacheConfig, fold: bool = True) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        config: CacheConfig,
+        fold: bool = True,
+        settings: SamplingSettings | None = None,
+        seed: int | tuple[int, ...] | None = None,
+    ) -> None:
         self.model = model
         self.config = config
+        self.follower = SampleFollower(self, settings, seed)
+        self.announced = False  # a sampler announced the sample in progress
+        self.rows = 0  # model batch rows of the sample in progress
+        self._layout: UpstreamLayout | None = None  # upstream's sequence parallelism, when the model uses it
         # Folding stores `gate_msa(t') * attn + cross + gate_mlp(t') * mlp` as one tensor for the single
         # conservative step t' that reads it (plus the rows it recomputes), instead of three tensors.
         self.fold = fold and all(hasattr(model, a) for a in ("fps_embedder", "t_embedder", "t_block"))
@@ -90,6 +106,9 @@ class CacheController(FoldingMixin):
             block.forward = functools.partial(self._block_forward, index, block)
         register_listener(self.model, self)
         self.model.__dict__[_ATTR] = self
+        self._hooks.append(self.model.register_forward_pre_hook(self.follower.before, with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(self.follower.after, with_kwargs=True))
+        self._find_layout()
         if self.fold:  # the fps embedding of this forward, to compute the next step's modulation
             hook = self.model.fps_embedder.register_forward_hook(lambda _m, _i, out: setattr(self, "_fps_emb", out))
             self._hooks.append(hook)
@@ -102,10 +121,37 @@ class CacheController(FoldingMixin):
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        restore_cross_attention(self.blocks)
         self.state.reset()
+
+    def _find_layout(self) -> None:
+        group = upstream_sp_group(self.model)
+        if group is None:
+            if self._layout is not None:
+                restore_cross_attention(self.blocks)
+            self._layout = None
+        elif self._layout is None or self._layout.group is not group:
+            self._layout = UpstreamLayout(group)
+            localize_cross_attention(self.blocks)
+
+    @property
+    def caches(self) -> bool:
+        """Whether this method changes anything (`none` and `steps` leave every block as it is)."""
+        return not isinstance(self.config, (NoneConfig, StepsConfig))
 
     # -- sampler events -------------------------------------------------------------------------------
     def on_sample_start(self, event: SampleStart) -> None:
+        self.follower.reset()
+        self.begin_sample(event)
+        self.announced = True
+
+    def on_sample_end(self) -> None:
+        self.announced = False
+        self.finish_sample()
+
+    def begin_sample(self, event: SampleStart) -> None:
+        self._find_layout()
+        self.rows = event.batch_size * (2 if event.cfg else 1)
         self.state.reset()
         self.timesteps = tuple(event.timesteps)
         self.plans = build_schedule(self.config, self.timesteps)
@@ -124,7 +170,7 @@ class CacheController(FoldingMixin):
                              "spatial": self.plan.short("spatial"), "temporal": self.plan.short("temporal"),
                              "recomputed": {}, "tokens": {}})  # fmt: skip
 
-    def on_sample_end(self) -> None:
+    def finish_sample(self) -> None:
         self.cache_bytes = self.state.peak_bytes
         self.state.reset()
         self.plans, self.plan, self._stack_in = None, None, None
@@ -136,6 +182,8 @@ class CacheController(FoldingMixin):
             return type(block).forward(block, x, y, t, mask, x_mask, t0, T, S)
         last = index == len(self.blocks) - 1
         if index == 0:
+            if self._layout is not None:  # upstream's split of this forward: S is this rank's share
+                self._layout.set_local(S)
             self._stack_in = x
             if isinstance(self.config, TeaCacheConfig):
                 self._teacache_decide(block, x, t)
@@ -282,79 +330,6 @@ class CacheController(FoldingMixin):
             self._store_folded(index, block, x.shape[0], attn, cross, mlp, T, S, x)
         return x
 
-    # -- token selection -------------------------------------------------------------------------------
-    def _store_scores(self, index, block, grabbed, mask, T, S) -> None:
-        cfg = self.config
-        if cfg.selector in ("k_norm", "v_norm"):
-            qkv = grabbed["qkv"]  # (B*T, S, 3C) spatial or (B*S, T, 3C) temporal
-            c = qkv.shape[-1] // 3
-            part = qkv[..., c : 2 * c] if cfg.selector == "k_norm" else qkv[..., 2 * c :]
-            scores = sel.norm_scores(part)
-            if block.temporal:
-                scores = scores.view(-1, S, T).transpose(1, 2)
-            scores = scores.reshape(-1, T * S)
-        else:
-            q, kv = grabbed["q"], grabbed["kv"]  # q (B, N, C); kv (B, L, 2C), or upstream's packed (1, sum L, 2C)
-            c = q.shape[-1]
-            keys, key_mask = kv[..., :c], mask
-            if isinstance(mask, (list, tuple)):  # upstream passes the valid text lengths instead of a mask
-                keys = nn.utils.rnn.pad_sequence(list(keys.reshape(-1, c).split(list(mask))), batch_first=True)
-                lengths = torch.tensor(list(mask), device=keys.device)
-                key_mask = torch.arange(keys.shape[1], device=keys.device)[None] < lengths[:, None]
-            elif key_mask is not None:
-                key_mask = key_mask.bool()
-            scores = sel.attention_entropy(q, keys, key_mask, getattr(block.cross_attn, "num_heads", 1))
-        scores = scores.float()
-        if self.sp:  # selection looks at the whole grid: every rank gets every token's score
-            scores = self.sp.gather_scores(scores, T)
-        self.state.put(index, "scores", scores)
-
-    @property
-    def sp(self):
-        sp = getattr(self.model, "sp", None)
-        return sp if sp is not None and sp.size > 1 else None
-
-    def _select(
-        self, index: int, x: torch.Tensor, T: int, S: int, step: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Tokens to recompute at `step` (default: the current one): (indices (B, k), padding mask or None).
-
-        The draw depends on (video seed, step, block) only. Under sequence parallelism the scores cover the whole
-        grid, identical on every rank, and each rank keeps its share: the same choice as one process."""
-        cfg, sp = self.config, self.sp
-        rows = x.shape[0]
-        n = T * sp.s_global if sp else x.shape[1]
-        k = round(cfg.recompute_ratio * n)
-        draw = (self.seeds, self.step if step is None else step, index)
-        if cfg.selector == "random":
-            scores = sel.random_scores(rows, n, self.cfg, *draw)
-        elif cfg.selector == "random_frame":
-            scores = sel.random_frame_scores(rows, T, n // T, self.cfg, *draw)
-        elif cfg.selector in ("min_similarity", "max_similarity"):
-            if sp:
-                raise ValueError(f"selector {cfg.selector!r} compares tokens across the whole grid at the step"
-                                 " itself; it is not supported with sequence parallelism, use another one")  # fmt: skip
-            gens = sel.row_generators(*draw, rows, self.cfg)
-            scores = sel.similarity_scores(x, 0.01, cfg.selector == "min_similarity", gens)
-        else:
-            scores = self.state.get(index, "scores")
-            if scores is None:
-                raise RuntimeError(f"cache: selector {cfg.selector!r} has no scores for block {index}")
-        # On the meta device (counting runs) the choice is made on the CPU, where the random draws are; scores
-        # computed from meta tensors have no values, and which tokens are picked does not change the cost.
-        scores = torch.zeros(scores.shape) if scores.is_meta else scores.to("cpu" if x.is_meta else x.device)
-        if cfg.age_bonus > 0:
-            age = self.state.get(index, "age")
-            if age is None:
-                age = self.state.put(index, "age", torch.zeros(rows, n, device=scores.device))
-            scores = scores + cfg.age_bonus * age
-        idx = sel.top_k(scores, k)
-        if cfg.age_bonus > 0:
-            age += 1
-            age.scatter_(1, idx, 0.0)
-        idx, pad = sp.to_local(idx, T) if sp else (idx, None)
-        return idx.to(x.device), None if pad is None else pad.to(x.device)
-
     # -- reporting -------------------------------------------------------------------------------------
     def summary(self) -> str:
         """What each step did (C = computed, R = reused, P = partly recomputed; for attn / cross / mlp of the
@@ -379,14 +354,31 @@ class CacheController(FoldingMixin):
 
 
 def enable(
-    model: nn.Module, method: str | CacheConfig = "duca", *, fold: bool = True, **overrides: Any
+    model: nn.Module,
+    method: str | CacheConfig = "duca",
+    *,
+    fold: bool = True,
+    scheduler: Any = None,
+    num_sampling_steps: int | None = None,
+    seed: int | tuple[int, ...] | None = None,
+    **overrides: Any,
 ) -> CacheController:
     """Turn caching on for `model` (ours or upstream's STDiT3); returns the controller (summary, bytes).
 
-    `fold=False` keeps every module output separately (more memory, same result up to rounding)."""
+    A sampler that announces its samples (ours) needs nothing more. For one that does not (upstream's
+    `RFLOW.sample`), pass its settings: `scheduler=` the sampler object (or Open-Sora's scheduler dict), or
+    `num_sampling_steps=N` for Open-Sora 1.2's inference sampler; `seed=` seeds the token selection then (one
+    int, or one per video; default 0). `fold=False` keeps every module output separately (more memory, same
+    result up to rounding)."""
     config = make_config(method, **overrides)
+    settings = settings_from(scheduler, num_sampling_steps)
+    if isinstance(config, StepsConfig) and settings is not None and settings.num_sampling_steps != config.num_steps:
+        raise ValueError(
+            f"cache method 'steps' (num_steps={config.num_steps}) is a sampler setting: the sampler given runs "
+            f"{settings.num_sampling_steps} steps; set its num_sampling_steps instead"
+        )
     disable(model)
-    controller = CacheController(model, config, fold=fold)
+    controller = CacheController(model, config, fold=fold, settings=settings, seed=seed)
     controller.install()
     return controller
 

@@ -46,10 +46,13 @@ def build_text_encoder(cfg: InferenceConfig, path: str | None, device: torch.dev
     """T5 from a local folder, or the testbed's word encoder (from its folder, or seeded random init)."""
     sec = cfg.text_encoder
     if sec.type == "t5":
-        from duca_video.models import T5TextEncoder
+        from duca_video.models.text_encoder import T5LoadError, T5TextEncoder
 
         length = 300 if sec.model_max_length is None else sec.model_max_length
-        return T5TextEncoder(path, model_max_length=length, device=device, dtype=TORCH_DTYPES[sec.dtype])
+        try:
+            return T5TextEncoder(path, model_max_length=length, device=device, dtype=TORCH_DTYPES[sec.dtype])
+        except T5LoadError as exc:  # an unusable folder or a missing package: a user error, not a traceback
+            raise InputError(f"text_encoder.from_pretrained: {exc}") from None
     from duca_video.testbed import WordTextEncoder
 
     kwargs = dict(sec.extra)
@@ -92,16 +95,19 @@ def build_model(
     cfg: InferenceConfig, path: str | None, vae: Any, encoder: Any, device: torch.device, dtype: torch.dtype
 ) -> tuple[STDiT3, str]:
     """The STDiT3 and a description of where its weights came from; its sizes must fit the VAE and encoder."""
-    from duca_video.models.checkpoint import read_config
+    from duca_video.models.checkpoint import CheckpointError, read_config
 
     sec = cfg.model
     if path is not None:
         # The architecture: config.json next to the weights (else STDiT3-XL/2), overridden by fields next to
         # `type`. Only architecture keys are read from the file: exports add their own metadata to it.
         fields = {f.name for f in dataclasses.fields(STDiT3Config)}
-        saved = {k: v for k, v in (read_config(path) or {}).items() if k in fields}
-        arch = STDiT3Config.from_dict({**saved, **sec.extra})
-        model, source = STDiT3.from_pretrained(path, config=arch, dtype=dtype, device=device), path
+        try:  # preflight read the headers; a file cut inside its data (or changed since) fails only here
+            saved = {k: v for k, v in (read_config(path) or {}).items() if k in fields}
+            arch = STDiT3Config.from_dict({**saved, **sec.extra})
+            model, source = STDiT3.from_pretrained(path, config=arch, dtype=dtype, device=device), path
+        except (CheckpointError, TypeError) as exc:
+            raise InputError(f"model weights: {exc}") from None
     else:
         # As upstream's build: channels and text length follow the VAE and the text encoder unless set.
         sizes = dict(in_channels=int(vae.out_channels), caption_channels=int(encoder.output_dim),

@@ -10,9 +10,12 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import io
 import os
 import runpy
+import tokenize
 import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,19 +44,33 @@ _NOT_FIELDS = {"config", "cache_opt"}
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The fields a Python config file defines. Missing files and syntax errors are ConfigErrors."""
+    """The fields a Python config file defines. Every way a file can fail (missing, binary, not in its
+    encoding, a syntax error, an exception or exit() while it runs) is a ConfigError naming the file."""
     path = Path(path)
+    name = repr(str(path))
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    source = path.read_text()
+        raise ConfigError(f"config file {name} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config file {name} cannot be read: {exc}") from None
+    if b"\0" in data:
+        raise ConfigError(f"config file {name} is not a Python text file (it contains NUL bytes: a binary file?)")
+    try:  # the encoding a `# -*- coding: ... -*-` line declares, else UTF-8, as Python reads source
+        source = data.decode(tokenize.detect_encoding(io.BytesIO(data).readline)[0])
+    except (SyntaxError, UnicodeDecodeError, LookupError) as exc:
+        raise ConfigError(f"config file {name} is not readable Python source text: {exc}") from None
     try:
         ast.parse(source, filename=str(path))
     except SyntaxError as exc:
-        raise ConfigError(f"config file {str(path)!r} does not parse: line {exc.lineno}: {exc.msg}") from None
+        raise ConfigError(f"config file {name} does not parse: line {exc.lineno}: {exc.msg}") from None
     try:
         namespace = runpy.run_path(str(path), run_name="__duca_config__")
+    except SystemExit as exc:  # exit() / sys.exit() in a config must not end the program with the file's status
+        raise ConfigError(f"config file {name} called exit({exc.code!r}) while it ran; a config only sets "
+                          "fields") from None  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - any failure in user code is reported with the file's name
-        raise ConfigError(f"config file {str(path)!r} failed to run: {type(exc).__name__}: {exc}") from None
+        raise ConfigError(f"config file {name} failed to run: {type(exc).__name__}: {exc}") from None
     skip = (types.ModuleType, types.FunctionType, type)
     return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, skip)}
 
@@ -110,10 +127,17 @@ def config_from_args(argv: Sequence[str] | None = None) -> tuple[InferenceConfig
     return load_config(args.config, args), args
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one `error: ...` line (exit 2), the usage only on --help."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Open-Sora 1.2's inference flags (same names), plus --cache, --cache-opt and --save-latents.
     Every flag defaults to None, meaning "keep the config's value"."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="scripts/inference.py",
         description="Generate videos with Open-Sora 1.2 (STDiT3) and feature caching.",
         epilog="Weights: --ckpt-path / $DUCA_CKPT_PATH (STDiT3), --vae-path / $DUCA_VAE_PATH, "
@@ -129,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--aes", type=float, help='aesthetic score appended as " aesthetic score: X."')
     g.add_argument("--flow", type=float, help='motion score appended as " motion score: X."')
     g.add_argument("--camera-motion", help='appended as " camera motion: X."')
+    g.add_argument("--clean-prompts", action=argparse.BooleanOptionalAction, default=None,
+                   help="clean prompts as Open-Sora does before T5 (lower case, links, HTML); default on")  # fmt: skip
     g = p.add_argument_group("video")
     g.add_argument("--resolution", help="144p, 240p, 360p, 480p or 720p")
     g.add_argument("--aspect-ratio", help="H:W, e.g. 9:16")
@@ -149,16 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--cache", choices=CACHE_METHODS, help="caching method; the config's cache settings apply to its method only"
     )
-    g.add_argument("--cache-opt", action="append", metavar="KEY=VALUE", help="cache setting override; repeatable")
+    g.add_argument("--cache-opt", action="append", metavar="KEY=VALUE",
+                   help="cache setting, typed by the setting (lists: recompute=attn,mlp); repeatable")  # fmt: skip
     g = p.add_argument_group("weights")
     g.add_argument("--ckpt-path", help="STDiT3 checkpoint (file or folder); env DUCA_CKPT_PATH")
     g.add_argument("--vae-path", help="Open-Sora VAE checkpoint; env DUCA_VAE_PATH")
     g.add_argument("--text-encoder-path", help="T5 folder (e.g. t5-v1_1-xxl); env DUCA_T5_PATH")
     g = p.add_argument_group("outputs")
     g.add_argument("--save-dir", help="folder for NAME.mp4 / NAME.json (created)")
-    g.add_argument("--sample-name", help="name prefix (default 'sample' -> sample_0000)")
+    g.add_argument("--sample-name", help="file name prefix, no path (default 'sample' -> sample_0000)")
     g.add_argument("--prompt-as-path", action="store_true", default=None, help="VBench naming {prompt}-{k}.mp4")
     g.add_argument("--save-latents", action="store_true", default=None, help="also write NAME.latent.safetensors")
+    g.add_argument("--overwrite", action="store_true", default=None,
+                   help="regenerate videos whose records show other settings (default: refuse)")  # fmt: skip
     g.add_argument(
         "--count-flops", action=argparse.BooleanOptionalAction, default=None, help="count DiT FLOPs during sampling"
     )

@@ -4,6 +4,7 @@ which input and how to fix it."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -11,15 +12,19 @@ from pathlib import Path
 
 import torch
 
-from duca_video.io import PromptError, append_scores, load_prompt_file, select_prompts, video_name
+from duca_video.io import PromptError, append_scores, select_prompts, video_name
+from duca_video.io.captions import clean_prompt
+from duca_video.io.prompts import check_prompt, check_video_name, duplicate_names, load_prompt_lines
 
 from .loader import WEIGHT_ENV_VARS
 from .schema import ConfigError, InferenceConfig
 
 __all__ = [
+    "MAX_VIDEOS",
     "InputError",
     "VideoJob",
     "check_cache_settings",
+    "check_model_weights",
     "load_prompts",
     "plan_batches",
     "resolve_device",
@@ -27,6 +32,10 @@ __all__ = [
     "batch_jobs",
     "data_parallel_share",
 ]
+
+
+# One run plans every video in memory first; past this, split the job with --start-index / --end-index.
+MAX_VIDEOS = 1_000_000
 
 
 class InputError(ValueError):
@@ -41,6 +50,9 @@ class VideoJob:
     k: int  # sample number for this prompt
     seed: int
     name: str
+
+    def __post_init__(self) -> None:
+        check_video_name(self.name)  # whoever planned the job, its files stay inside the save folder
 
 
 def batch_jobs(jobs: Sequence[VideoJob], size: int) -> list[list[VideoJob]]:
@@ -59,12 +71,51 @@ def data_parallel_share(prompts: list, dp_size: int, dp_rank: int) -> list:
 
 
 def load_prompts(cfg: InferenceConfig) -> list[tuple[int, str]]:
+    """(index, prompt) for the prompts this run generates, every one checked (readable text, a file name of
+    its own) before anything is loaded: a bad prompt stops the run here instead of failing its whole batch."""
     if cfg.prompt:
-        return select_prompts(cfg.prompt, cfg.start_index, cfg.end_index, "--prompt")
-    if cfg.prompt_path is None:
+        prompts = select_prompts(cfg.prompt, cfg.start_index, cfg.end_index, "--prompt")
+        where = {i: f"prompt {i} (--prompt)" for i, _ in prompts}
+    elif cfg.prompt_path is None:
         raise PromptError("no prompts: pass --prompt TEXT or --prompt-path FILE (or set prompt / prompt_path)")
-    prompts = load_prompt_file(cfg.prompt_path)
-    return select_prompts(prompts, cfg.start_index, cfg.end_index, f"prompt file {cfg.prompt_path!r}")
+    else:
+        lines = load_prompt_lines(cfg.prompt_path)
+        source = f"prompt file {cfg.prompt_path!r}"
+        prompts = select_prompts([p for _, p in lines], cfg.start_index, cfg.end_index, source)
+        where = {i: f"prompt {i} ({source}, line {lines[i][0]})" for i, _ in prompts}
+    for i, prompt in prompts:
+        check_prompt(prompt, where[i])
+    if len(prompts) * cfg.num_sample > MAX_VIDEOS:
+        raise PromptError(
+            f"{len(prompts)} prompt(s) x num_sample {cfg.num_sample} = {len(prompts) * cfg.num_sample} "
+            f"videos; one run plans at most {MAX_VIDEOS}: split it with --start-index / --end-index"
+        )
+    clashes = duplicate_names([(i, p, _name(cfg, i, p, k)) for i, p in prompts for k in range(cfg.num_sample)])
+    if len(clashes) > 10:
+        clashes = [*clashes[:10], f"... and {len(clashes) - 10} more"]
+    if clashes:
+        raise PromptError("prompts that would write the same file (give each prompt once, or drop "
+                          "--prompt-as-path):\n  " + "\n  ".join(clashes))  # fmt: skip
+    return prompts
+
+
+def _name(cfg: InferenceConfig, index: int, prompt: str, k: int) -> str:
+    return video_name(index, prompt, k, cfg.num_sample, cfg.prompt_as_path, cfg.sample_name)
+
+
+def encoder_text(cfg: InferenceConfig, index: int, prompt: str) -> str:
+    """What the text encoder sees for `prompt`, as upstream builds it: the score suffixes appended, then Open-Sora's
+    caption cleaning (twice) unless `clean_prompts` is off. A prompt that cleans to nothing is refused."""
+    text = append_scores(prompt, cfg.aes, cfg.flow, cfg.camera_motion)
+    if not cfg.clean_prompts:
+        return text
+    cleaned = clean_prompt(text)
+    if not cleaned.strip():
+        raise PromptError(
+            f"prompt {index} ({prompt[:80]!r}) is empty after Open-Sora's prompt cleaning (links, ids and shop "
+            "words are removed); reword it, or pass --no-clean-prompts to send it as is"
+        )
+    return cleaned
 
 
 def plan_batches(cfg: InferenceConfig, prompts: list[tuple[int, str]]) -> list[list[VideoJob]]:
@@ -74,8 +125,7 @@ def plan_batches(cfg: InferenceConfig, prompts: list[tuple[int, str]]) -> list[l
         chunk = prompts[start : start + cfg.batch_size]
         for k in range(cfg.num_sample):
             batches.append([
-                VideoJob(i, p, append_scores(p, cfg.aes, cfg.flow, cfg.camera_motion), k, cfg.seed + k,
-                         video_name(i, p, k, cfg.num_sample, cfg.prompt_as_path, cfg.sample_name))
+                VideoJob(i, p, encoder_text(cfg, i, p), k, cfg.seed + k, _name(cfg, i, p, k))
                 for i, p in chunk
             ])  # fmt: skip
     return batches
@@ -106,7 +156,29 @@ def resolve_weights(cfg: InferenceConfig) -> dict[str, str | None]:
         problems.append(f"vae.spatial_from_pretrained {spatial!r} does not exist")
     if problems:
         raise InputError("missing weights:\n  " + "\n  ".join(problems))
+    if paths["model"] is not None:
+        check_model_weights(cfg, paths["model"])
     return paths
+
+
+def check_model_weights(cfg: InferenceConfig, path: str) -> None:
+    """The STDiT3 checkpoint's headers and config.json are readable and its architecture is valid, found
+    without reading a weight (a truncated download fails here, not after the text encoder has loaded)."""
+    from duca_video.models import STDiT3Config
+    from duca_video.models.checkpoint import CheckpointError, check_checkpoint, config_path, read_config
+
+    try:
+        check_checkpoint(path)
+        saved = read_config(path) or {}
+    except (CheckpointError, FileNotFoundError) as exc:
+        raise InputError(f"model weights: {exc}") from None
+    fields = {f.name for f in dataclasses.fields(STDiT3Config)}
+    arch = {k: v for k, v in saved.items() if k in fields}  # as build_model reads it
+    try:
+        STDiT3Config.from_dict({**arch, **cfg.model.extra})
+    except (TypeError, ValueError) as exc:
+        given = f"{config_path(path)}, then the config's model fields" if arch else "the config's model fields"
+        raise InputError(f"model architecture ({given}): {exc}") from None
 
 
 def check_cache_settings(cfg: InferenceConfig) -> None:
@@ -127,9 +199,16 @@ def check_cache_settings(cfg: InferenceConfig) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N`, checked against the devices this machine has."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not (name.startswith("cuda:") and name[5:].isdecimal()):
+        raise InputError(f"device {name!r} is not allowed; allowed: auto, cpu, cuda, cuda:N (N = 0, 1, ...)")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {name!r}: CUDA is not available here; use --device cpu or auto")
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= count:
+        raise InputError(f"device {name!r}: this machine has {count} CUDA device(s); allowed: auto, cpu, cuda, "
+                         f"cuda:0 .. cuda:{count - 1}")  # fmt: skip
     return device

@@ -8,6 +8,8 @@ typo fails before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 from duca_video import sizes
+from duca_video.io.prompts import PromptError, check_sample_name
 
 __all__ = [
     "CACHE_METHODS",
@@ -39,6 +42,13 @@ DTYPES = tuple(TORCH_DTYPES)
 ModelType = Literal["STDiT3-XL/2", "STDiT3"]
 VAEType = Literal["OpenSoraVAE_V1_2", "PixelVAE"]
 TextEncoderType = Literal["t5", "word"]
+# torch.Generator.manual_seed takes any 64-bit value, but a negative seed is the same generator as a large one:
+# seeds are 0..2**63-1 (an int64 wherever they are stored), and so is seed + k for the k-th sample.
+MAX_SEED = 2**63 - 1
+# An mp4 frame rate is a fraction of 32-bit ints; ffmpeg refuses frames with (W + 128) * (H + 128) >= 2**28.
+MAX_FPS = 2**31 - 1
+_MAX_FRAME_AREA = 2**28
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):
@@ -117,6 +127,7 @@ def _build(cls: type, values: Any, where: str, extra_ok: bool = False) -> Any:
     for name in names:
         if name not in values:
             continue
+        _check_plain(_key(where, name), values[name])
         try:
             kwargs[name] = _coerce(values[name], hints[name])
         except TypeError as exc:
@@ -124,6 +135,15 @@ def _build(cls: type, values: Any, where: str, extra_ok: bool = False) -> Any:
     if extra_ok:
         kwargs["extra"] = {k: values[k] for k in unknown}
     return cls(**kwargs)
+
+
+def _check_plain(key: str, value: Any) -> None:
+    # nan and inf pass every comparison check silently (--cfg-scale nan made a black video); a NUL cannot be
+    # part of any path or name.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} is not allowed: it must be a finite number")
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{key}={value!r} is not allowed: it contains a NUL character")
 
 
 def _key(where: str, name: str) -> str:
@@ -151,7 +171,8 @@ class ModelSection:
         try:  # validates names and values now; the VAE / text encoder fill in their sizes later
             STDiT3Config.from_dict(self.extra)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"model: {exc} (besides type and from_pretrained)") from None
+            besides = " (besides type and from_pretrained)" if str(exc).startswith("unknown") else ""
+            raise ConfigError(f"model: {exc}{besides}") from None
 
     @property
     def needs_weights(self) -> bool:
@@ -218,7 +239,11 @@ class SchedulerSection:
     num_timesteps: int = 1000
 
     def __post_init__(self) -> None:
-        _positive("scheduler", num_sampling_steps=self.num_sampling_steps, num_timesteps=self.num_timesteps)
+        _positive("scheduler", num_sampling_steps=self.num_sampling_steps, num_timesteps=self.num_timesteps,
+                  transform_scale=self.transform_scale)  # fmt: skip
+        if self.num_sampling_steps > self.num_timesteps:  # the sampler's steps divide num_timesteps
+            raise ConfigError(f"scheduler.num_sampling_steps={self.num_sampling_steps} is not allowed: at most "
+                              f"scheduler.num_timesteps ({self.num_timesteps})")  # fmt: skip
 
 
 @dataclass
@@ -285,6 +310,10 @@ class InferenceConfig:
     sample_name: str | None = None
     save_dir: str = "samples"
     save_latents: bool = False
+    # Open-Sora cleans prompts before T5 (lower case, links, HTML, ...): the same here, so T5 sees upstream's text.
+    clean_prompts: bool = True
+    # Resume: a video whose record shows other pixel-changing settings is refused unless overwrite is set.
+    overwrite: bool = False
     count_flops: bool = True
     quiet: bool = False
     sp_size: int | None = None  # ranks per sequence-parallel group under torchrun (None: all of them)
@@ -306,8 +335,30 @@ class InferenceConfig:
             raise ConfigError(f"start_index={self.start_index} is not allowed: it must be >= 0")
         if self.end_index is not None and self.end_index <= self.start_index:
             raise ConfigError(f"end_index={self.end_index} must be greater than start_index={self.start_index}")
-        if self.device != "auto" and not self.device.startswith(("cpu", "cuda")):
-            raise ConfigError(f"device={self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device={self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N (N = 0, 1, ..)")
+        self._check_limits()
+        if self.sample_name is not None:
+            try:
+                check_sample_name(self.sample_name)
+            except PromptError as exc:
+                raise ConfigError(f"sample_name: {exc}") from None
+
+    def _check_limits(self) -> None:
+        """Upper bounds: values past them would overflow a generator seed or the mp4 writer mid-run."""
+        if not 0 <= self.seed <= MAX_SEED - (self.num_sample - 1):
+            last = f" (and seed + num_sample - 1 = {self.seed + self.num_sample - 1})" if self.num_sample > 1 else ""
+            raise ConfigError(f"seed={self.seed} is not allowed: seeds{last} must be in 0..2**63-1 = {MAX_SEED}")
+        for key, value in (("fps", self.fps), ("save_fps", self.save_fps)):
+            if value is not None and value > MAX_FPS:
+                raise ConfigError(f"{key}={value} is not allowed: an mp4 frame rate is at most 2**31-1 = {MAX_FPS}")
+        h, w = self.size
+        if (h + 128) * (w + 128) >= _MAX_FRAME_AREA:
+            raise ConfigError(f"image_size=[{h}, {w}] is not allowed: the mp4 writer (ffmpeg) refuses frames with "
+                              "(H + 128) * (W + 128) >= 2**28, e.g. larger than 16000 x 16000")  # fmt: skip
+        if 3 * self.num_frames * h * w >= 2**63:
+            raise ConfigError(f"num_frames={self.num_frames} is not allowed at {h}x{w}: the video would have more "
+                              "values than a tensor can hold (2**63)")  # fmt: skip
 
     @property
     def size(self) -> tuple[int, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ RECORD_FIELDS = (
     "latent_shape", "dtype", "device", "batch_size", "latency_s", "batch_latency_s", "latency_scope",
     "dit_tflops", "dit_tflops_counted_by", "peak_memory_bytes", "peak_memory_kind", "cache_bytes",
     "world_size", "rank", "sp_size", "dp_size", "weights", "sampler", "video_codec", "files", "created",
-    "versions",
+    "versions", "identity", "video_bytes", "video_sha256",
 )  # fmt: skip
 
 
@@ -41,19 +40,6 @@ class OutputPaths:
     def latent(self) -> Path:
         return self.folder / f"{self.name}.latent.safetensors"
 
-    def complete(self, with_latent: bool) -> bool:
-        """mp4 + json present (json is written last, so it marks a finished video), and the latent if asked."""
-        done = self.video.is_file() and self.record.is_file()
-        return done and (not with_latent or self.latent.is_file())
-
-    def differs(self, expected: dict[str, Any]) -> list[str]:
-        """Keys of `expected` whose value in the existing record is different (unreadable record: all keys)."""
-        try:
-            old = json.loads(self.record.read_text())
-        except (OSError, ValueError):
-            return sorted(expected)
-        return sorted(k for k, v in expected.items() if old.get(k) != v)
-
 
 @dataclass
 class RunSummary:
@@ -61,32 +47,52 @@ class RunSummary:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
+    busy: list[tuple[str, str]] = field(default_factory=list)  # left to another job holding the video's lock
     latencies: list[float] = field(default_factory=list)  # per written video, seconds
     tflops: list[float] = field(default_factory=list)  # per written video whose FLOPs were counted
     interrupted: bool = False
-    writer: bool = True  # False on the ranks of a sequence-parallel group that help but do not write files
+    writer: bool = True  # False on the ranks that do not print (all but global rank 0)
+    job_total: int | None = None  # distinct videos of the whole job (every data-parallel share)
+    job_complete: int | None = None  # of those, complete on disk when the job ended
 
     @property
     def exit_code(self) -> int:
-        """0: every video is there; 1: some failed; 130: stopped by the user or a signal."""
+        """0: every video is there; 1: some failed or are still with another job; 130: stopped by a signal."""
         if self.interrupted:
             return 130
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.busy else 0
 
     def format(self) -> str:
-        total = len(self.written) + len(self.skipped) + len(self.failed)
+        done = len(self.written) + len(self.skipped)
         lines = [
             f"summary: {len(self.written)} written, {len(self.skipped)} skipped (already complete), "
-            f"{len(self.failed)} failed, of {total} video(s) in {self.save_dir}"
-            + (" (interrupted)" if self.interrupted else "")
+            f"{len(self.failed)} failed" + (f", {len(self.busy)} left to another job" if self.busy else "")
+            + f" in {self.save_dir}" + (" (interrupted)" if self.interrupted else "")
         ]
+        if self.job_total is not None:
+            complete = done if self.job_complete is None else self.job_complete
+            lines.append(f"job: {complete} of {self.job_total} video(s) complete on disk")
         if self.latencies:
             lines.append(f"mean latency: {_mean(self.latencies):.3f} s per video")
         if self.tflops:
             lines.append(f"DiT: {_mean(self.tflops):.4f} TFLOPs per video")
         for name, error in self.failed:
             lines.append(f"FAILED {name}: {error}")
+        for name, why in self.busy:
+            lines.append(f"NOT DONE {name}: {why}")
         return "\n".join(lines)
+
+    def to_parts(self) -> dict[str, Any]:
+        """What another rank needs to merge this share into one summary."""
+        return {"written": self.written, "skipped": self.skipped, "failed": self.failed, "busy": self.busy,
+                "latencies": self.latencies, "tflops": self.tflops}  # fmt: skip
+
+    def merge(self, parts: list[dict[str, Any]]) -> None:
+        """Replace the counts by the sum over every data-parallel share (this one's included in `parts`)."""
+        for key in ("written", "skipped", "failed", "busy", "latencies", "tflops"):
+            setattr(self, key, [item for part in parts for item in part[key]])
+        self.failed = [tuple(f) for f in self.failed]
+        self.busy = [tuple(b) for b in self.busy]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -94,6 +100,9 @@ class RunSummary:
             "written": len(self.written),
             "skipped": len(self.skipped),
             "failed": [{"name": n, "error": e} for n, e in self.failed],
+            "busy": [{"name": n, "holder": h} for n, h in self.busy],
+            "job_total": self.job_total,
+            "job_complete": self.job_complete,
             "mean_latency_s": _mean(self.latencies) if self.latencies else None,
             "mean_dit_tflops": _mean(self.tflops) if self.tflops else None,
             "interrupted": self.interrupted,

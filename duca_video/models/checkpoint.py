@@ -2,17 +2,23 @@
 
 Accepted: a `.safetensors` file, a `.pt`/`.pth`/`.bin` file (read with `weights_only=True`, so no arbitrary
 object is ever unpickled), or an HF-style directory (`config.json` + `model.safetensors`, sharded
-`*.safetensors.index.json`, or `pytorch_model.bin`). Loading is strict: one error lists every missing,
-unexpected and mis-shaped key.
+`*.safetensors.index.json`, or `pytorch_model.bin`). A weights file's architecture is the `config.json` of its
+folder, whether the path names the folder or the file. Loading is strict: one error lists every missing,
+unexpected and mis-shaped key. A file that cannot be read (truncated, corrupt, not JSON) is a CheckpointError
+naming it; `check_checkpoint` finds most of those from the headers alone, before any weight is read.
 """
 
 from __future__ import annotations
 
 import json
+import pickle
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -23,6 +29,10 @@ _NESTED_KEYS = ("state_dict", "model", "module", "ema")
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's keys or shapes do not fit the model."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or its config.json cannot be read (truncated, corrupt, wrong format); names the file."""
 
 
 def _require(path: Path) -> Path:
@@ -38,8 +48,10 @@ def weights_file(path: str | Path) -> list[Path]:
         return [path]
     for index in ("model.safetensors.index.json", "diffusion_pytorch_model.safetensors.index.json"):
         if (path / index).is_file():
-            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
-            return [_require(path / s) for s in shards]
+            weight_map = _read_json(path / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{path / index}: expected a 'weight_map' object of key -> shard file name")
+            return [_require(path / s) for s in sorted(set(weight_map.values()))]
     for name in ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.bin", "model.pt"):
         if (path / name).is_file():
             return [path / name]
@@ -48,33 +60,88 @@ def weights_file(path: str | Path) -> list[Path]:
                             f"pytorch_model.bin, model.pt); it holds {found}")  # fmt: skip
 
 
-def read_config(path: str | Path) -> dict | None:
-    """`config.json` next to the weights, if any."""
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from `path`; anything else (unreadable, not UTF-8, not JSON, not an object) is a
+    CheckpointError naming the file."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{path} cannot be read: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not UTF-8 text (a binary file?): {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON (truncated?): line {exc.lineno} column {exc.colno}: "
+                              f"{exc.msg}") from None  # fmt: skip
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, expected an object of config keys")
+    return value
+
+
+def config_path(path: str | Path) -> Path:
+    """Where the `config.json` describing the weights at `path` lives: in the folder, or beside the file."""
     path = Path(path).expanduser()
-    candidate = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    if path.is_dir() and candidate.is_file():
-        return json.loads(candidate.read_text())
-    return None
+    return path / "config.json" if path.is_dir() else path.parent / "config.json"
+
+
+def read_config(path: str | Path) -> dict | None:
+    """The `config.json` of the weights' folder (`path` is the folder, or a weights file inside it), if any."""
+    candidate = config_path(path)
+    return _read_json(candidate) if candidate.is_file() else None
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError (or FileNotFoundError) if the checkpoint at `path` is visibly unreadable, without
+    reading any weight: config.json must be a JSON object, a safetensors header must parse and cover the file,
+    a torch file must be a whole zip archive (torch.save) or an old-style pickle."""
+    read_config(path)
+    for file in weights_file(path):
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt") as f:
+                    f.keys()
+            except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+                raise CheckpointError(_unreadable(file, exc)) from None
+        elif file.suffix in _TORCH_SUFFIXES:
+            with open(file, "rb") as f:
+                legacy = f.read(1) == b"\x80"  # torch.save's pre-1.6 format is a bare pickle
+            if not legacy and not zipfile.is_zipfile(file):
+                raise CheckpointError(f"{file} is not a torch checkpoint: neither a whole zip archive (torch.save) "
+                                      "nor a legacy pickle; it may be truncated or corrupt")  # fmt: skip
+        else:
+            raise CheckpointError(_unsupported(file))
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    return f"{path} cannot be read as {path.suffix[1:]} weights (truncated or corrupt?): {exc}"
+
+
+def _unsupported(path: Path) -> str:
+    return (f"unsupported checkpoint format {path.suffix!r} for {path}; use .safetensors, "
+            f"{', '.join(_TORCH_SUFFIXES)} or an HF-style directory")  # fmt: skip
 
 
 def _read_one(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        return load_file(str(path), device=str(device))
+        try:
+            return load_file(str(path), device=str(device))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise CheckpointError(_unreadable(path, exc)) from None
     if path.suffix not in _TORCH_SUFFIXES:
-        raise ValueError(f"unsupported checkpoint format {path.suffix!r} for {path}; "
-                         f"use .safetensors, {', '.join(_TORCH_SUFFIXES)} or an HF-style directory")  # fmt: skip
+        raise CheckpointError(_unsupported(path))
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the reason users need
-        raise ValueError(f"{path} is not a plain tensor checkpoint (read with weights_only=True, which refuses "
-                         f"pickled objects): {exc}") from exc  # fmt: skip
+    except pickle.UnpicklingError as exc:  # what weights_only=True raises for anything but tensors and containers
+        raise CheckpointError(f"{path} is not a plain tensor checkpoint (read with weights_only=True, which refuses "
+                              f"pickled objects): {exc}") from None  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - a truncated zip, a cut pickle: re-raised naming the file
+        raise CheckpointError(_unreadable(path, exc)) from None
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
         inner = next((obj[k] for k in _NESTED_KEYS if k in obj and isinstance(obj[k], dict)), None)
         if inner is None:
             break
         obj = inner
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 

@@ -9,6 +9,7 @@ math written against Open-Sora's attribute names only (`attn`, `cross_attn`, `ml
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,10 @@ _IGNORED_CONFIG_KEYS = {
     "torch_dtype", "transformers_version", "_name_or_path", "from_pretrained", "type",
     "testbed",  # our small trained model's data/sampler settings, next to its architecture
 }  # fmt: skip
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -46,21 +51,36 @@ class STDiT3Config:
     skip_y_embedder: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.patch_size = tuple(int(p) for p in self.patch_size)
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size must be 3 positive ints (t, h, w), got {self.patch_size}")
-        for name in ("depth", "hidden_size", "num_heads", "in_channels", "caption_channels", "model_max_length"):
+        # Types first, each error naming the field: a float patch size or a "yes" flag would otherwise be
+        # truncated or taken as true without a word.
+        for name in ("depth", "hidden_size", "num_heads", "in_channels", "caption_channels", "model_max_length",
+                     "input_sq_size"):  # fmt: skip
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"STDiT3Config.{name} must be a positive int, got {value!r}")
+            if not _is_int(value) or value < 1:
+                error = ValueError if _is_int(value) else TypeError
+                raise error(f"STDiT3Config.{name}={value!r} is not allowed: expected a positive int")
+        ps = self.patch_size
+        if not isinstance(ps, (list, tuple)) or not all(_is_int(p) for p in ps):
+            raise TypeError(f"STDiT3Config.patch_size={ps!r} is not allowed: expected 3 positive ints (t, h, w)")
+        if len(ps) != 3 or min(ps) < 1:
+            raise ValueError(f"patch_size must be 3 positive ints (t, h, w), got {tuple(ps)}")
+        self.patch_size = tuple(ps)
+        for name in ("qk_norm", "pred_sigma", "skip_y_embedder"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"STDiT3Config.{name}={getattr(self, name)!r} is not allowed: expected True or False")
+        r = self.mlp_ratio
+        number = isinstance(r, (int, float)) and not isinstance(r, bool)
+        if not number or not math.isfinite(r) or r <= 0:
+            error = ValueError if number else TypeError
+            raise error(f"STDiT3Config.mlp_ratio={r!r} is not allowed: expected a finite number > 0")
+        if int(self.hidden_size * r) < 1:
+            raise ValueError(f"STDiT3Config: mlp_ratio {r} gives an MLP of {int(self.hidden_size * r)} features")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"STDiT3Config: num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}")
         if (self.hidden_size // self.num_heads) % 2:
             raise ValueError(f"STDiT3Config: head dim {self.hidden_size // self.num_heads} must be even (RoPE)")
         if self.hidden_size % 4:
             raise ValueError(f"STDiT3Config: hidden_size {self.hidden_size} must be divisible by 4")
-        if self.mlp_ratio <= 0 or self.input_sq_size <= 0:
-            raise ValueError("STDiT3Config: mlp_ratio and input_sq_size must be positive")
         if self.skip_y_embedder:
             raise ValueError("STDiT3Config: skip_y_embedder=True (pre-projected captions) is not supported")
 

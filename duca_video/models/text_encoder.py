@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["T5TextEncoder", "TextEncoder", "check_prompts", "null_caption"]
+__all__ = ["T5LoadError", "T5TextEncoder", "TextEncoder", "check_prompts", "load_t5_tokenizer", "null_caption"]
 
 
 @runtime_checkable
@@ -98,6 +98,53 @@ class NullCaptionSource:
         return null_caption(source, n)
 
 
+class T5LoadError(ValueError):
+    """A T5 folder whose tokenizer cannot be loaded here; the message names the folder and the fix."""
+
+
+def _check_sentencepiece_folder(path: Path) -> None:
+    # Without tokenizer.json (DeepFloyd/t5-v1_1-xxl ships only spiece.model), transformers converts spiece.model
+    # into a fast tokenizer, which needs protobuf; when that fails it falls back to reading the file as tiktoken
+    # and dies with an unrelated traceback. Check the preconditions first so that the error says what is wrong.
+    spiece = path / "spiece.model"
+    if (path / "tokenizer.json").is_file():
+        return
+    if not spiece.is_file():
+        raise T5LoadError(f"T5 tokenizer folder {path} has neither tokenizer.json nor spiece.model; "
+                          "point the text encoder at a complete copy of e.g. DeepFloyd/t5-v1_1-xxl")  # fmt: skip
+    try:
+        import google.protobuf  # noqa: F401
+    except ImportError:
+        raise T5LoadError(f"T5 tokenizer folder {path} has spiece.model but no tokenizer.json; reading it needs "
+                          "the protobuf package, which is missing: pip install protobuf") from None  # fmt: skip
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_file=str(spiece))
+    except (OSError, RuntimeError) as exc:
+        raise T5LoadError(f"{spiece} is not a readable SentencePiece model ({exc})") from None
+
+
+def load_t5_tokenizer(path: str | Path) -> Any:
+    """The T5 tokenizer of a local folder, as upstream loads it (`AutoTokenizer.from_pretrained`), offline.
+
+    Works with a `tokenizer.json` or with only `spiece.model` + `tokenizer_config.json` (the DeepFloyd layout);
+    either way T5's ids: sentencepiece pieces, then </s> (id 1); padding is <pad> (id 0).
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path).expanduser()
+    _check_sentencepiece_folder(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, ImportError) as exc:
+        raise T5LoadError(f"cannot load the T5 tokenizer from {path}: {exc}") from None
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise T5LoadError(f"the tokenizer in {path} has no pad or eos token ({type(tokenizer).__name__}); "
+                          "T5 pads with <pad> and ends every prompt with </s>")  # fmt: skip
+    return tokenizer
+
+
 class T5TextEncoder(NullCaptionSource):
     """transformers `T5EncoderModel` + `AutoTokenizer` loaded offline from a local directory.
 
@@ -117,7 +164,7 @@ class T5TextEncoder(NullCaptionSource):
         tokenizer_path: str | Path | None = None,
         strict: bool = False,
     ) -> None:
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import T5EncoderModel
 
         self.path = Path(path).expanduser()
         tok_path = self.path if tokenizer_path is None else Path(tokenizer_path).expanduser()
@@ -134,7 +181,7 @@ class T5TextEncoder(NullCaptionSource):
         self.device = torch.device(device)
         self.dtype = dtype
         self.strict = strict
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
+        self.tokenizer = load_t5_tokenizer(tok_path)
         load_kwargs: dict[str, Any] = {"local_files_only": True, _dtype_kwarg(): dtype}
         self.model = T5EncoderModel.from_pretrained(str(self.path), **load_kwargs).to(self.device).eval()
         self.model.requires_grad_(False)

@@ -1,7 +1,7 @@
 """Work a sequence-parallel group shares instead of repeating it on every rank.
 
-- Text: the group's writer (sp rank 0) runs the text encoder; one broadcast gives every rank the embeddings.
-  Other ranks never load the encoder (T5-XXL is ~19 GB in fp32).
+- Text: the group's writer (sp rank 0) runs the text encoder; a broadcast (shape and dtype, then the data)
+  gives every rank the embeddings. Other ranks never load the encoder (T5-XXL is ~19 GB in fp32).
 - VAE decoding: the latent's 17-frame chunks are independent, so rank r decodes chunks r, r + p, ...; one
   all-gather brings every chunk to the writer, which assembles the video.
 """
@@ -14,34 +14,73 @@ import torch.distributed as dist
 from .comm import CommStats, all_gather_tokens
 from .launch import ParallelContext
 
+# The dtypes a broadcast header can name, by index. The header travels as a small long tensor that every rank
+# can allocate without knowing anything about the payload.
+_HEADER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
+                  torch.uint8, torch.bool)  # fmt: skip
+_HEADER_DIMS = 8
 
-def broadcast_from_writer(tensor: torch.Tensor, ctx: ParallelContext) -> torch.Tensor:
-    """`tensor` as the group's writer has it (other ranks pass an allocated tensor of the same shape)."""
+
+def _header(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dtype not in _HEADER_DTYPES or tensor.dim() > _HEADER_DIMS:
+        raise ValueError(f"cannot broadcast a {tensor.dtype} tensor of shape {tuple(tensor.shape)}: allowed dtypes "
+                         f"{', '.join(map(str, _HEADER_DTYPES))}, at most {_HEADER_DIMS} dims")  # fmt: skip
+    values = [_HEADER_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
+    return torch.tensor(values + [0] * (2 + _HEADER_DIMS - len(values)), dtype=torch.long, device=tensor.device)
+
+
+def broadcast_from_writer(
+    tensor: torch.Tensor | None, ctx: ParallelContext, device: torch.device | None = None
+) -> torch.Tensor:
+    """`tensor` as the group's writer has it, on `device` (default: where `tensor` is); the other ranks may pass
+    None (then `device` is needed) or any tensor: only its device is used.
+
+    The writer sends dtype and shape first and the others allocate from that, so what they receive always
+    fits: a receiver that guessed (say fp32 where a bf16 T5 sends bf16) would read garbage or hang.
+    """
     if ctx.sp_size == 1:
         return tensor
-    tensor = tensor.contiguous()
-    dist.broadcast(tensor, src=dist.get_global_rank(ctx.sp_group, 0), group=ctx.sp_group)
+    if device is None:
+        if tensor is None:
+            raise ValueError("broadcast_from_writer: pass the device when there is no tensor")
+        device = tensor.device
+    src = dist.get_global_rank(ctx.sp_group, 0)
+    if ctx.is_writer:
+        tensor = tensor.to(device).contiguous()
+        header = _header(tensor)
+    else:
+        header = torch.zeros(2 + _HEADER_DIMS, dtype=torch.long, device=device)
+    dist.broadcast(header, src=src, group=ctx.sp_group)
+    if not ctx.is_writer:
+        code, ndim, *dims = header.tolist()
+        tensor = torch.empty(dims[:ndim], dtype=_HEADER_DTYPES[code], device=device)
+    dist.broadcast(tensor, src=src, group=ctx.sp_group)
     return tensor
 
 
 class TextShape:
-    """What a rank without the text encoder needs to receive its output."""
+    """Stands in for the text encoder on the ranks of an SP group that do not run it: the sizes the STDiT is
+    built with. What the writer's encoder produces (shape and dtype) arrives with its broadcast."""
 
     def __init__(self, output_dim: int, model_max_length: int) -> None:
         self.output_dim = output_dim
         self.model_max_length = model_max_length
 
-    def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:  # filled by the broadcast
-        n = len(prompts)
-        return {"y": torch.empty(n, 1, self.model_max_length, self.output_dim),
-                "mask": torch.empty(n, self.model_max_length, dtype=torch.long)}  # fmt: skip
-
 
 def encode_text(encoder, prompts: list[str], ctx: ParallelContext, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """(y, mask) on `device`, encoded once per group."""
+    """(y, mask) on `device`, encoded once per group: by the writer, broadcast to the others."""
+    if isinstance(encoder, TextShape):
+        if ctx.is_writer or ctx.sp_size == 1:
+            raise RuntimeError("encode_text: the group's writer needs the real text encoder, got a TextShape")
+        y, mask = broadcast_from_writer(None, ctx, device), broadcast_from_writer(None, ctx, device)
+        expected = (len(prompts), 1, encoder.model_max_length, encoder.output_dim)
+        if tuple(y.shape) != expected or tuple(mask.shape) != (expected[0], expected[2]):
+            raise RuntimeError(f"the writer's text encoder sent y {tuple(y.shape)} and mask {tuple(mask.shape)}; "
+                               f"this rank's model expects y {expected}")  # fmt: skip
+        return y, mask
     encoded = encoder.encode(prompts)
     y, mask = encoded["y"].to(device), encoded["mask"].to(device)
-    return broadcast_from_writer(y, ctx), broadcast_from_writer(mask, ctx)
+    return broadcast_from_writer(y, ctx, device), broadcast_from_writer(mask, ctx, device)
 
 
 def frame_chunks(num_frames: int, micro_frames: int, micro_latents: int) -> list[tuple[int, int]]:

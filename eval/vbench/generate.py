@@ -88,11 +88,10 @@ def generate_videos(cfg: InferenceConfig, videos: Sequence[SuiteVideo]) -> RunSu
     before loading a model, keeps going past a failed batch, and under torchrun splits the work into
     data-parallel groups and sequence-parallel ranks)."""
     from duca_video import pipeline
-    from duca_video.configs.preflight import VideoJob
-    from duca_video.io import append_scores
+    from duca_video.configs.preflight import VideoJob, encoder_text
 
-    jobs = [VideoJob(v.prompt_index, v.prompt, append_scores(v.prompt, cfg.aes, cfg.flow, cfg.camera_motion), v.k,
-                     v.seed, v.name) for v in videos]  # fmt: skip
+    jobs = [VideoJob(v.prompt_index, v.prompt, encoder_text(cfg, v.prompt_index, v.prompt), v.k, v.seed, v.name)
+            for v in videos]  # fmt: skip
     return pipeline.run(cfg, jobs)
 
 

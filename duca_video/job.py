@@ -1,0 +1,162 @@
+"""A generation job's bookkeeping around the models: which videos are already done, which must be refused,
+which another job holds, and the one summary of the whole job.
+
+- Identity: every setting that changes a video's pixels (`VideoIdentity`), written into its record; resume
+  compares it and the files' sizes and hashes (`duca_video.io.resume`).
+- Scan (before any model loads): complete videos are skipped, broken ones redone, videos whose record shows
+  other settings refused with the differing fields (or regenerated with `overwrite`).
+- Claim (per batch): the writer locks each video (`duca_video.io.locks`) and checks it again, since another
+  job may have finished it since the scan; under sequence parallelism it tells its group what to generate.
+- Summary: one for the whole job, counted on disk, printed by global rank 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from duca_video.configs import InferenceConfig
+from duca_video.configs.preflight import InputError, VideoJob
+from duca_video.io import OutputPaths, RunSummary
+from duca_video.io.locks import VideoLock
+from duca_video.io.resume import canonical, check_output, weights_fingerprint
+from duca_video.parallel.group_work import broadcast_from_writer
+from duca_video.parallel.launch import ParallelContext
+
+__all__ = ["VideoIdentity", "claim_batch", "finish_summary", "scan_outputs"]
+
+log = logging.getLogger(__name__)
+
+_MAX_LISTED = 10
+
+
+class VideoIdentity:
+    """`identity(job)`: what the record must show for the video to be this job's (all of it pixel-changing)."""
+
+    def __init__(self, cfg: InferenceConfig, weights: dict[str, str | None]) -> None:
+        from duca_video import cache as cache_lib
+
+        method = cfg.cache.method
+        method_config = {} if method == "none" else dataclasses.asdict(
+            cache_lib.make_config(method, **cfg.cache.overrides))  # fmt: skip
+        scheduler = dataclasses.asdict(cfg.scheduler)
+        if method == "steps":  # the method sets the sampler's step count
+            scheduler["num_sampling_steps"] = method_config["num_steps"]
+        plain = cfg.to_dict()
+        sections = {}
+        for name in ("model", "vae", "text_encoder"):
+            section = {k: v for k, v in plain[name].items() if k not in ("from_pretrained", "spatial_from_pretrained")}
+            section["weights"] = weights_fingerprint(weights.get(name))
+            sections[name] = section
+        sections["vae"]["spatial_weights"] = weights_fingerprint(cfg.vae.spatial_from_pretrained)
+        # Without weights the model and the text encoder are drawn from the run seed (the VAEs either need
+        # weights or, like the testbed's PixelVAE, have none).
+        random_init = sections["model"]["weights"] is None or sections["text_encoder"]["weights"] is None
+        self.common = canonical({
+            "method": method, "method_config": method_config, "scheduler": scheduler, **sections,
+            "image_size": list(cfg.size), "num_frames": cfg.num_frames, "fps": cfg.fps, "save_fps": cfg.video_fps,
+            "dtype": cfg.dtype, "init_seed": cfg.seed if random_init else None,
+        })  # fmt: skip
+
+    def __call__(self, job: VideoJob) -> dict[str, Any]:
+        return {"prompt": job.prompt, "text": job.text, "seed": job.seed, **self.common}
+
+
+def _agree(flags: list[bool], ctx: ParallelContext, device: torch.device) -> list[bool]:
+    """The writer's flags on every rank of its SP group (the ranks must generate the same batches)."""
+    if ctx.sp_size == 1 or not flags:
+        return flags
+    tensor = torch.tensor(flags, dtype=torch.uint8, device=device)
+    return [bool(v) for v in broadcast_from_writer(tensor, ctx).tolist()]
+
+
+def scan_outputs(
+    cfg: InferenceConfig, save_dir: Path, planned: list[VideoJob], mine: list[VideoJob], identity: VideoIdentity,
+    summary: RunSummary, ctx: ParallelContext, device: torch.device,
+) -> list[VideoJob]:  # fmt: skip
+    """The videos of this group's share still to generate. Refuses (InputError) when any video of the whole
+    job has a record with other settings, unless cfg.overwrite; every rank checks the same, so all refuse."""
+    differs = []
+    for job in planned:  # records only (cheap): the same verdict on every rank
+        status = check_output(OutputPaths(save_dir, job.name), identity(job), cfg.save_latents, hashes=False)
+        if status.state == "differs":
+            differs.append(f"{job.name} ({', '.join(status.detail)})")
+    if differs and not cfg.overwrite:
+        listed = "; ".join(differs[:_MAX_LISTED]) + (f"; and {len(differs) - _MAX_LISTED} more" if
+                                                      len(differs) > _MAX_LISTED else "")  # fmt: skip
+        raise InputError(f"{len(differs)} video(s) in {save_dir} were made with other settings: {listed}. "
+                         "Pass --overwrite to regenerate them, or use another --save-dir")  # fmt: skip
+    unique, seen = [], set()
+    for job in mine:  # the first of each name, in order
+        if job.name not in seen:
+            seen.add(job.name)
+            unique.append(job)
+    flags = []
+    for job in unique:
+        status = check_output(OutputPaths(save_dir, job.name), identity(job), cfg.save_latents)
+        if status.complete:
+            summary.skipped.append(job.name)
+        elif status.state == "broken":
+            log.warning("%s: %s; generating it again", job.name, "; ".join(status.detail))
+        flags.append(not status.complete)
+    flags = _agree(flags, ctx, device)
+    return [job for job, todo in zip(unique, flags, strict=True) if todo]
+
+
+def claim_batch(
+    cfg: InferenceConfig, save_dir: Path, batch: list[VideoJob], identity: VideoIdentity, summary: RunSummary,
+    ctx: ParallelContext, device: torch.device,
+) -> tuple[list[VideoJob], list[VideoLock]]:  # fmt: skip
+    """Lock the batch's videos (writer only) and keep those still to do; returns (jobs, held locks)."""
+    flags, locks = [], []
+    for job in batch:
+        if not ctx.is_writer:
+            flags.append(True)
+            continue
+        lock = VideoLock(save_dir, job.name)
+        if not lock.acquire():
+            summary.busy.append((job.name, lock.describe_holder()))
+            flags.append(False)
+            continue
+        out = OutputPaths(save_dir, job.name)
+        status = check_output(out, identity(job), cfg.save_latents)  # another job may have written it meanwhile
+        if status.complete or (status.state == "differs" and not cfg.overwrite):
+            lock.release()
+            if status.complete:
+                summary.skipped.append(job.name)
+            else:
+                summary.failed.append((job.name, "another job wrote it meanwhile with other settings: "
+                                       + ", ".join(status.detail)))  # fmt: skip
+            flags.append(False)
+            continue
+        out.record.unlink(missing_ok=True)  # the record marks a finished video: none while it is redone
+        locks.append(lock)
+        flags.append(True)
+    flags = _agree(flags, ctx, device)
+    return [job for job, keep in zip(batch, flags, strict=True) if keep], locks
+
+
+def finish_summary(
+    cfg: InferenceConfig, save_dir: Path, planned: list[VideoJob], identity: VideoIdentity, summary: RunSummary,
+    ctx: ParallelContext,
+) -> RunSummary:  # fmt: skip
+    """The whole job's counts: every group's summary merged on global rank 0 (unless interrupted, when the
+    other groups may be gone), and how many of the job's videos are complete on disk now."""
+    summary.job_total = len({job.name for job in planned})
+    if ctx.world_size > 1 and not summary.interrupted:
+        parts: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(parts, summary.to_parts() if ctx.is_writer else None)
+        summary.merge([p for p in parts if p is not None])
+    summary.writer = ctx.rank == 0
+    if summary.writer:
+        names = {job.name: job for job in planned}
+        summary.job_complete = sum(
+            check_output(OutputPaths(save_dir, name), identity(job), cfg.save_latents, hashes=False).complete
+            for name, job in names.items()
+        )
+    return summary

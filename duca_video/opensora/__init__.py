@@ -1,0 +1,22 @@
+"""Run upstream Open-Sora's own inference script with the cache plugin attached.
+
+    python -m duca_video.opensora configs/opensora-v1-2/inference/sample.py --prompt "a cat" --cache duca
+
+Everything but our own flags goes to upstream's `scripts/inference.py` unchanged, so users keep their configs
+and flags; under `torchrun ... -m duca_video.opensora ...` upstream's sequence parallelism runs as usual.
+Our flags:
+  --cache METHOD          a cache method (none, duca, toca, fora, aggressive, conservative, pab, teacache, steps)
+  --cache-opt KEY=VALUE   a setting of that method (repeatable), e.g. --cache-opt recompute_ratio=0.2
+  --open-sora-root DIR    the Open-Sora checkout (default: $OPEN_SORA_ROOT, else the current directory)
+  --script PATH           the script to run (default: DIR/scripts/inference.py)
+A config may instead carry `cache = dict(method="duca", recompute_ratio=0.2)`; the flags win over it.
+
+How it attaches: upstream's script builds its model and sampler with `opensora.registry.build_module`. That
+function is wrapped before the script runs: the first STDiT3 it builds gets `duca_video.cache.enable(model,
+method, scheduler=<the sampler it builds>, seed=<the config's seed>)`, which follows upstream's RFLOW.sample
+from the model's forward calls. A run that asked for a cache and never built both fails with exit status 2.
+"""
+
+from .attach import Attachment, attach, main
+
+__all__ = ["Attachment", "attach", "main"]

@@ -1,0 +1,5 @@
+import sys
+
+from .attach import main
+
+sys.exit(main())
