@@ -212,9 +212,11 @@ def generate(models: Models, cfg: InferenceConfig, jobs: list[VideoJob], progres
     noise = [torch.randn(m.latent_shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs]
     # Upstream draws the noise and builds these inputs in the model dtype (bf16 turns width 854 into 856).
     z = torch.stack(noise).to(device=m.device, dtype=m.dtype)
-    model_kwargs = {key: torch.full((n,), float(value), device=m.device, dtype=m.dtype)
-                    for key, value in (("height", height), ("width", width), ("num_frames", cfg.num_frames),
-                                       ("fps", fps))}  # fmt: skip
+    # Sizes stay on the CPU (the model reads their values; on the device that is a sync per forward), in the
+    # model dtype as upstream; fps feeds an embedding, so it goes to the device.
+    model_kwargs = {key: torch.full((n,), float(value), dtype=m.dtype)
+                    for key, value in (("height", height), ("width", width), ("num_frames", cfg.num_frames))}
+    model_kwargs["fps"] = torch.full((n,), float(fps), device=m.device, dtype=m.dtype)  # fmt: skip
     latents = m.sampler.sample(m.model, z, y, y_null, mask, model_kwargs=model_kwargs, progress=progress,
                                seed=[j.seed for j in jobs])  # fmt: skip
     cache_bytes = int(m.controller.cache_bytes) if m.controller is not None else 0

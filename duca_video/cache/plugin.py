@@ -22,7 +22,7 @@ from ..parallel.comm import all_reduce_sum
 from ..sampling.events import SampleStart, StepStart, register_listener, unregister_listener
 from . import selection as sel
 from .config import CacheConfig, NoneConfig, StepsConfig, TeaCacheConfig, TokenCacheConfig, make_config
-from .folding import FoldingMixin, count_rows, rows_param, write_rows
+from .folding import FoldingMixin, rows_param, write_rows
 from .follow import SampleFollower, SamplingSettings, settings_from
 from .schedule import Action, StepPlan, build_schedule, schedule_table
 from .state import STACK, CacheState
@@ -160,6 +160,7 @@ class CacheController(FoldingMixin, SelectionMixin):
         self.history, self.step, self.plan = [], -1, None
         self._tea_accumulated = 0.0
         self.cache_bytes = 0
+        self._drawn, self._picked, self._predraw_due = None, None, True
 
     def on_step_start(self, event: StepStart) -> None:
         if self.plans is None or event.index >= len(self.plans):
@@ -175,6 +176,7 @@ class CacheController(FoldingMixin, SelectionMixin):
         self.state.reset()
         self.plans, self.plan, self._stack_in = None, None, None
         self._fps_emb, self._next_t_mlp = None, None
+        self._drawn, self._picked = None, None
 
     # -- the block --------------------------------------------------------------------------------------
     def _block_forward(self, index, block, x, y, t, mask=None, x_mask=None, t0=None, T=None, S=None):
@@ -184,6 +186,9 @@ class CacheController(FoldingMixin, SelectionMixin):
         if index == 0:
             if self._layout is not None:  # upstream's split of this forward: S is this rank's share
                 self._layout.set_local(S)
+            if self._predraw_due:  # the sample's first forward: the token grid is known from now on
+                self._predraw_due = False
+                self._predraw(x, T)
             self._stack_in = x
             if isinstance(self.config, TeaCacheConfig):
                 self._teacache_decide(block, x, t)
@@ -320,7 +325,7 @@ class CacheController(FoldingMixin, SelectionMixin):
                 done = (
                     n
                     if acts[module] is Action.COMPUTE
-                    else (count_rows(idx, pad) if acts[module] is Action.PARTIAL else 0)
+                    else (self._rows_picked(idx, pad) if acts[module] is Action.PARTIAL else 0)
                 )
                 stats["recomputed"][module] = stats["recomputed"].get(module, 0) + done
                 stats["tokens"][module] = stats["tokens"].get(module, 0) + n

@@ -1,15 +1,50 @@
 """Token selection for conservative steps: the scores a full step keeps, and the draw at the step that uses them.
 
-A mixin of CacheController (uses its config, state, plans, step, seeds, cfg and sp). Under sequence parallelism
-the choice is made over the whole grid, identically on every rank, and each rank keeps its own share.
+A mixin of CacheController (uses its config, state, plans, blocks, step, seeds, cfg and sp). Under sequence
+parallelism the choice is made over the whole grid, identically on every rank, and each rank keeps its own share.
+
+The random selectors (`random`, `random_frame`) depend on (video seed, step, block) only, so the whole sample's
+choice is known once the token grid is: at the sample's first forward every (step, block) that recomputes tokens
+is drawn on the CPU, exactly as a step would draw it, and the lot is copied to the device in one transfer (from
+pinned memory, not blocking, on CUDA). A step then only slices that tensor: no host-device copy, no sync. The
+score-based selectors (k_norm, v_norm, cross_entropy, min/max_similarity) and `age_bonus` > 0 depend on the
+step's data, so they still choose at the step itself, on the device.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import selection as sel
+from .config import TokenCacheConfig
+from .folding import count_rows
+from .schedule import Action
+
+PREDRAWN_SELECTORS = ("random", "random_frame")
+
+
+@dataclass
+class DrawnSelection:
+    """Every pre-drawn selection of one sample in one device tensor: the indices of all entries, then their
+    padding masks (as 0/1) under sequence parallelism; `where` says where each (step, block) entry lies."""
+
+    flat: torch.Tensor  # int64, on the model's device
+    where: dict[tuple[int, int], tuple[int, int, int, int | None, int]]  # key -> offset, rows, width, pad, count
+
+    def get(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+        if key not in self.where:
+            return None
+        offset, rows, width, pad_at, count = self.where[key]
+        idx = self.flat[offset : offset + rows * width].view(rows, width)
+        pad = None if pad_at is None else self.flat[pad_at : pad_at + rows * width].view(rows, width).bool()
+        return idx, pad, count
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
 
 
 class SelectionMixin:
@@ -44,13 +79,84 @@ class SelectionMixin:
         sp = self._layout if self._layout is not None else getattr(self.model, "sp", None)
         return sp if sp is not None and sp.size > 1 else None
 
+    predraw = True  # False: draw at each step (the behaviour before pre-drawing; the tests' reference)
+    _drawn: DrawnSelection | None = None
+    _picked: tuple[torch.Tensor, int] | None = None  # the last pre-drawn indices handed out and their row count
+    _predraw_due = False  # set when a sample begins; its first forward draws
+
+    def _can_predraw(self) -> bool:
+        cfg = self.config
+        return (
+            self.predraw and isinstance(cfg, TokenCacheConfig) and cfg.selector in PREDRAWN_SELECTORS
+            and cfg.age_bonus == 0  # the age term makes each choice depend on the previous ones, held on the device
+        )  # fmt: skip
+
+    def _predraw(self, x: torch.Tensor, T: int) -> None:
+        """At the sample's first forward: draw every (step, block) selection the schedule will read, copy once."""
+        self._drawn = None
+        if self.plans is None or not self._can_predraw():
+            return
+        rows = x.shape[0]
+        n = T * self.sp.s_global if self.sp else x.shape[1]
+        chunks, pads, where, offset = [], [], {}, 0
+        for step, plan in enumerate(self.plans):
+            for index, block in enumerate(self.blocks):
+                if plan.kind == "aggressive" or Action.PARTIAL not in plan.actions[self._kind(block)].values():
+                    continue
+                idx, pad = self._draw_on_cpu(index, rows, T, n, step)
+                pad_at = None
+                if pad is not None:  # only under sequence parallelism; placed after all the indices below
+                    pad_at = sum(p.numel() for p in pads)
+                    pads.append(pad.to(idx.dtype).reshape(-1))
+                where[(step, index)] = (offset, *idx.shape, pad_at, count_rows(idx, pad))
+                chunks.append(idx.reshape(-1))
+                offset += idx.numel()
+        if not chunks:
+            return
+        for key, (at, r, w, pad_at, count) in where.items():
+            if pad_at is not None:
+                where[key] = (at, r, w, offset + pad_at, count)
+        host = torch.cat(chunks + pads)
+        if x.device.type == "cuda":  # pinned memory lets the one copy run without blocking the host
+            self._drawn = DrawnSelection(host.pin_memory().to(x.device, non_blocking=True), where)
+        else:
+            self._drawn = DrawnSelection(host.to(x.device), where)
+
+    @staticmethod
+    def _kind(block: nn.Module) -> str:
+        return "temporal" if block.temporal else "spatial"
+
+    def _draw_on_cpu(
+        self, index: int, rows: int, T: int, n: int, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A random selector's choice for (step, block) on the CPU: indices (rows, k) and padding under SP."""
+        cfg = self.config
+        draw = (self.seeds, step, index)
+        if cfg.selector == "random":
+            scores = sel.random_scores(rows, n, self.cfg, *draw)
+        else:
+            scores = sel.random_frame_scores(rows, T, n // T, self.cfg, *draw)
+        idx = sel.top_k(scores, round(cfg.recompute_ratio * n))
+        return self.sp.to_local(idx, T) if self.sp else (idx, None)
+
+    def _rows_picked(self, idx: torch.Tensor, pad: torch.Tensor | None) -> int:
+        """Tokens recomputed with `idx` (for the summary): known on the host for pre-drawn ones, no device read."""
+        if self._picked is not None and self._picked[0] is idx:
+            return self._picked[1]
+        return count_rows(idx, pad)
+
     def _select(
         self, index: int, x: torch.Tensor, T: int, S: int, step: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens to recompute at `step` (default: the current one): (indices (B, k), padding mask or None).
 
         The draw depends on (video seed, step, block) only. Under sequence parallelism the scores cover the whole
-        grid, identical on every rank, and each rank keeps its share: the same choice as one process."""
+        grid, identical on every rank, and each rank keeps its share: the same choice as one process. Random
+        selectors read the sample's pre-drawn choice (`_predraw`); the code below is the draw at the step."""
+        drawn = None if self._drawn is None else self._drawn.get((self.step if step is None else step, index))
+        if drawn is not None:
+            self._picked = (drawn[0], drawn[2])
+            return drawn[0], drawn[1]
         cfg, sp = self.config, self.sp
         rows = x.shape[0]
         n = T * sp.s_global if sp else x.shape[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,10 @@ _IGNORED_CONFIG_KEYS = {
     "torch_dtype", "transformers_version", "_name_or_path", "from_pretrained", "type",
     "testbed",  # our small trained model's data/sampler settings, next to its architecture
 }  # fmt: skip
+
+
+# Sizes read from device tensors: id -> (weak reference to the tensor, its version, the value read).
+_SIZE_MEMO: dict[int, tuple[weakref.ref, int, float]] = {}
 
 
 def _is_int(value: Any) -> bool:
@@ -264,10 +269,35 @@ class STDiT3(nn.Module):
         if mask is not None:
             if mask.ndim != 2 or mask.shape[1] != y.shape[2] or b % mask.shape[0]:
                 raise ValueError(f"mask must be (B, {y.shape[2]}) for y {tuple(y.shape)}, got {tuple(mask.shape)}")
-            if not mask.is_meta and not bool((mask != 0).any(dim=1).all()):
+            # Reading a device tensor's values is a host-device sync, and this runs every forward: only a CPU
+            # mask is checked here (free); samplers validate device masks once, before their loop.
+            if mask.device.type == "cpu" and not bool((mask != 0).any(dim=1).all()):
                 raise ValueError("every caption needs at least one valid token in mask")
         if x_mask is not None and (x_mask.ndim != 2 or tuple(x_mask.shape) != (b, x.shape[2])):
             raise ValueError(f"x_mask must be ({b}, T={x.shape[2]}) bool, got {tuple(x_mask.shape)}")
+
+    @staticmethod
+    def _first_value(value: Any, default: float) -> float:
+        """The first entry of a per-sample size (height or width) as a Python float, without a sync per forward.
+
+        Numbers and CPU tensors are read directly (no device involved). A device tensor is read once and the
+        value remembered for that very tensor object (while it is not modified in place): a sampler passes the
+        same tensor at every step, so its loop syncs once, at the first forward, not at each one."""
+        if value is None:
+            return default
+        if not isinstance(value, torch.Tensor):
+            return float(value[0] if isinstance(value, (list, tuple)) else value)
+        if value.device.type == "cpu":
+            return float(value.reshape(-1)[0])
+        memo = _SIZE_MEMO
+        known = memo.get(id(value))
+        if known is not None and known[0]() is value and known[1] == value._version:
+            return known[2]
+        read = float(value.reshape(-1)[0])
+        for key in [k for k, (ref, _, _) in memo.items() if ref() is None]:  # forget tensors that are gone
+            del memo[key]
+        memo[id(value)] = (weakref.ref(value), value._version, read)
+        return read
 
     # -- forward pieces ---------------------------------------------------------------------------------
     def embed(
@@ -289,12 +319,13 @@ class STDiT3(nn.Module):
         S = H * W
 
         # Open-Sora's position scale uses the requested video size (the first sample's), not the latent size.
-        h_px = float(height[0]) if height is not None else hx * 8.0
-        w_px = float(width[0]) if width is not None else wx * 8.0
+        h_px = self._first_value(height, hx * 8.0)
+        w_px = self._first_value(width, wx * 8.0)
         scale = (h_px * w_px) ** 0.5 / cfg.input_sq_size
         pos = pos_embed_2d(cfg.hidden_size, H, W, scale, round(S**0.5), x.device, dtype)
 
-        fps = torch.full((b,), 24.0) if fps is None else fps.reshape(-1)
+        # The default is made where the model runs: a CPU tensor would be copied to the device every forward.
+        fps = torch.full((b,), 24.0, device=x.device) if fps is None else fps.reshape(-1)
         if fps.shape[0] != b:  # samplers pass per-prompt values for the CFG-doubled batch
             fps = fps.repeat(b // fps.shape[0])
         fps_emb = self.fps_embedder(fps.to(device=x.device, dtype=dtype))

@@ -263,6 +263,9 @@ class RFlowSampler:
                 raise ValueError(f"y_null must be (B or 1, 1, L, C) like y {tuple(y.shape)}, got {tuple(y_null.shape)}")
         if mask is not None and (mask.dim() != 2 or mask.shape != (batch, y.shape[2])):
             raise ValueError(f"mask must be (B, L) = {(batch, y.shape[2])}, got {tuple(mask.shape)}")
+        # Checked once per sample here (a host read of a device mask), not in every model forward.
+        if mask is not None and not mask.is_meta and not bool((mask != 0).any(dim=1).all()):
+            raise ValueError("every caption needs at least one valid token in mask")
         if frame_mask is not None:
             if frame_mask.shape != (batch, z.shape[2]):
                 raise ValueError(f"frame_mask must be (B, T) = {(batch, z.shape[2])}, got {tuple(frame_mask.shape)}")
