@@ -8,7 +8,6 @@ same folder, then renamed, so a killed script never leaves a half-written result
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -191,11 +190,9 @@ def pair_problems(reference: dict[str, Any], method: dict[str, Any]) -> list[str
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from duca_video.io.resume import file_digest  # here: --list and other torch-free commands import this module
+
+    return file_digest(path)["sha256"]
 
 
 def record_problems(folder: Path, name: str, record: dict[str, Any] | None, digest: bool) -> list[str]:

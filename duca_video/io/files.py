@@ -69,7 +69,8 @@ def save_latent(final: str | os.PathLike, latent: torch.Tensor, metadata: dict[s
         save_file({"latent": latent.detach().to("cpu").contiguous()}, str(tmp), metadata=metadata)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (this process counts as alive)."""
     if pid == os.getpid():
         return True
     try:
@@ -81,7 +82,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(folder: str | os.PathLike, alive: Callable[[int], bool] = _alive) -> list[Path]:
+def remove_stale_temps(folder: str | os.PathLike, alive: Callable[[int], bool] = process_alive) -> list[Path]:
     """Delete temporary files whose writer process is gone; returns what was removed."""
     removed = []
     for path in Path(folder).iterdir():

@@ -18,21 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .files import process_alive
+
 __all__ = ["VideoLock", "lock_path"]
 
 
 def lock_path(folder: Path, name: str) -> Path:
     return folder / f".{name}.lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class VideoLock:
@@ -89,4 +81,4 @@ class VideoLock:
                 return True
         if holder.get("host") != self.me["host"] or not isinstance(holder.get("pid"), int):
             return False
-        return holder["pid"] != self.me["pid"] and not _alive(holder["pid"])
+        return holder["pid"] != self.me["pid"] and not process_alive(holder["pid"])

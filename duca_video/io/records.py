@@ -66,8 +66,10 @@ class RunSummary:
         done = len(self.written) + len(self.skipped)
         lines = [
             f"summary: {len(self.written)} written, {len(self.skipped)} skipped (already complete), "
-            f"{len(self.failed)} failed" + (f", {len(self.busy)} left to another job" if self.busy else "")
-            + f" in {self.save_dir}" + (" (interrupted)" if self.interrupted else "")
+            f"{len(self.failed)} failed"
+            + (f", {len(self.busy)} left to another job" if self.busy else "")
+            + f" in {self.save_dir}"
+            + (" (interrupted)" if self.interrupted else "")
         ]
         if self.job_total is not None:
             complete = done if self.job_complete is None else self.job_complete
