@@ -20,11 +20,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from duca_video.conditioning.setup import condition_identity
 from duca_video.configs import InferenceConfig
 from duca_video.configs.preflight import InputError, VideoJob
 from duca_video.io import OutputPaths, RunSummary
 from duca_video.io.locks import VideoLock
-from duca_video.io.resume import canonical, check_output, weights_fingerprint
+from duca_video.io.resume import canonical, check_output, file_digest, weights_fingerprint
 from duca_video.parallel.group_work import broadcast_from_writer
 from duca_video.parallel.launch import ParallelContext
 
@@ -41,16 +42,18 @@ class VideoIdentity:
     def __init__(self, cfg: InferenceConfig, weights: dict[str, str | None]) -> None:
         from duca_video import cache as cache_lib
 
+        self.cfg, self._digests = cfg, {}
         method = cfg.cache.method
-        method_config = {} if method == "none" else dataclasses.asdict(
-            cache_lib.make_config(method, **cfg.cache.overrides))  # fmt: skip
-        scheduler = dataclasses.asdict(cfg.scheduler)
-        if method == "steps":  # the method sets the sampler's step count
-            scheduler["num_sampling_steps"] = method_config["num_steps"]
+        config = cache_lib.make_config(method, **cfg.cache.overrides)
+        method_config = {} if method == "none" else dataclasses.asdict(config)
+        # A variant may set sampler settings (`steps`: the step count): the video is made with those.
+        scheduler = {**dataclasses.asdict(cfg.scheduler), **config.sampler_settings()}
         plain = cfg.to_dict()
         sections = {}
+        # Where the weights are and whether T5 is offloaded after encoding do not change a pixel.
+        unseen = ("from_pretrained", "spatial_from_pretrained", "offload")
         for name in ("model", "vae", "text_encoder"):
-            section = {k: v for k, v in plain[name].items() if k not in ("from_pretrained", "spatial_from_pretrained")}
+            section = {k: v for k, v in plain[name].items() if k not in unseen}
             section["weights"] = weights_fingerprint(weights.get(name))
             sections[name] = section
         sections["vae"]["spatial_weights"] = weights_fingerprint(cfg.vae.spatial_from_pretrained)
@@ -64,12 +67,20 @@ class VideoIdentity:
         })  # fmt: skip
 
     def __call__(self, job: VideoJob) -> dict[str, Any]:
-        return {"prompt": job.prompt, "text": job.text, "seed": job.seed, **self.common}
+        out = {"prompt": job.prompt, "text": job.text, "seed": job.seed, **self.common}
+        if job.condition is not None:  # reference frames / loops change the pixels (absent: plain text-to-video)
+            out["conditioning"] = {**condition_identity(job.condition, self.cfg, self._digest), "texts": job.texts}
+        return out
+
+    def _digest(self, path: str) -> str:
+        if path not in self._digests:  # each reference hashed once per job
+            self._digests[path] = file_digest(path)["sha256"]
+        return self._digests[path]
 
 
 def _agree(flags: list[bool], ctx: ParallelContext, device: torch.device) -> list[bool]:
-    """The writer's flags on every rank of its SP group (the ranks must generate the same batches)."""
-    if ctx.sp_size == 1 or not flags:
+    """The writer's flags on every rank of its video group (the ranks must generate the same batches)."""
+    if ctx.group_size == 1 or not flags:
         return flags
     tensor = torch.tensor(flags, dtype=torch.uint8, device=device)
     return [bool(v) for v in broadcast_from_writer(tensor, ctx).tolist()]

@@ -1,8 +1,8 @@
 """Prompts -> text embeddings -> seeded noise -> RFlow sampling (with the cache) -> VAE decode -> files.
 
-`run(config)` is the whole job: it checks every input before loading a model (prompts, save folder, weight
-paths, cache settings), skips videos whose files are already complete, keeps going when one batch fails, and
-returns a summary. `scripts/inference.py` is the command line around it.
+`run(config)` is the whole job: it checks every input before loading a model (prompts, references, save folder,
+weight paths, cache settings), skips videos already complete, keeps going when one batch fails, and returns a
+summary (`scripts/inference.py` is the command line around it). Reference frames and loops: conditioning/.
 
 Measurements written into each record:
 - latency_s: wall time of text encoding + sampling + VAE decode (+ copy to the CPU) of the batch, divided by
@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from duca_video import __version__
+from duca_video.conditioning.generation import needs_conditioning, sample_conditioned
 from duca_video.configs import ConfigError, InferenceConfig
 from duca_video.configs.build import build_model, build_text_encoder, build_vae
 from duca_video.configs.preflight import (
@@ -122,8 +123,8 @@ def load_models(
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"cache: {exc}") from None
         method_config = dataclasses.asdict(controller.config)
-        if cfg.cache.method == "steps":  # the method *is* a shorter schedule
-            sampler.num_sampling_steps = int(controller.config.num_steps)
+        for name, value in controller.config.sampler_settings().items():  # e.g. `steps`: fewer sampler steps
+            setattr(sampler, name, value)
     names = {"model": source, "vae": weights["vae"] or cfg.vae.type, "text_encoder": weights["text_encoder"]}
     names["text_encoder"] = names["text_encoder"] or f"{cfg.text_encoder.type} (random init, seed {cfg.seed})"
     counted_by = ("FlopCounterMode over a meta-device replay of the batch's sampling loop after the timed run "
@@ -196,39 +197,47 @@ class Generated:
     cache_bytes: int
 
 
+def _size_kwargs(m: Models, cfg: InferenceConfig, k: int) -> dict[str, torch.Tensor]:
+    # Sizes stay on the CPU (the model reads their values; on the device that is a sync per forward), in the
+    # model dtype as upstream; fps feeds an embedding, so it goes to the device.
+    fps = IMG_FPS if cfg.num_frames == 1 else cfg.fps
+    sizes = (("height", cfg.size[0]), ("width", cfg.size[1]), ("num_frames", cfg.num_frames))
+    kwargs = {key: torch.full((k,), float(value), dtype=m.dtype) for key, value in sizes}
+    return {**kwargs, "fps": torch.full((k,), float(fps), device=m.device, dtype=m.dtype)}
+
+
 @torch.no_grad()
 def generate(models: Models, cfg: InferenceConfig, jobs: list[VideoJob], progress: bool) -> Generated:
     """One batch: every video gets its own noise from a generator seeded with its seed (on the CPU, so the
     same seed gives the same video on any device and in any batch)."""
     m, n = models, len(jobs)
-    height, width = cfg.size
-    fps = IMG_FPS if cfg.num_frames == 1 else cfg.fps
+    sizes = lambda k: _size_kwargs(m, cfg, k)  # noqa: E731
     memory = PeakMemory(m.device)
     _sync(m.device)
     start = time.perf_counter()
-    y, mask = encode_text(m.text_encoder, [j.text for j in jobs], m.ctx, m.device)
-    # The null caption is the model's own buffer: every rank of an SP group has it, encoder or not.
-    y_null = null_caption(m.model, n).to(m.device)
-    noise = [torch.randn(m.latent_shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs]
-    # Upstream draws the noise and builds these inputs in the model dtype (bf16 turns width 854 into 856).
-    z = torch.stack(noise).to(device=m.device, dtype=m.dtype)
-    # Sizes stay on the CPU (the model reads their values; on the device that is a sync per forward), in the
-    # model dtype as upstream; fps feeds an embedding, so it goes to the device.
-    model_kwargs = {key: torch.full((n,), float(value), dtype=m.dtype)
-                    for key, value in (("height", height), ("width", width), ("num_frames", cfg.num_frames))}
-    model_kwargs["fps"] = torch.full((n,), float(fps), device=m.device, dtype=m.dtype)  # fmt: skip
-    latents = m.sampler.sample(m.model, z, y, y_null, mask, model_kwargs=model_kwargs, progress=progress,
-                               seed=[j.seed for j in jobs])  # fmt: skip
-    cache_bytes = int(m.controller.cache_bytes) if m.controller is not None else 0
-    if m.sp is not None:
-        latents = m.sp.gather_latents(latents, m.model.config.patch_size)
-    video = decode_across(m.vae, latents.to(m.dtype), cfg.num_frames, m.ctx, m.sp.stats if m.sp else None)
+    if needs_conditioning(jobs):  # reference frames and loops: duca_video.conditioning
+        c = sample_conditioned(m, cfg, jobs, sizes, progress)
+        latents, video, calls, cache_bytes = c.latents, c.video, c.calls, c.cache_bytes
+    else:
+        y, mask = encode_text(m.text_encoder, [j.text for j in jobs], m.ctx, m.device)
+        y_null = null_caption(m.model, n).to(m.device)  # the model's own buffer: every rank has it
+        noise = [torch.randn(m.latent_shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs]
+        # Upstream draws the noise and builds these inputs in the model dtype (bf16 turns width 854 into 856).
+        z = torch.stack(noise).to(device=m.device, dtype=m.dtype)
+        latents = m.sampler.sample(m.model, z, y, y_null, mask, model_kwargs=sizes(n), progress=progress,
+                                   seed=[j.seed for j in jobs], cfg_group=m.ctx.cfg_group)  # fmt: skip
+        cache_bytes = int(m.controller.cache_bytes) if m.controller is not None else 0
+        kinds = [h["kind"] for h in m.controller.history] if m.controller is not None else None
+        calls = [(n, kinds, m.sampler.last_text_tokens)]
+        if m.sp is not None:
+            latents = m.sp.gather_latents(latents, m.model.config.patch_size)
+        video = decode_across(m.vae, latents.to(m.dtype), cfg.num_frames, m.ctx, m.sp.stats if m.sp else None)
     frames = [] if video is None else [to_uint8_frames(v) for v in video]
     _sync(m.device)
     latency = time.perf_counter() - start
     # Counted after the timed window: the counter's per-operator overhead must not inflate latency_s.
-    kinds = [h["kind"] for h in m.controller.history] if m.controller is not None else None
-    flops = m.flops.count(n, m.latent_shape, model_kwargs, kinds) if m.flops is not None else None
+    flops = None if m.flops is None else sum(m.flops.count(k, m.latent_shape, sizes(k), kinds, tokens)
+                                             for k, kinds, tokens in calls)  # fmt: skip
     return Generated(latents.float().cpu(), frames, latency, flops, memory.peak_bytes(), memory.kind, cache_bytes)
 
 
@@ -252,7 +261,7 @@ def make_record(
         "dit_tflops_counted_by": m.flops_counted_by if g.dit_flops is not None else "not counted (--no-count-flops)",
         "peak_memory_bytes": g.peak_memory_bytes, "peak_memory_kind": g.peak_memory_kind,
         "cache_bytes": g.cache_bytes, "world_size": m.ctx.world_size, "rank": m.ctx.rank,
-        "sp_size": m.ctx.sp_size, "dp_size": m.ctx.dp_size, "weights": m.weights,
+        "sp_size": m.ctx.sp_size, "cfg_size": m.ctx.cfg_size, "dp_size": m.ctx.dp_size, "weights": m.weights,
         "sampler": dataclasses.asdict(m.sampler),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"duca_video": __version__, "torch": torch.__version__}, "identity": canonical(identity),
@@ -284,7 +293,7 @@ def run(cfg: InferenceConfig, jobs: list[VideoJob] | None = None) -> RunSummary:
     `jobs` replaces the config's prompts with a planned list (names and seeds chosen by the caller, e.g. the
     VBench suite); data-parallel groups split it the same way."""
     try:
-        ctx = init_parallel(cfg.sp_size)
+        ctx = init_parallel(cfg.sp_size, cfg_parallel=cfg.cfg_parallel)
     except ValueError as exc:
         raise InputError(str(exc)) from None
     planned = [j for batch in plan_batches(cfg, load_prompts(cfg)) for j in batch] if jobs is None else list(jobs)
@@ -357,7 +366,7 @@ def _generate_batch(
     except Exception as exc:  # noqa: BLE001 - one batch (e.g. out of memory) must not end a long job
         if m.device.type == "cuda":
             torch.cuda.empty_cache()
-        if len(jobs) > 1 and m.ctx.sp_size == 1:
+        if len(jobs) > 1 and m.ctx.group_size == 1:
             # A video does not depend on its batch, so each alone gives the same result: one bad prompt (or a
             # batch too large for memory) must not take the others down. (Under SP the ranks would have to
             # agree on the retry; there the batch fails as a whole.)
@@ -385,10 +394,7 @@ def _generate_batch(
             continue
         summary.written.append(job.name)
         summary.latencies.append(record["latency_s"])
-        if record["dit_tflops"] is not None:
-            summary.tflops.append(record["dit_tflops"])
-        log.info("wrote %s.mp4 (%.2f s, %s)", job.name, record["latency_s"], _tflops(record["dit_tflops"]))
-
-
-def _tflops(value: float | None) -> str:
-    return "FLOPs not counted" if value is None else f"{value:.4g} DiT TFLOPs"
+        if (tflops := record["dit_tflops"]) is not None:
+            summary.tflops.append(tflops)
+        log.info("wrote %s.mp4 (%.2f s, %s)", job.name, record["latency_s"],
+                 "FLOPs not counted" if tflops is None else f"{tflops:.4g} DiT TFLOPs")  # fmt: skip

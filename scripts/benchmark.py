@@ -12,6 +12,7 @@ final latent against `none`'s. Writes contract 5's JSON (to a temp file, then re
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from duca_video.cache import METHODS
+from duca_video.cache.variants import parse_variant, split_variants
 from duca_video.configs.loader import load_config
 from duca_video.metrics.benchmark import BenchSetup, compare, format_table
 from duca_video.metrics.flops import video_latent_shape
@@ -33,7 +35,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="an inference config file (configs/*.py)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from: {', '.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated variants: a method from "
+                   f"{', '.join(METHODS)}, optionally with settings, e.g. teacache[threshold=0.2],"
+                   "taylorseer[interval=3;order=2]")  # fmt: skip
     p.add_argument("--json", required=True, help="where to write the results")
     p.add_argument("--flops-only", action="store_true", help="count FLOPs only (meta device, no weights)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -80,10 +84,12 @@ def write_json(path: str, data: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        sys.exit(f"--methods: unknown {unknown}; allowed: {', '.join(METHODS)}")
+    methods = split_variants(args.methods)
+    for variant in methods:
+        try:
+            parse_variant(variant)
+        except (ValueError, TypeError) as exc:
+            sys.exit(f"--methods: {exc}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config)
@@ -118,7 +124,7 @@ def testbed(cfg, args: argparse.Namespace, methods: list[str]) -> tuple[dict, di
         bed.sampler.num_sampling_steps = args.num_sampling_steps
     results = compare_testbed(bed, methods, n_prompts=args.prompts, seed=args.seed, repeats=args.repeats)
     run = {"config_file": args.config, "weights": str(weights), "prompts": args.prompts, "seed": args.seed,
-           "repeats": args.repeats, "threads": torch.get_num_threads(), "sampler": vars(bed.sampler),
+           "repeats": args.repeats, "threads": torch.get_num_threads(), "sampler": dataclasses.asdict(bed.sampler),
            "model": bed.model.config.to_dict()}  # fmt: skip
     return results, run
 

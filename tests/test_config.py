@@ -78,7 +78,7 @@ def test_tiny_config_uses_the_shipped_weights_or_random_init(tmp_path):
         ({"seed": 1.5}, "seed=1.5 is not allowed"),
         ({"dtype": "fp8"}, "dtype='fp8' is not allowed; allowed: fp32, fp16, bf16"),
         ({"scheduler": {"cfg_scale": "high"}}, "scheduler.cfg_scale='high' is not allowed: expected a number"),
-        ({"cache": {"method": "fast"}}, "cache.method='fast' is not allowed; allowed: none, duca"),
+        ({"cache": {"method": "fast"}}, "cache.method='fast' is not allowed; allowed: none, steps, duca"),
         ({"cache": {"method": "none", "ratio": 0.1}}, "cache: settings 'ratio' given for method 'none'"),
         ({"image_size": (16,)}, "image_size=(16,) is not allowed: expected 2 ints"),
         ({"prompt_as_path": "yes"}, "prompt_as_path='yes' is not allowed: expected True or False"),

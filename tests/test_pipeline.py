@@ -193,14 +193,18 @@ def test_dit_flops_of_the_real_run_match_the_meta_count(tmp_path):
     pipeline.run(cfg)
     record = json.loads((tmp_path / "out" / "sample_0000.json").read_text())
     if cfg.model.from_pretrained:  # the shipped testbed model: its config.json defines the architecture
-        from duca_video.testbed.tiny import read_tiny_config
+        from duca_video.testbed.tiny import load_tiny, read_tiny_config
 
         arch, _ = read_tiny_config(cfg.model.from_pretrained)
+        words = load_tiny(cfg.model.from_pretrained).text_encoder
     else:
         words = WordTextEncoder()  # the tiny config's encoder sets the caption size
         sizes = {"in_channels": 3, "caption_channels": words.output_dim, "model_max_length": words.model_max_length}
         arch = STDiT3Config.from_dict({**cfg.model.extra, **sizes})
-    per_step = stdit3_forward_flops(arch, (cfg.num_frames, 16, 16), (16, 16), batch=2)  # the CFG batch
+    # Cross-attention attends to the caption's own tokens only (the sampler cuts the text keys to them).
+    tokens = int(words.encode([PROMPTS[0]])["mask"].sum())
+    assert tokens < arch.model_max_length
+    per_step = stdit3_forward_flops(arch, (cfg.num_frames, 16, 16), (16, 16), batch=2, text_tokens=tokens)
     assert record["dit_tflops"] == pytest.approx(2 * per_step / 1e12, rel=1e-9)
 
 

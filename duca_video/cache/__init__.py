@@ -1,6 +1,6 @@
 """Feature caching for STDiT3: DuCa and the baselines, as one plugin on Open-Sora's block structure.
 
-controller = duca_video.cache.enable(model, "duca")        # or "toca", "fora", "pab", ... or a config
+controller = duca_video.cache.enable(model, "duca")        # or "toca", "taylorseer", "pab", ... or a config
 ... sample ...
 print(controller.summary()); controller.cache_bytes
 duca_video.cache.disable(model)
@@ -8,37 +8,45 @@ duca_video.cache.disable(model)
 Our sampler announces its samples and steps. For upstream Open-Sora's `RFLOW.sample`, which announces nothing,
 give the cache the sampler's settings and it follows the model's forward calls:
 controller = duca_video.cache.enable(upstream_stdit3, "duca", scheduler=rflow)   # or num_sampling_steps=30
+
+Each method is one module of `methods/` (config dataclass + policy); `registry.METHODS` lists them all.
 """
 
-from .config import (
-    METHODS,
+from .config import CacheConfig, make_config
+from .methods.none import NoneConfig, StepsConfig
+from .methods.pab import PABConfig
+from .methods.taylorseer import TaylorSeerConfig
+from .methods.teacache import TeaCacheConfig
+from .methods.token import (
     AggressiveConfig,
-    CacheConfig,
     ConservativeConfig,
     DuCaConfig,
+    DuCaForecastConfig,
     ForaConfig,
-    NoneConfig,
-    PABConfig,
-    StepsConfig,
-    TeaCacheConfig,
     ToCaConfig,
     TokenCacheConfig,
-    make_config,
 )
 from .plugin import CacheController, controller_of, disable, enable, find_blocks
+from .policy import CachePolicy, Sample
+from .registry import METHODS, PRESETS
 from .schedule import build_schedule, schedule_table
 
 __all__ = [
     "METHODS",
+    "PRESETS",
     "AggressiveConfig",
     "CacheConfig",
     "CacheController",
+    "CachePolicy",
     "ConservativeConfig",
     "DuCaConfig",
+    "DuCaForecastConfig",
     "ForaConfig",
     "NoneConfig",
     "PABConfig",
+    "Sample",
     "StepsConfig",
+    "TaylorSeerConfig",
     "TeaCacheConfig",
     "ToCaConfig",
     "TokenCacheConfig",

@@ -1,9 +1,10 @@
-"""One dataclass per caching method. Every field is validated; unknown methods and fields are errors.
+"""The base of every method's config: typed, validated fields; unknown methods and fields are errors.
 
-Schedules are written in steps of the sampler (0 = noisiest). Step kinds:
+Each method lives in one module of `duca_video.cache.methods` (its config dataclass and its policy); the
+registry (`registry.py`) lists them. Schedules are written in steps of the sampler (0 = noisiest). Step kinds:
   full          every module computed for every token (and the cache refreshed);
-  conservative  cached module outputs reused; the modules in `recompute` are recomputed for a subset of tokens;
-  aggressive    the whole block stack reused (the last block's cached output); embedders and final layer run.
+  conservative  cached module outputs reused (or forecast); some modules recomputed for a subset of tokens;
+  aggressive    the whole block stack reused (or forecast); embedders and final layer run.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ MODULES = ("attn", "cross", "mlp")
 SELECTORS = ("random", "random_frame", "k_norm", "v_norm", "cross_entropy", "min_similarity", "max_similarity")
 
 
-def _check(cond: bool, method: str, name: str, allowed: str, value: Any) -> None:
+def check_field(cond: bool, method: str, name: str, allowed: str, value: Any) -> None:
     if not cond:
         raise ValueError(f"cache method {method!r}: {name}={value!r} is invalid; allowed: {allowed}")
 
@@ -85,6 +86,10 @@ class CacheConfig:
     """Base class; `method` names the method in records and in `enable`."""
 
     method: ClassVar[str] = ""
+    # The method decides from the data at run time (e.g. TeaCache): FLOP replays on meta repeat its decisions.
+    data_dependent: ClassVar[bool] = False
+    # The policy wraps the whole model call (`CachePolicy.model_forward`), e.g. to run only one CFG half.
+    wraps_model_forward: ClassVar[bool] = False
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the allowed values."""
@@ -92,167 +97,13 @@ class CacheConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    def sampler_settings(self) -> dict[str, Any]:
+        """Sampler settings this variant implies (fewer steps is a sampler setting, not caching); usually none."""
+        return {}
 
-@dataclass
-class NoneConfig(CacheConfig):
-    """No caching: the plugin stays out of the way (the reference the others are compared to)."""
-
-    method: ClassVar[str] = "none"
-
-
-@dataclass
-class TokenCacheConfig(CacheConfig):
-    """The schedule family shared by DuCa, ToCa, FORA, aggressive-only and conservative-only caching.
-
-    Step s (0-based) is full while s < warmup_steps; afterwards its kind is pattern[s % cycle]. In full steps
-    cross-attention is recomputed only when s % cross_cycle == 0 (else its cached output is reused whole).
-    Conservative steps recompute the modules in `recompute` for a fraction `recompute_ratio` (= 1 - R) of the
-    tokens picked by `selector`, plus `age_bonus` x (steps since the token was last computed).
-    """
-
-    warmup_steps: int = 3
-    cycle: int = 3
-    pattern: tuple[str, ...] = ("full", "conservative", "aggressive")
-    cross_cycle: int = 6
-    recompute_ratio: float = 0.1495
-    recompute: tuple[str, ...] = ("mlp",)
-    selector: str = "random"
-    age_bonus: float = 0.0
-
-    def validate(self) -> None:
-        m = self.method
-        self.pattern, self.recompute = tuple(self.pattern), tuple(self.recompute)
-        _check(isinstance(self.warmup_steps, int) and self.warmup_steps >= 0, m, "warmup_steps", "int >= 0",
-               self.warmup_steps)  # fmt: skip
-        _check(isinstance(self.cycle, int) and self.cycle >= 1, m, "cycle", "int >= 1", self.cycle)
-        _check(isinstance(self.cross_cycle, int) and self.cross_cycle >= 1, m, "cross_cycle", "int >= 1",
-               self.cross_cycle)  # fmt: skip
-        _check(len(self.pattern) == self.cycle, m, "pattern", f"a sequence of {self.cycle} (= cycle) step kinds",
-               self.pattern)  # fmt: skip
-        bad = [k for k in self.pattern if k not in STEP_KINDS]
-        _check(not bad, m, "pattern", f"entries from {STEP_KINDS}", self.pattern)
-        _check("full" in self.pattern, m, "pattern", "at least one 'full' step per cycle", self.pattern)
-        _check(0.0 <= self.recompute_ratio <= 1.0, m, "recompute_ratio", "a number in [0, 1]", self.recompute_ratio)
-        bad = [k for k in self.recompute if k not in MODULES]
-        _check(not bad, m, "recompute", f"a subset of {MODULES}", self.recompute)
-        _check(self.selector in SELECTORS, m, "selector", str(SELECTORS), self.selector)
-        _check(self.age_bonus >= 0, m, "age_bonus", "a number >= 0", self.age_bonus)
-
-
-@dataclass
-class DuCaConfig(TokenCacheConfig):
-    """Dual Feature Caching. The default reproduces the published Open-Sora schedule: 3 full warm-up steps,
-    then cycles of (full, conservative, aggressive), cross-attention refreshed every 6 steps, 14.95% of the
-    tokens' MLP recomputed in conservative steps, random token selection. `preset="paper"` follows the paper's
-    text instead (`enable(model, "duca", preset="paper")`): cycle N=5 of (full, conservative, aggressive,
-    conservative, aggressive), R=0.9, cross-attention refreshed with every full step."""
-
-    method: ClassVar[str] = "duca"
-
-
-@dataclass
-class ToCaConfig(TokenCacheConfig):
-    """Token-wise caching, conservative only (the published Open-Sora setting: full every 3 steps after 3
-    warm-up steps, cross-attention every 6, 14.95% of MLP tokens, selected by cross-attention entropy)."""
-
-    method: ClassVar[str] = "toca"
-    pattern: tuple[str, ...] = ("full", "conservative", "conservative")
-    selector: str = "cross_entropy"
-
-
-@dataclass
-class ConservativeConfig(TokenCacheConfig):
-    """Conservative-only caching with random selection (ToCa's schedule, DuCa's selector)."""
-
-    method: ClassVar[str] = "conservative"
-    pattern: tuple[str, ...] = ("full", "conservative", "conservative")
-
-
-@dataclass
-class AggressiveConfig(TokenCacheConfig):
-    """Aggressive-only: the whole block stack is reused between full steps."""
-
-    method: ClassVar[str] = "aggressive"
-    pattern: tuple[str, ...] = ("full", "aggressive", "aggressive")
-    cross_cycle: int = 1
-    recompute: tuple[str, ...] = ()
-
-
-@dataclass
-class ForaConfig(TokenCacheConfig):
-    """FORA: every module's output is reused for N-1 steps (the residual stream still runs)."""
-
-    method: ClassVar[str] = "fora"
-    warmup_steps: int = 0
-    pattern: tuple[str, ...] = ("full", "conservative", "conservative")
-    cross_cycle: int = 1
-    recompute_ratio: float = 0.0
-    recompute: tuple[str, ...] = ()
-
-
-@dataclass
-class PABConfig(CacheConfig):
-    """Pyramid Attention Broadcast (VideoSys' Open-Sora defaults): inside the timestep window
-    (threshold[0] < t < threshold[1]) an attention output is recomputed only every `range` steps and
-    broadcast (reused) in between; the MLP always runs unless mlp_range > 1."""
-
-    method: ClassVar[str] = "pab"
-    spatial_range: int = 2
-    temporal_range: int = 4
-    cross_range: int = 6
-    mlp_range: int = 1
-    threshold: tuple[float, float] = (450.0, 930.0)
-
-    def validate(self) -> None:
-        for name in ("spatial_range", "temporal_range", "cross_range", "mlp_range"):
-            value = getattr(self, name)
-            _check(isinstance(value, int) and value >= 1, self.method, name, "int >= 1", value)
-        self.threshold = tuple(float(v) for v in self.threshold)
-        _check(len(self.threshold) == 2 and self.threshold[0] < self.threshold[1], self.method, "threshold",
-               "(low, high) timesteps with low < high", self.threshold)  # fmt: skip
-
-
-@dataclass
-class TeaCacheConfig(CacheConfig):
-    """TeaCache: skip the block stack (add the previous residual) while the accumulated rescaled relative L1
-    change of the first block's modulated input stays under `threshold`; first and last steps always run."""
-
-    method: ClassVar[str] = "teacache"
-    threshold: float = 0.1
-    # Open-Sora 1.2 polynomial (highest power first) from the TeaCache authors.
-    coefficients: tuple[float, ...] = (2.17546007e02, -1.18329252e02, 2.68662585e01, -4.59364272e-02, 4.84426240e-02)
-
-    def validate(self) -> None:
-        _check(self.threshold >= 0, self.method, "threshold", "a number >= 0", self.threshold)
-        self.coefficients = tuple(float(c) for c in self.coefficients)
-        _check(len(self.coefficients) >= 1, self.method, "coefficients", "a non-empty polynomial", self.coefficients)
-
-
-@dataclass
-class StepsConfig(CacheConfig):
-    """Fewer sampling steps, no caching: the pipeline runs the sampler with `num_steps` steps."""
-
-    method: ClassVar[str] = "steps"
-    num_steps: int = 12
-
-    def validate(self) -> None:
-        _check(isinstance(self.num_steps, int) and self.num_steps >= 1, self.method, "num_steps", "int >= 1",
-               self.num_steps)  # fmt: skip
-
-
-METHODS: dict[str, type[CacheConfig]] = {
-    c.method: c
-    for c in (NoneConfig, DuCaConfig, ToCaConfig, ForaConfig, AggressiveConfig, ConservativeConfig, PABConfig,
-              TeaCacheConfig, StepsConfig)
-}  # fmt: skip
-
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "duca": {
-        "published": {},
-        "paper": dict(warmup_steps=0, cycle=5, cross_cycle=5, recompute_ratio=0.1,
-                      pattern=("full", "conservative", "aggressive", "conservative", "aggressive")),
-    }
-}  # fmt: skip
+    def make_policy(self, sample: Any) -> Any:
+        """The per-sample policy that carries this method out (see `duca_video.cache.policy`)."""
+        raise NotImplementedError(f"cache method {self.method!r} has no policy")
 
 
 def make_config(method: str | CacheConfig, **overrides: Any) -> CacheConfig:
@@ -262,6 +113,8 @@ def make_config(method: str | CacheConfig, **overrides: Any) -> CacheConfig:
         _check_types(config)
         config.validate()
         return config
+    from .registry import METHODS, PRESETS  # the registry imports every method module, which import this one
+
     if method not in METHODS:
         raise ValueError(f"unknown cache method {method!r}; allowed: {', '.join(METHODS)}")
     cls = METHODS[method]
@@ -281,8 +134,5 @@ def make_config(method: str | CacheConfig, **overrides: Any) -> CacheConfig:
     return config
 
 
-__all__ = [
-    "METHODS", "MODULES", "PRESETS", "SELECTORS", "STEP_KINDS", "AggressiveConfig", "CacheConfig",
-    "ConservativeConfig", "DuCaConfig", "ForaConfig", "NoneConfig", "PABConfig", "StepsConfig", "TeaCacheConfig",
-    "ToCaConfig", "TokenCacheConfig", "make_config",
-]  # fmt: skip
+
+__all__ = ["MODULES", "SELECTORS", "STEP_KINDS", "CacheConfig", "check_field", "make_config"]

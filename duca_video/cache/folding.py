@@ -16,7 +16,6 @@ import torch
 from ..models.layers import sinusoid
 from ..models.stdit3 import block_modulation, gate_tokens
 from . import selection as sel
-from .config import TokenCacheConfig
 from .schedule import Action
 
 
@@ -50,7 +49,7 @@ class FoldingMixin:
         """This full step's attn/mlp outputs are read by exactly one later step, a conservative one that
         reuses attn and cross whole: then only their gated sum (and the rows it recomputes) is needed."""
         cfg, s = self.config, self.step
-        if not self.fold or self._fps_emb is None or not isinstance(cfg, TokenCacheConfig) or s + 1 >= len(self.plans):
+        if not self.fold or self._fps_emb is None or getattr(cfg, "selector", None) is None or s + 1 >= len(self.plans):
             return False
         cur, nxt = self.plan.actions[kind], self.plans[s + 1]
         after = nxt.actions[kind]
@@ -69,12 +68,13 @@ class FoldingMixin:
     def _t_mlp_of_next_step(self, rows: int, like: torch.Tensor) -> torch.Tensor:
         """The model's t_block output at the next step's timestep: the same ops the model will run then."""
         step = self.step + 1
-        if self._next_t_mlp is None or self._next_t_mlp[0] != step:
+        sample = self.sample
+        if sample.next_t_mlp is None or sample.next_t_mlp[0] != step:
             embedder = self.model.t_embedder
             t = torch.full((rows,), self.timesteps[step], device=like.device).to(like.dtype)
             freq = sinusoid(t, embedder.frequency_embedding_size).to(like.dtype)
-            self._next_t_mlp = (step, self.model.t_block(embedder.mlp(freq) + self._fps_emb))
-        return self._next_t_mlp[1]
+            sample.next_t_mlp = (step, self.model.t_block(embedder.mlp(freq) + self._fps_emb))
+        return sample.next_t_mlp[1]
 
     def _store_folded(self, index, block, rows, attn, cross, mlp, T, S, x) -> None:
         _, _, gate_msa, _, _, gate_mlp = block_modulation(block, self._t_mlp_of_next_step(rows, attn))

@@ -119,6 +119,9 @@ class ModelCall:
 
     def uniform_t(self) -> float:
         t = self.timestep.detach().flatten().float()
+        if t.numel() and bool(t.isnan().any()):
+            raise RuntimeError("cache: the sampler passed NaN timesteps; Open-Sora 1.2's timestep transform gives NaN "
+                               "below 17 frames (num_frames // 17 * 5 = 0): generate at least 17 frames")  # fmt: skip
         if t.numel() == 0 or not bool((t == t[0]).all()):
             raise RuntimeError(f"cache: one timestep per model call is expected, got {t.tolist()}")
         return float(t[0].item())

@@ -1,6 +1,8 @@
 """The cache plugin: `enable(model, method)` wraps every STDiT3 block of a model and follows the schedule.
 
-It needs nothing but Open-Sora's block attribute names (`attn`, `cross_attn`, `mlp`, `norm1`, `norm2`,
+What a method does is its policy's business (`policy.py`, one module per method in `methods/`); this module
+installs the cache, follows sampling and runs each block: compute a module, or ask the policy for it. It needs
+nothing but Open-Sora's block attribute names (`attn`, `cross_attn`, `mlp`, `norm1`, `norm2`,
 `scale_shift_table`, `temporal`) and the block call signature `(x, y, t, mask, x_mask, t0, T, S)`, so it works
 on our STDiT3 and on an upstream Open-Sora model instance alike. It learns where sampling is from the sampler's
 events (see `duca_video.sampling.events`) or, for a sampler that announces nothing (upstream's `RFLOW.sample`),
@@ -18,14 +20,15 @@ import torch
 from torch import nn
 
 from ..models.stdit3 import block_modulation, block_self_attention, gate_tokens, modulate_tokens
-from ..parallel.comm import all_reduce_sum
 from ..sampling.events import SampleStart, StepStart, register_listener, unregister_listener
 from . import selection as sel
-from .config import CacheConfig, NoneConfig, StepsConfig, TeaCacheConfig, TokenCacheConfig, make_config
+from .config import CacheConfig, make_config
 from .folding import FoldingMixin, rows_param, write_rows
 from .follow import SampleFollower, SamplingSettings, settings_from
+from .methods.none import NoneConfig
+from .policy import Sample
 from .schedule import Action, StepPlan, build_schedule, schedule_table
-from .state import STACK, CacheState
+from .state import CacheState
 from .tokens import SelectionMixin
 from .upstream import UpstreamLayout, localize_cross_attention, restore_cross_attention, upstream_sp_group
 
@@ -62,7 +65,7 @@ def _capture_output(module: nn.Module, sink: dict[str, torch.Tensor], key: str, 
 
 
 class CacheController(FoldingMixin, SelectionMixin):
-    """Listens to the sampler, holds the per-sample cache state and runs every block through the schedule."""
+    """Listens to the sampler, makes one `Sample` (with the method's policy) per sample and runs every block."""
 
     def __init__(
         self,
@@ -76,28 +79,18 @@ class CacheController(FoldingMixin, SelectionMixin):
         self.config = config
         self.follower = SampleFollower(self, settings, seed)
         self.announced = False  # a sampler announced the sample in progress
-        self.rows = 0  # model batch rows of the sample in progress
         self._layout: UpstreamLayout | None = None  # upstream's sequence parallelism, when the model uses it
         # Folding stores `gate_msa(t') * attn + cross + gate_mlp(t') * mlp` as one tensor for the single
         # conservative step t' that reads it (plus the rows it recomputes), instead of three tensors.
         self.fold = fold and all(hasattr(model, a) for a in ("fps_embedder", "t_embedder", "t_block"))
-        self._fps_emb: torch.Tensor | None = None
-        self._next_t_mlp: tuple[int, torch.Tensor] | None = None
+        self._fps_emb: torch.Tensor | None = None  # this forward's fps embedding (folding needs it)
         self._hooks: list[Any] = []
         self.blocks = find_blocks(model)
-        self.state = CacheState()
-        self.plans: list[StepPlan] | None = None
-        self.plan: StepPlan | None = None
-        self.step = -1
-        self.cfg = False
-        self.seeds: tuple[int, ...] = ()  # one per video of the batch
-        self.timesteps: tuple[float, ...] = ()
-        self.history: list[dict[str, Any]] = []
+        self.sample: Sample | None = None  # the sample in progress
+        self.last: Sample | None = None  # the last finished one (its history; its tensors are freed)
         self.cache_bytes = 0  # peak bytes of the last finished (or current) sample
-        self._skip_stack = False
-        self._stack_in: torch.Tensor | None = None
-        self._tea_accumulated = 0.0
-        # FLOP replays on the meta device (metrics.flops.SamplingFlops): TeaCache's per-step kinds of a real run.
+        # FLOP replays on the meta device (metrics.flops.SamplingFlops): a data-dependent method's per-step
+        # decisions of the real run ("full", "aggressive" = stack skipped, "first_block" = skipped after block 0).
         self.replay_kinds: list[str] | None = None
 
     # -- installation ---------------------------------------------------------------------------------
@@ -112,17 +105,23 @@ class CacheController(FoldingMixin, SelectionMixin):
         if self.fold:  # the fps embedding of this forward, to compute the next step's modulation
             hook = self.model.fps_embedder.register_forward_hook(lambda _m, _i, out: setattr(self, "_fps_emb", out))
             self._hooks.append(hook)
+        if self.config.wraps_model_forward:  # the policy sees the whole model call (e.g. a CFG cache)
+            forward = self.model.forward
+            self.model.forward = functools.wraps(forward)(functools.partial(self._model_forward, forward))
 
     def remove(self) -> None:
         for block in self.blocks:
             block.__dict__.pop("forward", None)
+        self.model.__dict__.pop("forward", None)
         unregister_listener(self.model, self)
         self.model.__dict__.pop(_ATTR, None)
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
         restore_cross_attention(self.blocks)
-        self.state.reset()
+        if self.sample is not None:
+            self.sample.store.reset()
+        self.sample = None
 
     def _find_layout(self) -> None:
         group = upstream_sp_group(self.model)
@@ -134,10 +133,56 @@ class CacheController(FoldingMixin, SelectionMixin):
             self._layout = UpstreamLayout(group)
             localize_cross_attention(self.blocks)
 
+    def _model_forward(self, forward: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.sample is None or self.sample.policy is None:
+            return forward(*args, **kwargs)
+        return self.sample.policy.model_forward(forward, args, kwargs)
+
     @property
     def caches(self) -> bool:
         """Whether this method changes anything (`none` and `steps` leave every block as it is)."""
-        return not isinstance(self.config, (NoneConfig, StepsConfig))
+        return not isinstance(self.config, NoneConfig)
+
+    # -- views of the sample in progress (or, once it ended, of the last one) ----------------------------
+    @property
+    def _view(self) -> Sample | None:
+        return self.sample if self.sample is not None else self.last
+
+    @property
+    def state(self) -> CacheState:
+        return self.sample.store if self.sample is not None else CacheState()
+
+    @property
+    def plans(self) -> list[StepPlan] | None:
+        return self.sample.plans if self.sample is not None else None
+
+    @property
+    def plan(self) -> StepPlan | None:
+        return self.sample.plan if self.sample is not None else None
+
+    @property
+    def step(self) -> int:
+        return self.sample.step if self.sample is not None else -1
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self._view.history if self._view is not None else []
+
+    @property
+    def timesteps(self) -> tuple[float, ...]:
+        return self._view.timesteps if self._view is not None else ()
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return self._view.seeds if self._view is not None else ()
+
+    @property
+    def cfg(self) -> bool:
+        return self._view.cfg if self._view is not None else False
+
+    @property
+    def rows(self) -> int:
+        return self._view.rows if self._view is not None else 0
 
     # -- sampler events -------------------------------------------------------------------------------
     def on_sample_start(self, event: SampleStart) -> None:
@@ -151,189 +196,168 @@ class CacheController(FoldingMixin, SelectionMixin):
 
     def begin_sample(self, event: SampleStart) -> None:
         self._find_layout()
-        self.rows = event.batch_size * (2 if event.cfg else 1)
-        self.state.reset()
-        self.timesteps = tuple(event.timesteps)
-        self.plans = build_schedule(self.config, self.timesteps)
-        self.cfg = event.cfg
-        self.seeds = tuple(event.seeds) if event.seeds else (event.seed or 0,) * event.batch_size
-        self.history, self.step, self.plan = [], -1, None
-        self._tea_accumulated = 0.0
+        if self.sample is not None:  # an unfinished sample (e.g. interrupted) ends here
+            self.sample.store.reset()
+        seeds = tuple(event.seeds) if event.seeds else (event.seed or 0,) * event.batch_size
+        rows = event.batch_size * (2 if event.cfg else 1)
+        self.sample = Sample(tuple(event.timesteps), event.cfg, rows, seeds, layout=self.sp,
+                             row_group=getattr(event, "row_group", None))  # fmt: skip
+        self.sample.policy = self.config.make_policy(self.sample)
+        self.sample.plans = self.sample.policy.mark(self.sample.policy.plan())
         self.cache_bytes = 0
-        self._drawn, self._picked, self._predraw_due = None, None, True
 
     def on_step_start(self, event: StepStart) -> None:
-        if self.plans is None or event.index >= len(self.plans):
+        sample = self.sample
+        if sample is None or event.index >= len(sample.plans):
             raise RuntimeError("cache: step announced outside a sample (the sampler must announce the sample first)")
-        self.step, self.plan = event.index, self.plans[event.index]
-        self._skip_stack = self.plan.kind == "aggressive"
-        self.history.append({"step": event.index, "t": event.t, "kind": self.plan.kind,
-                             "spatial": self.plan.short("spatial"), "temporal": self.plan.short("temporal"),
-                             "recomputed": {}, "tokens": {}})  # fmt: skip
+        sample.step, sample.plan = event.index, sample.plans[event.index]
+        sample.history.append({"step": event.index, "t": event.t, "kind": sample.plan.kind,
+                               "spatial": sample.plan.short("spatial"), "temporal": sample.plan.short("temporal"),
+                               "recomputed": {}, "tokens": {}})  # fmt: skip
 
     def finish_sample(self) -> None:
-        self.cache_bytes = self.state.peak_bytes
-        self.state.reset()
-        self.plans, self.plan, self._stack_in = None, None, None
-        self._fps_emb, self._next_t_mlp = None, None
-        self._drawn, self._picked = None, None
+        if self.sample is None:
+            return
+        self.cache_bytes = self.sample.store.peak_bytes
+        self.sample.store.reset()
+        self.sample.stack_in, self.sample.drawn, self.sample.plan, self.sample.policy = None, None, None, None
+        self.last, self.sample = self.sample, None
 
     # -- the block --------------------------------------------------------------------------------------
     def _block_forward(self, index, block, x, y, t, mask=None, x_mask=None, t0=None, T=None, S=None):
-        if self.plan is None:
+        sample = self.sample
+        if sample is None or sample.plan is None:
             return type(block).forward(block, x, y, t, mask, x_mask, t0, T, S)
         last = index == len(self.blocks) - 1
         if index == 0:
-            if self._layout is not None:  # upstream's split of this forward: S is this rank's share
-                self._layout.set_local(S)
-            if self._predraw_due:  # the sample's first forward: the token grid is known from now on
-                self._predraw_due = False
-                self._predraw(x, T)
-            self._stack_in = x
-            if isinstance(self.config, TeaCacheConfig):
-                self._teacache_decide(block, x, t)
-            elif not self._skip_stack:  # only aggressive steps read the stack output: free it before computing
-                self.state.drop(STACK, "output")
-        if self._skip_stack:
-            return self._reuse_stack(x) if last else x
+            self._start_stack(sample, block, x, t, T, S)
+        if sample.skip_stack:
+            return sample.policy.reuse_stack(sample.stack_in, x) if last else x
         out = self._run_block(index, block, x, y, t, mask, x_mask, t0, T, S)
-        if last:
-            self._store_stack(out)
+        if index == 0 and not last and not self._go_on_after_first(sample, out):
+            sample.skip_stack = True
+            if sample.history:
+                sample.history[-1]["kind"] = "first_block"
+        elif last:
+            sample.policy.update_stack(sample.stack_in, out)
+            sample.stack_in = None
         return out
 
-    def _reuse_stack(self, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.config, TeaCacheConfig):
-            return self._stack_in + self.state.get(STACK, "residual")
-        return self.state.get(STACK, "output")
+    def _replayed(self, sample: Sample) -> str | None:
+        """On a FLOP replay, the real run's decision for this step (meta tensors carry no signal)."""
+        if self.replay_kinds is None or not self.config.data_dependent:
+            return None
+        return self.replay_kinds[sample.step]
 
-    def _store_stack(self, out: torch.Tensor) -> None:
-        if isinstance(self.config, TeaCacheConfig):
-            self.state.put(STACK, "residual", out - self._stack_in)
-        elif self.plan.keep_stack:
-            self.state.put(STACK, "output", out)
-        else:
-            self.state.drop(STACK, "output")
-        self._stack_in = None
+    def _start_stack(self, sample: Sample, block: nn.Module, x: torch.Tensor, t: torch.Tensor, T, S) -> None:
+        if self._layout is not None:  # upstream's split of this forward: S is this rank's share
+            self._layout.set_local(S)
+        if sample.predraw_due:  # the sample's first forward: the token grid is known from now on
+            sample.predraw_due = False
+            self._predraw(x, T)
+        sample.stack_in = x
+        replayed = self._replayed(sample)
+        compute = replayed != "aggressive" if replayed is not None else sample.policy.compute_stack(block, x, t)
+        sample.skip_stack = not compute
+        if sample.history:
+            sample.history[-1]["kind"] = sample.plan.kind if compute else "aggressive"
 
-    def _teacache_decide(self, block: nn.Module, x: torch.Tensor, t: torch.Tensor) -> None:
-        if self.replay_kinds is not None:  # meta tensors carry no signal: repeat the real run's decisions
-            self._skip_stack = self.replay_kinds[self.step] == "aggressive"
-            if self.history:
-                self.history[-1]["kind"] = "aggressive" if self._skip_stack else "full"
-            return
-        shift, scale = block_modulation(block, t)[:2]
-        current = modulate_tokens(block.norm1(x), shift, scale)
-        previous = self.state.get(STACK, "modulated_input")
-        first_or_last = self.step in (0, len(self.timesteps) - 1)
-        compute = True
-        if not first_or_last and previous is not None:
-            change, size = (current - previous).abs(), previous.abs()
-            if self.sp:  # the signal must be the whole grid's, identical on every rank
-                valid = self.sp.local_valid(x.shape[1] // self.sp.s_local, x.device)[None, :, None]
-                sums = torch.stack([(change * valid).sum(), (size * valid).sum()]).double()
-                sums = all_reduce_sum(sums, self.sp.group, self.sp.stats, "teacache_signal")
-                rel = (sums[0] / sums[1]).item()
-            else:
-                rel = (change.mean() / size.mean()).item()
-            coeffs = self.config.coefficients
-            self._tea_accumulated += sum(c * rel ** (len(coeffs) - 1 - i) for i, c in enumerate(coeffs))
-            compute = self._tea_accumulated >= self.config.threshold
-        if compute:
-            self._tea_accumulated = 0.0
-        self.state.put(STACK, "modulated_input", current)
-        self._skip_stack = not compute
-        if self.history:
-            self.history[-1]["kind"] = "full" if compute else "aggressive"
+    def _go_on_after_first(self, sample: Sample, out: torch.Tensor) -> bool:
+        replayed = self._replayed(sample)
+        if replayed is not None:
+            return replayed != "first_block"
+        return sample.policy.after_first_block(sample.stack_in, out)
 
     def _needs_scores(self, kind: str) -> str | None:
         """Which selector statistic this full step must capture for later conservative steps."""
-        cfg = self.config
-        if not isinstance(cfg, TokenCacheConfig) or not cfg.recompute:
+        selector = getattr(self.config, "selector", None)
+        if selector is None or not self.config.recompute:
             return None
-        if cfg.selector in ("k_norm", "v_norm") and self.plan.action(kind, "attn") is Action.COMPUTE:
+        if selector in ("k_norm", "v_norm") and self.plan.action(kind, "attn") is Action.COMPUTE:
             return "qkv"
-        if cfg.selector == "cross_entropy" and self.plan.action(kind, "cross") is Action.COMPUTE:
+        if selector == "cross_entropy" and self.plan.action(kind, "cross") is Action.COMPUTE:
             return "cross"
         return None
 
     def _run_block(self, index, block, x, y, t, mask, x_mask, t0, T, S):
+        """One block: each module computed (all tokens or the selected rows) or asked of the policy."""
         kind = "temporal" if block.temporal else "spatial"
         acts, keep = self.plan.actions[kind], self.plan.keep[kind]
         if self.state.has(index, "folded"):
             return self._run_folded(index, block, x, t, x_mask, t0, S, acts)
         capture = self._needs_scores(kind)
-        plain = all(a is Action.COMPUTE for a in acts.values()) and not keep and capture is None
-        if plain:
-            for name in self.state.names(index):
+        if all(a is Action.COMPUTE for a in acts.values()) and not keep and capture is None:
+            for name in self.state.names(index):  # nothing of this block is read later
                 if name != "age":
                     self.state.drop(index, name)
             return type(block).forward(block, x, y, t, mask, x_mask, t0, T, S)
 
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = block_modulation(block, t, x_mask, t0)
-        partial = Action.PARTIAL in acts.values()
-        idx, pad = self._select(index, x, T, S) if partial else (None, None)
-        stats = self.history[-1] if self.history else None
+        mod = block_modulation(block, t, x_mask, t0)  # shift/scale/gate of self-attention, then of the MLP
+        rows = self._select(index, x, T, S) if Action.PARTIAL in acts.values() else None
         grabbed: dict[str, torch.Tensor] = {}
-
-        # self-attention (a partial recompute needs every token's keys and values, so it runs in full and
-        # only the selected rows refresh the cache)
-        act = acts["attn"]
-        if act is Action.REUSE:
-            attn = self.state.get(index, "attn")
-        else:
-            with _capture_output(block.attn.qkv, grabbed, "qkv", capture == "qkv"):
-                attn = block_self_attention(block, modulate_tokens(block.norm1(x), shift_msa, scale_msa), T, S)
-            if act is Action.PARTIAL:
-                attn = write_rows(self.state.get(index, "attn"), idx, pad, sel.gather_tokens(attn, idx))
-        x = x + gate_tokens(gate_msa, attn)
-
-        act = acts["cross"]
-        if act is Action.REUSE:
-            cross = self.state.get(index, "cross")
-        elif act is Action.PARTIAL:
-            rows = block.cross_attn(sel.gather_tokens(x, idx), y, mask)
-            cross = write_rows(self.state.get(index, "cross"), idx, pad, rows)
-        else:
-            with (
-                _capture_output(block.cross_attn.q_linear, grabbed, "q", capture == "cross"),
-                _capture_output(block.cross_attn.kv_linear, grabbed, "kv", capture == "cross"),
-            ):
-                cross = block.cross_attn(x, y, mask)
+        attn = self._self_attention(index, block, x, mod, acts["attn"], rows, T, S, grabbed, capture)
+        x = x + gate_tokens(mod[2], attn)
+        cross = self._cross_attention(index, block, x, y, mask, acts["cross"], rows, grabbed, capture)
         x = x + cross
+        mlp = self._mlp(index, block, x, mod, acts["mlp"], rows, S)
+        x = x + gate_tokens(mod[5], mlp)
 
-        act = acts["mlp"]
-        if act is Action.REUSE:
-            mlp = self.state.get(index, "mlp")
-        elif act is Action.PARTIAL:
-            rows = sel.gather_tokens(x, idx)
-            h = block.norm2(rows) * (1 + rows_param(scale_mlp, idx, S)) + rows_param(shift_mlp, idx, S)
-            mlp = write_rows(self.state.get(index, "mlp"), idx, pad, block.mlp(h))
-        else:
-            mlp = block.mlp(modulate_tokens(block.norm2(x), shift_mlp, scale_mlp))
-        x = x + gate_tokens(gate_mlp, mlp)
-
-        fold = x_mask is None and self._can_fold(kind)
+        fold = x_mask is None and self.sample.policy.fold_ok and self._can_fold(kind)
         if fold:  # the folded tensor serves the next step; keep separately only what a later step reads
             keep = keep & self.plans[self.step + 1].keep[kind]
         for module, value in (("attn", attn), ("cross", cross), ("mlp", mlp)):
-            if module in keep:
-                self.state.put(index, module, value)
-            else:
-                self.state.drop(index, module)
-            if stats is not None:
-                n = value.shape[0] * value.shape[1]
-                done = (
-                    n
-                    if acts[module] is Action.COMPUTE
-                    else (self._rows_picked(idx, pad) if acts[module] is Action.PARTIAL else 0)
-                )
-                stats["recomputed"][module] = stats["recomputed"].get(module, 0) + done
-                stats["tokens"][module] = stats["tokens"].get(module, 0) + n
+            if acts[module] is not Action.REUSE or module not in keep:
+                self.sample.policy.update(index, module, value, module in keep)
+            self._count(module, acts[module], value, rows)
         if capture:
             self._store_scores(index, block, grabbed, mask, T, S)
         if fold:
             self._store_folded(index, block, x.shape[0], attn, cross, mlp, T, S, x)
         return x
+
+    def _self_attention(self, index, block, x, mod, act, rows, T, S, grabbed, capture) -> torch.Tensor:
+        # A partial recompute needs every token's keys and values, so it runs in full; the selected rows refresh.
+        if act is Action.REUSE:
+            return self.sample.policy.approximate(index, "attn")
+        with _capture_output(block.attn.qkv, grabbed, "qkv", capture == "qkv"):
+            attn = block_self_attention(block, modulate_tokens(block.norm1(x), mod[0], mod[1]), T, S)
+        if act is Action.PARTIAL:
+            idx, pad = rows
+            attn = write_rows(self.state.get(index, "attn"), idx, pad, sel.gather_tokens(attn, idx))
+        return attn
+
+    def _cross_attention(self, index, block, x, y, mask, act, rows, grabbed, capture) -> torch.Tensor:
+        if act is Action.REUSE:
+            return self.sample.policy.approximate(index, "cross")
+        if act is Action.PARTIAL:
+            idx, pad = rows
+            return write_rows(self.state.get(index, "cross"), idx, pad, block.cross_attn(sel.gather_tokens(x, idx),
+                                                                                         y, mask))  # fmt: skip
+        with (
+            _capture_output(block.cross_attn.q_linear, grabbed, "q", capture == "cross"),
+            _capture_output(block.cross_attn.kv_linear, grabbed, "kv", capture == "cross"),
+        ):
+            return block.cross_attn(x, y, mask)
+
+    def _mlp(self, index, block, x, mod, act, rows, S) -> torch.Tensor:
+        if act is Action.REUSE:
+            return self.sample.policy.approximate(index, "mlp")
+        if act is Action.PARTIAL:
+            idx, pad = rows
+            part = sel.gather_tokens(x, idx)
+            h = block.norm2(part) * (1 + rows_param(mod[4], idx, S)) + rows_param(mod[3], idx, S)
+            return write_rows(self.state.get(index, "mlp"), idx, pad, block.mlp(h))
+        return block.mlp(modulate_tokens(block.norm2(x), mod[3], mod[4]))
+
+    def _count(self, module: str, act: Action, value: torch.Tensor, rows) -> None:
+        """The summary's share of tokens recomputed per module."""
+        stats = self.history[-1] if self.history else None
+        if stats is None:
+            return
+        n = value.shape[0] * value.shape[1]
+        done = n if act is Action.COMPUTE else (self._rows_picked(*rows) if act is Action.PARTIAL else 0)
+        stats["recomputed"][module] = stats["recomputed"].get(module, 0) + done
+        stats["tokens"][module] = stats["tokens"].get(module, 0) + n
 
     # -- reporting -------------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -348,8 +372,8 @@ class CacheController(FoldingMixin, SelectionMixin):
                 f"{100 * h['recomputed'].get(m, 0) / h['tokens'][m]:.1f}%" if h["tokens"].get(m) else "-"
                 for m in ("attn", "cross", "mlp")
             )
-            if h["kind"] == "aggressive":
-                share = "stack reused"
+            if h["kind"] in ("aggressive", "first_block"):
+                share = "stack reused" if h["kind"] == "aggressive" else "first block computed, rest reused"
             lines.append(f"{h['step']:>4} {h['t']:>8.2f}  {h['kind']:<12} {h['spatial']:<8} {h['temporal']:<8} {share}")
         lines.append(f"steps: {counts}; peak cache {self.cache_bytes / 2**20:.1f} MiB")
         return "\n".join(lines)
@@ -377,9 +401,10 @@ def enable(
     result up to rounding)."""
     config = make_config(method, **overrides)
     settings = settings_from(scheduler, num_sampling_steps)
-    if isinstance(config, StepsConfig) and settings is not None and settings.num_sampling_steps != config.num_steps:
+    wanted = config.sampler_settings().get("num_sampling_steps")
+    if wanted is not None and settings is not None and settings.num_sampling_steps != wanted:
         raise ValueError(
-            f"cache method 'steps' (num_steps={config.num_steps}) is a sampler setting: the sampler given runs "
+            f"cache method {config.method!r} (num_steps={wanted}) is a sampler setting: the sampler given runs "
             f"{settings.num_sampling_steps} steps; set its num_sampling_steps instead"
         )
     disable(model)

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-
-from .config import CacheConfig, PABConfig, TokenCacheConfig
+from typing import Any
 
 BLOCK_KINDS = ("spatial", "temporal")
 
@@ -36,47 +35,14 @@ class StepPlan:
         return "".join(self.actions[block_kind][m].value[0].upper() for m in ("attn", "cross", "mlp"))
 
 
-def _same(actions: dict[str, Action]) -> dict[str, dict[str, Action]]:
+def same_actions(actions: dict[str, Action]) -> dict[str, dict[str, Action]]:
+    """The same module actions for spatial and temporal blocks."""
     return {k: dict(actions) for k in BLOCK_KINDS}
 
 
-def token_schedule(config: TokenCacheConfig, num_steps: int) -> list[StepPlan]:
-    plans = []
-    for s in range(num_steps):
-        kind = "full" if s == 0 or s < config.warmup_steps else config.pattern[s % config.cycle]
-        if kind == "full":
-            cross = Action.COMPUTE if s < config.warmup_steps or s % config.cross_cycle == 0 else Action.REUSE
-            acts = {"attn": Action.COMPUTE, "cross": cross, "mlp": Action.COMPUTE}
-        elif kind == "conservative":
-            partial = Action.PARTIAL if config.recompute_ratio > 0 else Action.REUSE
-            acts = {m: partial if m in config.recompute else Action.REUSE for m in ("attn", "cross", "mlp")}
-        else:
-            acts = dict.fromkeys(("attn", "cross", "mlp"), Action.REUSE)
-        plans.append(StepPlan(kind, _same(acts)))
-    return plans
-
-
-def pab_schedule(config: PABConfig, timesteps: tuple[float, ...]) -> list[StepPlan]:
-    lo, hi = config.threshold
-    plans = []
-    for s, t in enumerate(timesteps):
-        in_window = lo < t < hi
-
-        def act(period: int, s: int = s, in_window: bool = in_window) -> Action:
-            return Action.REUSE if in_window and s % period != 0 else Action.COMPUTE
-
-        cross, mlp = act(config.cross_range), act(config.mlp_range)
-        actions = {
-            "spatial": {"attn": act(config.spatial_range), "cross": cross, "mlp": mlp},
-            "temporal": {"attn": act(config.temporal_range), "cross": cross, "mlp": mlp},
-        }
-        full = all(a is Action.COMPUTE for acts in actions.values() for a in acts.values())
-        plans.append(StepPlan("full" if full else "conservative", actions))
-    return plans
-
-
 def full_schedule(num_steps: int) -> list[StepPlan]:
-    return [StepPlan("full", _same(dict.fromkeys(("attn", "cross", "mlp"), Action.COMPUTE))) for _ in range(num_steps)]
+    return [StepPlan("full", same_actions(dict.fromkeys(("attn", "cross", "mlp"), Action.COMPUTE)))
+            for _ in range(num_steps)]  # fmt: skip
 
 
 def mark_storage(plans: list[StepPlan]) -> list[StepPlan]:
@@ -99,15 +65,13 @@ def mark_storage(plans: list[StepPlan]) -> list[StepPlan]:
     return plans
 
 
-def build_schedule(config: CacheConfig, timesteps: tuple[float, ...]) -> list[StepPlan]:
-    num_steps = len(timesteps)
-    if isinstance(config, TokenCacheConfig):
-        plans = token_schedule(config, num_steps)
-    elif isinstance(config, PABConfig):
-        plans = pab_schedule(config, timesteps)
-    else:  # none, steps, teacache (teacache decides per step at run time)
-        plans = full_schedule(num_steps)
-    return mark_storage(plans)
+def build_schedule(config: Any, timesteps: tuple[float, ...]) -> list[StepPlan]:
+    """The plan a method's policy makes for these timesteps, with its storage marked (what later steps read)."""
+    from .policy import Sample  # the policies import this module
+
+    sample = Sample(tuple(timesteps), cfg=False, rows=1, seeds=(0,))
+    policy = config.make_policy(sample)
+    return policy.mark(policy.plan())
 
 
 def schedule_table(plans: list[StepPlan]) -> list[dict[str, str]]:

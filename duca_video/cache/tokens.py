@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from . import selection as sel
-from .config import TokenCacheConfig
 from .folding import count_rows
 from .schedule import Action
 
@@ -80,20 +79,21 @@ class SelectionMixin:
         return sp if sp is not None and sp.size > 1 else None
 
     predraw = True  # False: draw at each step (the behaviour before pre-drawing; the tests' reference)
-    _drawn: DrawnSelection | None = None
-    _picked: tuple[torch.Tensor, int] | None = None  # the last pre-drawn indices handed out and their row count
-    _predraw_due = False  # set when a sample begins; its first forward draws
+
+    @property
+    def _drawn(self) -> DrawnSelection | None:
+        return self.sample.drawn if self.sample is not None else None
 
     def _can_predraw(self) -> bool:
         cfg = self.config
         return (
-            self.predraw and isinstance(cfg, TokenCacheConfig) and cfg.selector in PREDRAWN_SELECTORS
+            self.predraw and getattr(cfg, "selector", None) in PREDRAWN_SELECTORS
             and cfg.age_bonus == 0  # the age term makes each choice depend on the previous ones, held on the device
         )  # fmt: skip
 
     def _predraw(self, x: torch.Tensor, T: int) -> None:
         """At the sample's first forward: draw every (step, block) selection the schedule will read, copy once."""
-        self._drawn = None
+        self.sample.drawn = None
         if self.plans is None or not self._can_predraw():
             return
         rows = x.shape[0]
@@ -118,9 +118,9 @@ class SelectionMixin:
                 where[key] = (at, r, w, offset + pad_at, count)
         host = torch.cat(chunks + pads)
         if x.device.type == "cuda":  # pinned memory lets the one copy run without blocking the host
-            self._drawn = DrawnSelection(host.pin_memory().to(x.device, non_blocking=True), where)
+            self.sample.drawn = DrawnSelection(host.pin_memory().to(x.device, non_blocking=True), where)
         else:
-            self._drawn = DrawnSelection(host.to(x.device), where)
+            self.sample.drawn = DrawnSelection(host.to(x.device), where)
 
     @staticmethod
     def _kind(block: nn.Module) -> str:
@@ -141,8 +141,9 @@ class SelectionMixin:
 
     def _rows_picked(self, idx: torch.Tensor, pad: torch.Tensor | None) -> int:
         """Tokens recomputed with `idx` (for the summary): known on the host for pre-drawn ones, no device read."""
-        if self._picked is not None and self._picked[0] is idx:
-            return self._picked[1]
+        picked = self.sample.picked
+        if picked is not None and picked[0] is idx:
+            return picked[1]
         return count_rows(idx, pad)
 
     def _select(
@@ -155,7 +156,7 @@ class SelectionMixin:
         selectors read the sample's pre-drawn choice (`_predraw`); the code below is the draw at the step."""
         drawn = None if self._drawn is None else self._drawn.get((self.step if step is None else step, index))
         if drawn is not None:
-            self._picked = (drawn[0], drawn[2])
+            self.sample.picked = (drawn[0], drawn[2])
             return drawn[0], drawn[1]
         cfg, sp = self.config, self.sp
         rows = x.shape[0]

@@ -50,7 +50,8 @@ def build_text_encoder(cfg: InferenceConfig, path: str | None, device: torch.dev
 
         length = 300 if sec.model_max_length is None else sec.model_max_length
         try:
-            return T5TextEncoder(path, model_max_length=length, device=device, dtype=TORCH_DTYPES[sec.dtype])
+            return T5TextEncoder(path, model_max_length=length, device=device, dtype=TORCH_DTYPES[sec.dtype],
+                                 offload=sec.offload)  # fmt: skip
         except T5LoadError as exc:  # an unusable folder or a missing package: a user error, not a traceback
             raise InputError(f"text_encoder.from_pretrained: {exc}") from None
     from duca_video.testbed import WordTextEncoder

@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="auto (CUDA when available), cpu, cuda or cuda:N")
     g.add_argument("--sp-size", type=int, help="ranks per sequence-parallel group under torchrun (default: all); "
                    "world / sp groups generate different prompts")  # fmt: skip
+    g.add_argument("--cfg-parallel", action="store_true", default=None,
+                   help="run the conditional and unconditional CFG halves on two ranks (torchrun; with --sp-size: "
+                   "world = data x 2 x sp)")  # fmt: skip
     g.add_argument(
         "--cache", choices=CACHE_METHODS, help="caching method; the config's cache settings apply to its method only"
     )
@@ -192,4 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--count-flops", action=argparse.BooleanOptionalAction, default=None, help="count DiT FLOPs during sampling"
     )
     g.add_argument("--quiet", action="store_true", default=None, help="no progress bars or per-video lines")
+    _conditioning_flags(p)
     return p
+
+
+def _conditioning_flags(p: argparse.ArgumentParser) -> None:
+    """Open-Sora 1.2's image / video conditioning flags (docs/commands.md), same names and meanings."""
+    g = p.add_argument_group("conditioning (images and videos, Open-Sora 1.2)")
+    g.add_argument("--reference-path", nargs="+", metavar="PATHS",
+                   help='reference image/video per prompt (one for all, or one per prompt); ";" separates several '
+                   'of one prompt, e.g. "a.png;b.mp4"; also "reference_path" in a prompt\'s JSON')  # fmt: skip
+    g.add_argument("--mask-strategy", nargs="+", metavar="GROUPS",
+                   help='per prompt, ";"-separated groups "loop,reference,ref_start,target_start,length,edit_ratio" '
+                   '(defaults 0,0,0,0,1,0; latent frames): "0": image to video, "0,0,0,-8,8": extension')  # fmt: skip
+    g.add_argument("--loop", type=int, help="clips per video, each continuing the previous (prompts '|0|a|2|b')")
+    g.add_argument("--condition-frame-length", type=int,
+                   help="latent frames of the previous clip that start the next one (default 5)")  # fmt: skip
+    g.add_argument("--condition-frame-edit", type=float, help="edit ratio of those frames, 0..1 (default 0: kept)")
+    g.add_argument("--align", type=int, help="snap negative mask-strategy starts to multiples of this (v1.2: 5)")

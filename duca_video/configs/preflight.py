@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from duca_video.conditioning.prompts import ConditionedPrompt
+from duca_video.conditioning.setup import condition_prompts, is_conditioned_run
 from duca_video.io import PromptError, append_scores, select_prompts, video_name
 from duca_video.io.captions import clean_prompt
 from duca_video.io.prompts import check_prompt, check_video_name, duplicate_names, load_prompt_lines
@@ -50,6 +52,9 @@ class VideoJob:
     k: int  # sample number for this prompt
     seed: int
     name: str
+    # Image / video conditioning (duca_video.conditioning): None for a plain text-to-video prompt.
+    condition: ConditionedPrompt | None = None
+    texts: tuple[str, ...] = ()  # the encoder's text for each loop (--loop); () means `text` for every loop
 
     def __post_init__(self) -> None:
         check_video_name(self.name)  # whoever planned the job, its files stay inside the save folder
@@ -119,16 +124,37 @@ def encoder_text(cfg: InferenceConfig, index: int, prompt: str) -> str:
 
 
 def plan_batches(cfg: InferenceConfig, prompts: list[tuple[int, str]]) -> list[list[VideoJob]]:
-    """Open-Sora's order: batches of prompts, and within a batch the k-th sample of each (seed + k) together."""
+    """Open-Sora's order: batches of prompts, and within a batch the k-th sample of each (seed + k) together.
+    Conditioned prompts (references, mask strategy, loops) are parsed and checked here, before any model."""
+    conditions = _conditions(cfg, prompts)
+    texts = {i: _texts(cfg, i, p, conditions.get(i)) for i, p in prompts}
     batches = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
         for k in range(cfg.num_sample):
             batches.append([
-                VideoJob(i, p, encoder_text(cfg, i, p), k, cfg.seed + k, _name(cfg, i, p, k))
+                VideoJob(i, p, texts[i][0], k, cfg.seed + k, _name(cfg, i, p, k), conditions.get(i),
+                         texts[i] if conditions.get(i) is not None else ())
                 for i, p in chunk
             ])  # fmt: skip
     return batches
+
+
+def _conditions(cfg: InferenceConfig, prompts: list[tuple[int, str]]) -> dict[int, ConditionedPrompt | None]:
+    if not is_conditioned_run(cfg) and not any("{" in p or p.startswith("|") for _, p in prompts):
+        return {}
+    total = len(cfg.prompt) if cfg.prompt else len(load_prompt_lines(cfg.prompt_path)) if cfg.prompt_path else 0
+    source = "--prompt" if cfg.prompt else f"prompt file {cfg.prompt_path!r}"
+    where = {i: f"prompt {i} ({source})" for i, _ in prompts}
+    return condition_prompts(cfg, prompts, where, total)
+
+
+def _texts(cfg: InferenceConfig, index: int, prompt: str, cond: ConditionedPrompt | None) -> tuple[str, ...]:
+    """What the encoder sees in each loop: the prompt's text for that loop (no JSON part), with the score
+    suffixes and Open-Sora's cleaning applied to each segment, as upstream."""
+    if cond is None:
+        return (encoder_text(cfg, index, prompt),)
+    return tuple(encoder_text(cfg, index, cond.text_for_loop(loop)) for loop in range(cfg.loop))
 
 
 def resolve_weights(cfg: InferenceConfig) -> dict[str, str | None]:

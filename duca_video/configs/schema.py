@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 
 from duca_video import sizes
+from duca_video.cache.registry import METHODS as CACHE_REGISTRY
 from duca_video.io.prompts import PromptError, check_sample_name
 
 __all__ = [
@@ -34,7 +35,7 @@ __all__ = [
 ]
 
 # The names duca_video.cache.enable accepts (DESIGN.md, contract 3).
-CACHE_METHODS = ("none", "duca", "toca", "fora", "aggressive", "conservative", "pab", "teacache", "steps")
+CACHE_METHODS = tuple(CACHE_REGISTRY)  # the one registry of methods (duca_video/cache/registry.py)
 # Upstream's spellings (opensora.utils.misc.to_torch_dtype) plus torch's.
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float32": torch.float32,
                 "float16": torch.float16, "bfloat16": torch.bfloat16, "half": torch.float16}  # fmt: skip
@@ -211,16 +212,21 @@ class TextEncoderSection:
     from_pretrained: str | None = None
     model_max_length: int | None = None  # None: the encoder's own (300 for T5, as STDiT3 was trained)
     dtype: str = "fp32"  # upstream runs T5-XXL in fp32
+    # T5-XXL is 19 GB in fp32: "cpu" keeps it in host memory and moves it to the GPU only while encoding,
+    # "free" drops it after encoding (reloaded from disk for the next batch), "none" keeps it on the device.
+    offload: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)  # constructor arguments of the testbed encoder
 
     def __post_init__(self) -> None:
         _positive("text_encoder", model_max_length=self.model_max_length)
         if self.dtype not in DTYPES:
             raise ConfigError(f"text_encoder.dtype={self.dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+        if self.offload not in ("none", "cpu", "free"):
+            raise ConfigError(f"text_encoder.offload={self.offload!r} is not allowed; allowed: none, cpu, free")
         if self.type == "t5" and self.extra:
             raise ConfigError(
                 f"text_encoder: unknown key {', '.join(map(repr, sorted(self.extra)))}; allowed: type, "
-                "from_pretrained, model_max_length, dtype"
+                "from_pretrained, model_max_length, dtype, offload"
             )
 
     @property
@@ -317,6 +323,16 @@ class InferenceConfig:
     count_flops: bool = True
     quiet: bool = False
     sp_size: int | None = None  # ranks per sequence-parallel group under torchrun (None: all of them)
+    # The two classifier-free-guidance halves on two ranks (mesh dp x cfg x sp), one exchange per step.
+    cfg_parallel: bool = False
+    # Image / video conditioning, Open-Sora 1.2's names (duca_video.conditioning): one value for every prompt
+    # or one per prompt; paths separated by ";"; a prompt's inline JSON overrides both for that prompt.
+    reference_path: list[str] | None = None
+    mask_strategy: list[str] | None = None
+    loop: int = 1  # clips per video; clip k >= 1 starts from the last condition_frame_length latent frames of k-1
+    condition_frame_length: int = 5  # latent frames
+    condition_frame_edit: float = 0.0  # edit ratio of those frames (0 keeps them)
+    align: int | None = None  # snap negative strategy starts to multiples of this (5 in Open-Sora 1.2's config)
 
     def __post_init__(self) -> None:
         self.num_frames = _checked(lambda: sizes.parse_num_frames(self.num_frames), "num_frames")
@@ -331,6 +347,8 @@ class InferenceConfig:
             raise ConfigError(f"image_size={list(self.image_size)} is not allowed: both sides must be >= 1")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+        if self.cfg_parallel and self.scheduler.cfg_scale == 1.0:
+            raise ConfigError("cfg_parallel needs classifier-free guidance: with cfg_scale=1 there is no second half")
         if self.start_index < 0:
             raise ConfigError(f"start_index={self.start_index} is not allowed: it must be >= 0")
         if self.end_index is not None and self.end_index <= self.start_index:
@@ -338,6 +356,7 @@ class InferenceConfig:
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"device={self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N (N = 0, 1, ..)")
         self._check_limits()
+        self._check_conditioning()
         if self.sample_name is not None:
             try:
                 check_sample_name(self.sample_name)
@@ -360,6 +379,12 @@ class InferenceConfig:
             raise ConfigError(f"num_frames={self.num_frames} is not allowed at {h}x{w}: the video would have more "
                               "values than a tensor can hold (2**63)")  # fmt: skip
 
+    def _check_conditioning(self) -> None:
+        _positive("config", loop=self.loop, condition_frame_length=self.condition_frame_length, align=self.align)
+        if not 0.0 <= self.condition_frame_edit <= 1.0:
+            raise ConfigError(f"condition_frame_edit={self.condition_frame_edit} is not allowed: it must be in "
+                              "[0, 1] (0 keeps the frames, 1 regenerates them)")  # fmt: skip
+
     @property
     def size(self) -> tuple[int, int]:
         """(H, W) of the generated video as requested (the VAE may round it down to its factor)."""
@@ -381,8 +406,9 @@ class InferenceConfig:
         for name, (section_cls, extra_ok) in _SECTIONS.items():
             if name in top:
                 sections[name] = _build(section_cls, top.pop(name), name, extra_ok)
-        if isinstance(top.get("prompt"), str):  # one prompt given as a string: a list of one
-            top["prompt"] = [top["prompt"]]
+        for key in ("prompt", "reference_path", "mask_strategy"):  # one value given as a string: a list of one
+            if isinstance(top.get(key), str):
+                top[key] = [top[key]]
         config = _build(_TopLevel, top, "config")
         return cls(**sections, **dataclasses.asdict(config))
 

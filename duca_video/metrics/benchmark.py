@@ -2,8 +2,8 @@
 bytes, and fidelity of each method's final latent to the uncached one.
 
 FLOPs are counted on the meta device (no weights, no compute), for the full loop: every step, the CFG batch,
-the cache's own gathers and selections included. TeaCache decides from the data, so its FLOPs are counted
-during a real run instead (null in a FLOPs-only run).
+the cache's own gathers and selections included. Methods that decide from the data (TeaCache, First-Block
+Cache) are counted during a real run instead (null in a FLOPs-only run).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .. import cache as cache_lib
+from ..cache.variants import parse_variant
 from ..models.stdit3 import STDiT3, STDiT3Config
 from ..parallel.comm import SimulatedGroup
 from ..parallel.sequence import enable_sequence_parallel
@@ -39,11 +40,16 @@ class BenchSetup:
     cache_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # method -> field overrides
 
     def sampler(self, method: cache_lib.CacheConfig) -> RFlowSampler:
-        steps = method.num_steps if isinstance(method, cache_lib.StepsConfig) else self.num_steps
-        return RFlowSampler(num_sampling_steps=steps, cfg_scale=self.cfg_scale,
-                            use_timestep_transform=self.use_timestep_transform)  # fmt: skip
+        """The sampler of a variant: this setup's, with the settings the variant implies (e.g. fewer steps)."""
+        settings = {"num_sampling_steps": self.num_steps, "cfg_scale": self.cfg_scale,
+                    "use_timestep_transform": self.use_timestep_transform, **method.sampler_settings()}  # fmt: skip
+        return RFlowSampler(**settings)
 
     def method_config(self, name: str) -> cache_lib.CacheConfig:
+        """A variant's config: `duca`, or with settings `teacache[threshold=0.2]` (see cache.variants); a plain
+        method name also takes this setup's `cache_overrides` for it."""
+        if "[" in name:
+            return parse_variant(name)
         return cache_lib.make_config(name, **self.cache_overrides.get(name, {}))
 
     def to_dict(self) -> dict[str, Any]:
@@ -68,7 +74,7 @@ def make_inputs(setup: BenchSetup, device: torch.device | str, dtype: torch.dtyp
     return dict(
         z=noise(b, cfg.in_channels, *setup.latent_shape),
         y=noise(b, 1, length, cfg.caption_channels).to(dtype),
-        mask=mask.to(device),
+        mask=mask if meta else mask.to(device),  # on meta runs a CPU mask lets the sampler cut the text keys
         # Sizes stay on the CPU: their values set the position scale and the timestep shift.
         model_kwargs=dict(height=torch.full((b,), float(setup.image_size[0])),
                           width=torch.full((b,), float(setup.image_size[1])),
@@ -90,7 +96,7 @@ def loop_flops(
     final latent gather; text and VAE traffic do not depend on the method). None where the method decides from
     real data (TeaCache; score-based selectors under SP)."""
     config = setup.method_config(method)
-    if isinstance(config, cache_lib.TeaCacheConfig):
+    if config.data_dependent:  # its decisions need real data: counted in the real run instead
         return None, None, None
     with torch.device("meta"):
         model = STDiT3(setup.model).eval().to(dtype)
@@ -177,8 +183,8 @@ def compare(
         runs: dict[str, list[RunResult]] = {name: [] for name in methods}
         for rep in range(repeats):
             for name in methods:
-                tea = isinstance(setup.method_config(name), cache_lib.TeaCacheConfig)
-                runs[name].append(run_method(model, setup, name, inputs, seed=seed, count=tea and rep == 0))
+                dynamic = setup.method_config(name).data_dependent
+                runs[name].append(run_method(model, setup, name, inputs, seed=seed, count=dynamic and rep == 0))
         reference = runs["none"][0].latent
         for name, done in runs.items():
             first = done[0]
@@ -210,8 +216,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
                ("psnr_vs_none", "PSNR", ".2f", 1), ("ssim_vs_none", "SSIM", ".4f", 1),
                ("color_accuracy", "colour", ".3f", 1), ("direction_accuracy", "direction", ".3f", 1)]  # fmt: skip
     present = [c for c in columns if any(c[0] in r for r in results.values())]
-    lines = [f"{'method':<13}" + "".join(f"{title:>11}" for _, title, _, _ in present)]
+    width = max([13, *(len(name) + 1 for name in results)])
+    lines = [f"{'method':<{width}}" + "".join(f"{title:>11}" for _, title, _, _ in present)]
     for name, r in results.items():
         cells = [fmt(None if r.get(k) is None else r[k] / div, spec) for k, _, spec, div in present]
-        lines.append(f"{name:<13}" + "".join(f"{c:>11}" for c in cells))
+        lines.append(f"{name:<{width}}" + "".join(f"{c:>11}" for c in cells))
     return "\n".join(lines)

@@ -95,24 +95,34 @@ class SamplingFlops:
         self._memo: dict[tuple, int] = {}
 
     def count(
-        self, batch: int, latent_shape: tuple[int, ...], model_kwargs: dict[str, Any], kinds: list[str] | None = None
+        self,
+        batch: int,
+        latent_shape: tuple[int, ...],
+        model_kwargs: dict[str, Any],
+        kinds: list[str] | None = None,
+        text_tokens: int | None = None,
     ) -> int:
-        """FLOPs of one loop for `batch` videos of latent (C, T, H, W); `kinds` = the real run's step kinds."""
+        """FLOPs of one loop for `batch` videos of latent (C, T, H, W); `kinds` = the real run's step kinds;
+        `text_tokens` = the caption keys cross-attention really attends to (the sampler cuts the text to the
+        batch's longest caption; None = all of model_max_length)."""
         replayed = tuple(kinds) if kinds is not None and self._data_dependent() else None
-        key = (batch, tuple(latent_shape), replayed)
+        key = (batch, tuple(latent_shape), replayed, text_tokens)
         if key not in self._memo:
-            self._memo[key] = self._replay(batch, latent_shape, model_kwargs, replayed)
+            self._memo[key] = self._replay(batch, latent_shape, model_kwargs, replayed, text_tokens)
         return self._memo[key]
 
     def _data_dependent(self) -> bool:
-        return self.controller is not None and self.controller.config.method == "teacache"
+        return self.controller is not None and self.controller.config.data_dependent
 
-    def _replay(self, batch: int, latent_shape: tuple[int, ...], model_kwargs: dict[str, Any], kinds) -> int:
+    def _replay(self, batch: int, latent_shape: tuple[int, ...], model_kwargs: dict[str, Any], kinds,
+                text_tokens: int | None = None) -> int:  # fmt: skip
         config = self.model.config
         with torch.device("meta"):
             z = torch.empty(batch, *latent_shape, dtype=self.dtype)
             y = torch.empty(batch, 1, config.model_max_length, config.caption_channels, dtype=self.dtype)
-            mask = torch.ones(batch, config.model_max_length, dtype=torch.long)
+        # The mask stays on the CPU (its values say how far the sampler cuts the text keys, at no cost).
+        mask = torch.zeros(batch, config.model_max_length, dtype=torch.long)
+        mask[:, : config.model_max_length if text_tokens is None else text_tokens] = 1
         # Sizes keep their values on the CPU: they set the position scale and the timestep transform.
         kwargs = {k: (v.to("cpu") if k in ("height", "width", "num_frames") else v.to("meta"))
                   for k, v in model_kwargs.items()}  # fmt: skip

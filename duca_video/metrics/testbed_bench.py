@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .. import cache as cache_lib
+from ..cache.variants import parse_variant
 from ..testbed.adherence import adherence
 from ..testbed.evaluate import balanced_prompts
 from ..testbed.tiny import TinyTestbed
@@ -24,9 +25,7 @@ from .flops import flop_counter
 
 
 def _generate(bed: TinyTestbed, method: cache_lib.CacheConfig, prompts: list[str], seeds: list[int]):
-    sampler = bed.sampler
-    if isinstance(method, cache_lib.StepsConfig):
-        sampler = dataclasses.replace(sampler, num_sampling_steps=method.num_steps)
+    sampler = dataclasses.replace(bed.sampler, **method.sampler_settings())  # a variant may set e.g. fewer steps
     controller = cache_lib.enable(bed.model, method)
     try:
         return bed.generate(prompts, seeds, sampler), controller.cache_bytes
@@ -41,7 +40,7 @@ def compare_testbed(
         methods = ["none", *methods]
     prompts = balanced_prompts(n_prompts, seed, with_size=bed.data.caption_size)
     seeds = [seed + i for i in range(n_prompts)]
-    configs = {name: cache_lib.make_config(name) for name in methods}
+    configs = {name: parse_variant(name) for name in methods}
     results: dict[str, dict[str, Any]] = {}
     clips: dict[str, torch.Tensor] = {}
     for name, config in configs.items():  # one counted run per method (also its clips and cache bytes)

@@ -3,7 +3,10 @@
 Every attention call goes through `fused_attention`, which uses
 `torch.nn.functional.scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA, the fused CPU
 kernel elsewhere) or xformers when it is installed and the tensors live on CUDA. No attention map is ever
-materialised here.
+materialised here. Keys nobody attends to are cut rather than masked wherever their positions are known
+without reading device values: text keys past the batch's longest caption (`cut_text_keys`, once per sample)
+and the sequence-parallel padding (always the tail of the gathered sequence). An unmasked call lets SDPA take
+its flash kernel; `python -m duca_video.models.sdpa_probe` shows which kernel each site gets.
 """
 
 from __future__ import annotations
@@ -43,6 +46,32 @@ def fused_attention(
         return out.transpose(1, 2)
     attn_mask = None if key_mask is None else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def text_key_cut(mask: torch.Tensor) -> tuple[int, bool]:
+    """For a (B, L) text mask (nonzero = valid): how many leading keys hold every valid token of the batch, and
+    whether every row is valid on all of them (then no mask is needed and SDPA may take its flash kernel).
+
+    Reads the mask's values once (a host-device sync for a device mask): call it once per sample, not per step.
+    """
+    valid = mask != 0
+    position = torch.arange(1, valid.shape[1] + 1, device=valid.device)
+    # One small transfer: per row, the valid count and the position just after its last valid token.
+    counts, ends = torch.stack((valid.sum(1), (valid * position).amax(1))).tolist()
+    if min(counts, default=1) == 0:
+        raise ValueError("every caption needs at least one valid token in mask")
+    keep = max(ends, default=valid.shape[1])
+    return keep, all(n == keep for n in counts)
+
+
+def cut_text_keys(y: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Drop the text positions no row attends to: y (B, 1, L, C) -> (B, 1, L', C), mask (B, L) -> (B, L') or
+    None when every row is valid on all L' positions. Cross-attention gives the same result (masked keys have
+    zero weight), on ~40 keys instead of 300 for a typical prompt, and with no mask when the lengths agree."""
+    if mask is None or mask.is_meta:  # a meta mask has no values to read (FLOP counting): keep every key
+        return y, mask
+    keep, full = text_key_cut(mask)
+    return y[:, :, :keep], None if full else mask[:, :keep]
 
 
 class RMSNorm(nn.Module):
@@ -122,7 +151,10 @@ class SelfAttention(nn.Module):
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
         qkv = torch.stack((self.q_norm(q), self.k_norm(k), v), dim=2)  # per-head norms: fine before the swap
         q, k, v = seq_to_heads(qkv, self.sp.group, self.sp.stats).permute(2, 0, 3, 1, 4).unbind(0)
-        out = fused_attention(q, k, v, self.sp.key_mask(b, x.device))  # (b, heads/p, S_padded, d)
+        real = self.sp.s_global  # a Python int: no sync
+        if k.shape[2] != real:  # padded positions: cut them from the keys (no mask, so flash can run); the
+            k, v = k[:, :, :real], v[:, :, :real]  # padded queries still get outputs, which nothing reads
+        out = fused_attention(q, k, v)  # (b, heads/p, S_padded, d)
         out = heads_to_seq(out.transpose(1, 2), self.sp.group, self.sp.stats)  # (b, n, heads, d)
         return self.proj(out.reshape(b, n, c))
 
@@ -130,8 +162,9 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Video tokens attend to text tokens; each sample only to its own valid tokens.
 
-    The text mask becomes a boolean key mask (B, 1, 1, L) for one batched SDPA call: no Python loop over the
-    batch and no packing of variable-length captions.
+    The text arrives cut to the batch's longest caption (see `cut_text_keys`); when rows still differ in length
+    their mask becomes a boolean key mask (B, 1, 1, L) for one batched SDPA call: no Python loop over the batch
+    and no packing of variable-length captions. With no mask (lengths agree) SDPA may use its flash kernel.
     """
 
     def __init__(self, dim: int, num_heads: int) -> None:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .attention import CrossAttention, RotaryEmbedding, SelfAttention
+from .attention import CrossAttention, RotaryEmbedding, SelfAttention, cut_text_keys
 from .checkpoint import load_checkpoint, read_config
 from .layers import CaptionEmbedder, FinalLayer, Mlp, PatchEmbed3D, TimestepEmbedder, modulate, pos_embed_2d
 
@@ -335,7 +336,14 @@ class STDiT3(nn.Module):
             t0 = self.t_embedder(torch.zeros_like(timestep, dtype=dtype)) + fps_emb
             t0_mlp = self.t_block(t0)
             x_mask = x_mask.bool()
+            pt = cfg.patch_size[0]
+            if pt > 1:  # a time token spans pt latent frames: it is clean (t0) only when all of them are
+                x_mask = F.pad(x_mask, (0, -x_mask.shape[1] % pt), value=True).view(x_mask.shape[0], -1, pt).any(-1)
 
+        if mask is not None and mask.device.type == "cpu":
+            # Its values are free to read: drop the text positions no row attends to (and the mask when every
+            # row is valid on the rest). A device mask is cut by the sampler, once per sample (a read is a sync).
+            y, mask = cut_text_keys(y, mask)
         y = self.y_embedder(y.to(dtype)).squeeze(1)  # (B, L, C)
         if mask is not None:
             mask = mask.to(y.device).bool().repeat(b // mask.shape[0], 1)

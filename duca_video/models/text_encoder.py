@@ -7,6 +7,7 @@ for classifier-free guidance is not produced by the encoder: it is the STDiT mod
 
 from __future__ import annotations
 
+import gc
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["T5LoadError", "T5TextEncoder", "TextEncoder", "check_prompts", "load_t5_tokenizer", "null_caption"]
+__all__ = ["OFFLOAD_MODES", "T5LoadError", "T5TextEncoder", "TextEncoder", "check_prompts", "load_t5_tokenizer",
+           "null_caption"]  # fmt: skip
+
+# Where T5's weights go between encodings: "none" stays on the device; "cpu" lives in host memory and visits the
+# device only to encode; "free" drops the weights after each encoding and reloads them from the folder when needed.
+OFFLOAD_MODES = ("none", "cpu", "free")
 
 
 @runtime_checkable
@@ -152,6 +158,11 @@ class T5TextEncoder(NullCaptionSource):
     encode path never applies it), with special tokens (the closing </s>), padded and truncated to
     `model_max_length` (300 for STDiT3), and encoded in `dtype` (upstream uses fp32 for the XXL model).
     A prompt longer than `model_max_length` tokens is truncated with a warning, or rejected when `strict`.
+
+    `offload` (one of OFFLOAD_MODES) gives T5-XXL's 19 GB (fp32) back to the video model after encoding: with
+    "cpu" the weights are loaded into host memory, moved to `device` for each `encode` and back after it; with
+    "free" they are dropped after each `encode` and reloaded from `path` by the next one. Either way the
+    embeddings are the same as with "none". `release()` does the same on demand (e.g. after the last batch).
     """
 
     def __init__(
@@ -163,9 +174,11 @@ class T5TextEncoder(NullCaptionSource):
         dtype: torch.dtype = torch.float32,
         tokenizer_path: str | Path | None = None,
         strict: bool = False,
+        offload: str = "none",
     ) -> None:
-        from transformers import T5EncoderModel
-
+        if offload not in OFFLOAD_MODES:
+            raise ValueError(f"text_encoder offload={offload!r} is not allowed; allowed: {', '.join(OFFLOAD_MODES)}")
+        self.offload = offload
         self.path = Path(path).expanduser()
         tok_path = self.path if tokenizer_path is None else Path(tokenizer_path).expanduser()
         if not (self.path / "config.json").is_file():
@@ -182,10 +195,48 @@ class T5TextEncoder(NullCaptionSource):
         self.dtype = dtype
         self.strict = strict
         self.tokenizer = load_t5_tokenizer(tok_path)
-        load_kwargs: dict[str, Any] = {"local_files_only": True, _dtype_kwarg(): dtype}
-        self.model = T5EncoderModel.from_pretrained(str(self.path), **load_kwargs).to(self.device).eval()
-        self.model.requires_grad_(False)
+        # "cpu" loads into host memory: the device never holds T5 while the video model and the VAE load.
+        self.model: Any = self._load(torch.device("cpu") if offload == "cpu" else self.device)
         self.output_dim = int(self.model.config.d_model)
+
+    def _load(self, device: torch.device) -> Any:
+        from transformers import T5EncoderModel
+
+        load_kwargs: dict[str, Any] = {"local_files_only": True, _dtype_kwarg(): self.dtype}
+        model = T5EncoderModel.from_pretrained(str(self.path), **load_kwargs).to(device).eval()
+        return model.requires_grad_(False)
+
+    @property
+    def resident(self) -> str:
+        """Where the weights are now: "device" (ready to encode), "cpu" (offloaded) or "freed"."""
+        if self.model is None:
+            return "freed"
+        where = next(self.model.parameters()).device
+        return "device" if where == self.device or self.device.type == where.type == "cpu" else "cpu"
+
+    def release(self, mode: str | None = None) -> None:
+        """Give the device memory of the weights back: mode "cpu" moves them to host memory, "free" drops them
+        (default: this encoder's `offload`; "none" keeps them). The next `encode` brings them back."""
+        mode = self.offload if mode is None else mode
+        if mode not in OFFLOAD_MODES:
+            raise ValueError(f"release mode={mode!r} is not allowed; allowed: {', '.join(OFFLOAD_MODES)}")
+        if mode == "none" or self.model is None:
+            return
+        if mode == "cpu":
+            self.model.to("cpu")
+        else:
+            self.model = None
+            gc.collect()  # the weights must be unreachable before the allocator can hand their memory back
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _ready(self) -> Any:
+        """The model on `device`, reloaded or moved back when it was released."""
+        if self.model is None:
+            self.model = self._load(self.device)
+        elif self.resident != "device":
+            self.model.to(self.device)
+        return self.model
 
     @property
     def hidden_size(self) -> int:
@@ -221,5 +272,7 @@ class T5TextEncoder(NullCaptionSource):
         )
         input_ids = tokens["input_ids"].to(self.device)
         mask = tokens["attention_mask"].to(self.device, torch.long)
-        hidden = self.model(input_ids=input_ids, attention_mask=mask)["last_hidden_state"]
-        return {"y": hidden.detach()[:, None], "mask": mask}
+        hidden = self._ready()(input_ids=input_ids, attention_mask=mask)["last_hidden_state"]
+        out = {"y": hidden.detach()[:, None], "mask": mask}
+        self.release()  # per `offload`; the embeddings are new tensors, they stay where they are
+        return out

@@ -63,10 +63,10 @@ class Attachment:
 
     def _enable(self) -> None:
         config = _config(self.method, self.options)
-        if isinstance(config, cache.StepsConfig):  # fewer steps is the sampler's setting
+        for name, value in config.sampler_settings().items():  # e.g. `steps`: fewer steps is the sampler's setting
             for holder in (self.scheduler, getattr(self.scheduler, "scheduler", None)):
-                if holder is not None and hasattr(holder, "num_sampling_steps"):
-                    holder.num_sampling_steps = config.num_steps
+                if holder is not None and hasattr(holder, name):
+                    setattr(holder, name, value)
         self.controller = cache.enable(self.model, config, scheduler=self.scheduler, seed=self.seed)
         _say(f"cache {config.method!r} attached to {type(self.model).__name__} for {type(self.scheduler).__name__} "
              f"({self.scheduler.num_sampling_steps} steps): {config.to_dict()}")  # fmt: skip
@@ -159,13 +159,35 @@ def find_root(given: str | None) -> Path:
     raise AttachError("no Open-Sora checkout: pass --open-sora-root DIR, set OPEN_SORA_ROOT, or run from its root")
 
 
+def _leading_script(rest: Sequence[str]) -> Path | None:
+    """The script when the command starts with it, as in `python -m duca_video.opensora scripts/inference.py
+    CONFIG ...` (the user's own command behind the module): a file in the `scripts` folder of a checkout."""
+    if not rest or not rest[0].endswith(".py"):
+        return None
+    path = Path(rest[0]).expanduser().resolve()
+    checkout = path.parent.parent
+    is_script = path.is_file() and path.parent.name == "scripts" and (checkout / "opensora" / "registry.py").is_file()
+    return path if is_script else None
+
+
+def _script_and_root(args: argparse.Namespace, rest: list[str]) -> tuple[Path, Path, list[str]]:
+    leading = _leading_script(rest)
+    if leading is not None:
+        if args.script:
+            raise AttachError(f"--script {args.script} and the script {rest[0]} given first: pass only one")
+        root = find_root(args.open_sora_root or str(leading.parent.parent))
+        return leading, root, rest[1:]
+    root = find_root(args.open_sora_root)
+    script = Path(args.script).resolve() if args.script else root / "scripts" / "inference.py"
+    if not script.is_file():
+        raise AttachError(f"--script {script}: no such file")
+    return script, root, rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = _parser().parse_known_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        root = find_root(args.open_sora_root)
-        script = Path(args.script).resolve() if args.script else root / "scripts" / "inference.py"
-        if not script.is_file():
-            raise AttachError(f"--script {script}: no such file")
+        script, root, rest = _script_and_root(args, rest)
         options = _options(args.cache_opt)
         if options and args.cache is None:
             raise AttachError("--cache-opt needs --cache METHOD (or a `cache = dict(method=...)` config entry)")

@@ -1,9 +1,10 @@
-"""Work a sequence-parallel group shares instead of repeating it on every rank.
+"""Work a video group (its SP ranks, and both CFG halves under CFG parallelism) shares instead of repeating it.
 
-- Text: the group's writer (sp rank 0) runs the text encoder; a broadcast (shape and dtype, then the data)
-  gives every rank the embeddings. Other ranks never load the encoder (T5-XXL is ~19 GB in fp32).
-- VAE decoding: the latent's 17-frame chunks are independent, so rank r decodes chunks r, r + p, ...; one
-  all-gather brings every chunk to the writer, which assembles the video.
+- Text: the group's writer runs the text encoder; a broadcast (shape and dtype, then the data) gives every
+  rank of the group the embeddings. Other ranks never load the encoder (T5-XXL is ~19 GB in fp32).
+- VAE decoding: the latent's 17-frame chunks are independent, so SP rank r decodes chunks r, r + p, ...; one
+  all-gather brings every chunk to the writer, which assembles the video. Under CFG parallelism both halves
+  hold the same latent; only the writer's half decodes.
 """
 
 from __future__ import annotations
@@ -38,23 +39,23 @@ def broadcast_from_writer(
     The writer sends dtype and shape first and the others allocate from that, so what they receive always
     fits: a receiver that guessed (say fp32 where a bf16 T5 sends bf16) would read garbage or hang.
     """
-    if ctx.sp_size == 1:
+    if ctx.group_size == 1:
         return tensor
     if device is None:
         if tensor is None:
             raise ValueError("broadcast_from_writer: pass the device when there is no tensor")
         device = tensor.device
-    src = dist.get_global_rank(ctx.sp_group, 0)
+    src = dist.get_global_rank(ctx.group, 0)  # the writer: rank 0 of its CFG half and of its SP group
     if ctx.is_writer:
         tensor = tensor.to(device).contiguous()
         header = _header(tensor)
     else:
         header = torch.zeros(2 + _HEADER_DIMS, dtype=torch.long, device=device)
-    dist.broadcast(header, src=src, group=ctx.sp_group)
+    dist.broadcast(header, src=src, group=ctx.group)
     if not ctx.is_writer:
         code, ndim, *dims = header.tolist()
         tensor = torch.empty(dims[:ndim], dtype=_HEADER_DTYPES[code], device=device)
-    dist.broadcast(tensor, src=src, group=ctx.sp_group)
+    dist.broadcast(tensor, src=src, group=ctx.group)
     return tensor
 
 
@@ -70,7 +71,7 @@ class TextShape:
 def encode_text(encoder, prompts: list[str], ctx: ParallelContext, device: torch.device) -> tuple[torch.Tensor, ...]:
     """(y, mask) on `device`, encoded once per group: by the writer, broadcast to the others."""
     if isinstance(encoder, TextShape):
-        if ctx.is_writer or ctx.sp_size == 1:
+        if ctx.is_writer or ctx.group_size == 1:
             raise RuntimeError("encode_text: the group's writer needs the real text encoder, got a TextShape")
         y, mask = broadcast_from_writer(None, ctx, device), broadcast_from_writer(None, ctx, device)
         expected = (len(prompts), 1, encoder.model_max_length, encoder.output_dim)
@@ -96,6 +97,8 @@ def frame_chunks(num_frames: int, micro_frames: int, micro_latents: int) -> list
 def decode_across(vae, z: torch.Tensor, num_frames: int, ctx: ParallelContext, stats: CommStats | None = None):
     """Decode z (B, C, t, h, w) to pixels; under SP the chunks are split over the group. Returns the video on
     the writer and None on the other ranks."""
+    if ctx.cfg_rank != 0:  # the other CFG half holds the same latent: the writer's half decodes it
+        return None
     micro_frames = getattr(vae, "micro_frame_size", None)
     micro_latents = getattr(vae, "micro_z_frame_size", None)
     if ctx.sp_size == 1 or micro_frames is None or micro_latents is None:

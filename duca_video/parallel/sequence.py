@@ -4,7 +4,8 @@ Each rank of a sequence-parallel (SP) group holds the tokens of a contiguous ran
 every frame. Temporal attention, cross-attention, the MLP and the final layer work token by token (or along
 time), so they run locally with no communication. Only spatial self-attention needs every position: an
 all-to-all swaps "my tokens, all heads" for "all tokens, my heads" and back. Any spatial size works: S is
-padded up to a multiple of the group size and the padding is masked out of attention as keys.
+padded up to a multiple of the group size; the padding sits at the end of the gathered sequence, so spatial
+attention simply cuts it from the keys (no mask: SDPA keeps its flash kernel) and crops it at the output.
 
 Two output modes. By default the model returns the whole prediction on every rank (Open-Sora's contract;
 one all-gather per forward). In sharded mode (`gather_output=False`, what the pipeline uses) each rank returns
@@ -56,7 +57,8 @@ class SequenceParallel:
         return tokens[:, :, self.start : self.start + self.s_local].reshape(b, t * self.s_local, c)
 
     def key_mask(self, rows: int, device: torch.device) -> torch.Tensor | None:
-        """(rows, s_padded) True for real positions, or None when there is no padding."""
+        """(rows, s_padded) True for real positions, or None when there is no padding. Attention does not use it
+        (it cuts the keys to `s_global` instead: the padding is always the tail); kept for other consumers."""
         if self.s_padded == self.s_global:
             return None
         return (torch.arange(self.s_padded, device=device) < self.s_global).expand(rows, -1)

@@ -8,7 +8,7 @@ and the sampler announces to every listener found on the model it is driving.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -27,6 +27,9 @@ class SampleStart:
     # One seed per video (batch_size of them) when the caller has them: each video's token selection is then
     # drawn from its own seed, independent of the batch; None = every video uses `seed`.
     seeds: tuple[int, ...] | None = None
+    # CFG parallelism: the process group whose other rank runs the other CFG half of this batch (a cache that
+    # decides from the whole batch, e.g. TeaCache, reduces its signal over it); None otherwise.
+    row_group: Any = None
 
 
 @dataclass(frozen=True)
@@ -60,4 +63,6 @@ def unregister_listener(model: torch.nn.Module, listener: SamplingListener) -> N
 
 
 def listeners_of(model: torch.nn.Module) -> list[SamplingListener]:
+    # torch.compile wraps the model (OptimizedModule); the listeners sit on the module it compiled.
+    model = getattr(model, "_orig_mod", model)
     return list(model.__dict__.get(_ATTR, []))

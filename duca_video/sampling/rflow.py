@@ -14,6 +14,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from duca_video.models.attention import cut_text_keys
+from duca_video.parallel.comm import CommStats, all_gather_tokens, group_rank, group_size
+
 from .events import SampleStart, SamplingListener, StepStart, listeners_of
 
 __all__ = ["RFlowSampler", "add_noise", "describe", "timestep_transform"]
@@ -111,8 +114,12 @@ class RFlowSampler:
     use_timestep_transform: bool = True
     transform_scale: float = 1.0
     use_discrete_timesteps: bool = False
+    # Set by each `sample`: the caption keys cross-attention attended to after the cut (not a setting, so not a
+    # dataclass field: records and replays of the sampler's settings leave it out).
+    last_text_tokens = None
 
     def __post_init__(self) -> None:
+        self.cfg_stats = CommStats()  # the CFG-parallel exchange's bytes and calls (not a setting either)
         if self.num_sampling_steps < 1:
             raise ValueError(f"num_sampling_steps must be >= 1, got {self.num_sampling_steps}")
         if self.num_timesteps < 1:
@@ -147,16 +154,22 @@ class RFlowSampler:
         progress: bool = True,
         seed: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
+        cfg_group: Any = None,
     ) -> torch.Tensor:
         """Denoise `z` (B, C, T, H, W) from t = num_timesteps to 0; returns the final latent (float32 or wider).
 
-        y / y_null: (B, 1, L, C_text) caption and null-caption embeddings; mask: (B, L) valid caption tokens.
+        y / y_null: (B, 1, L, C_text) caption and null-caption embeddings; mask: (B, L) valid caption tokens,
+        on the CPU (read for free) or on the device (read once per sample): the model gets the text cut to the
+        batch's longest caption, and no mask when every caption has that length.
         As upstream, the null half of the CFG batch uses the *same* token mask as its prompt, so the null
         caption is cut to each prompt's length. frame_mask: (B, T) in [0, 1], 1 = generate, 0 = keep the input
         frame (a reference), in between = keep it until t falls to frame_mask * num_timesteps, then noise it.
         seed: the run's seed, or one seed per video (B of them): each video then draws its token selection
         (announced to the cache) and its reference-frame noise from its own seed, so it does not depend on the
         batch it is in. The reference-frame noise comes from `generator` when given.
+        cfg_group: CFG parallelism, a process group of 2 ranks: rank 0 runs the conditional rows, rank 1 the
+        unconditional ones, and one all-gather per step gives both the whole prediction (the cache on each rank
+        sees a batch of B rows, told which group holds the other half so data-driven decisions agree).
         """
         scale = float(self.cfg_scale if guidance_scale is None else guidance_scale)
         cfg = scale != 1.0  # with scale 1 the null half cancels out exactly, so it is not computed
@@ -176,13 +189,24 @@ class RFlowSampler:
         # Upstream's model returns fp32, which promotes a bf16/fp16 latent to fp32 after the first step;
         # promoting up front gives the same numbers and a dtype that does not change mid-loop.
         z = z.to(torch.promote_types(z.dtype, torch.float32))
-        if cfg:
+        split = _cfg_half(cfg_group) if cfg else None  # None, or this rank's half under CFG parallelism
+        if split is not None:
+            y_in = y if split == 0 else y_null.to(device=y.device, dtype=y.dtype).expand_as(y)
+            mask_in = mask  # the null rows share their prompt's mask, as in the one-process batch
+        elif cfg:
             assert y_null is not None
             y_in = torch.cat([y, y_null.to(device=y.device, dtype=y.dtype).expand_as(y)], 0)
             # STDiT3.encode_text repeats a (B, L) mask over a 2B batch: pass it doubled so any model agrees.
             mask_in = None if mask is None else mask.repeat(2, 1)
         else:
             y_in, mask_in = y, mask
+        # Once per sample, the loop's only read of the mask: cut the text keys no row attends to (the null half
+        # shares its prompt's mask, so the batch's longest prompt decides), and drop the mask when all rows agree.
+        # A CPU mask (the tokenizer's) costs no device read at all; what is left of it goes to the device once.
+        y_in, mask_in = cut_text_keys(y_in, mask_in)
+        self.last_text_tokens = y_in.shape[-2]  # what cross-attention attends to (FLOP replays count that)
+        if mask_in is not None and not mask_in.is_meta:
+            mask_in = mask_in.to(y_in.device, non_blocking=True)
         if frame_mask is not None:
             frame_mask = frame_mask.to(device=z.device, dtype=torch.float32)
             mask_t = frame_mask * self.num_timesteps
@@ -190,7 +214,9 @@ class RFlowSampler:
 
         listeners = listeners_of(model)
         try:
-            start = SampleStart(num_steps, tuple(ts_list), batch, cfg, seeds[0] if seeds else seed, seeds)
+            # Under CFG parallelism this rank's model batch is one half: the cache sees B rows, no CFG layout.
+            start = SampleStart(num_steps, tuple(ts_list), batch, cfg and split is None, seeds[0] if seeds else seed,
+                                seeds, row_group=cfg_group if split is not None else None)  # fmt: skip
             for listener in listeners:
                 listener.on_sample_start(start)
             bar = tqdm(range(num_steps), total=num_steps, desc="rflow", disable=None if progress else True)
@@ -205,14 +231,16 @@ class RFlowSampler:
                     fresh = upper & ~noise_added
                     z = torch.where(fresh[:, None, :, None, None], add_noise(x0, noise, t, self.num_timesteps), x0)
                     noise_added = upper
-                    x_mask = upper.repeat(2, 1) if cfg else upper
+                    x_mask = upper.repeat(2, 1) if cfg and split is None else upper
                 for listener in listeners:
                     listener.on_step_start(StepStart(i, num_steps, ts_list[i]))
 
-                z_in = torch.cat([z, z], 0) if cfg else z
+                z_in = torch.cat([z, z], 0) if cfg and split is None else z
                 t_in = t.expand(z_in.shape[0]).contiguous()
                 out = model(z_in, t_in, y=y_in, mask=mask_in, x_mask=x_mask, **model_kwargs)
-                v = self._velocity(out, z_in.shape, channels, cfg, scale)
+                if split is not None:  # the one exchange per step: [cond; uncond] on both ranks
+                    out = all_gather_tokens(out.contiguous(), cfg_group, self.cfg_stats, "cfg_exchange").flatten(0, 1)
+                v = self._velocity(out, (2 * batch, *z.shape[1:]) if cfg else z_in.shape, channels, cfg, scale)
 
                 # The last step integrates all the way to t = 0 (dt = t_last), as upstream.
                 dt = (ts[i] - ts[i + 1] if i < num_steps - 1 else ts[i]) / self.num_timesteps
@@ -263,9 +291,7 @@ class RFlowSampler:
                 raise ValueError(f"y_null must be (B or 1, 1, L, C) like y {tuple(y.shape)}, got {tuple(y_null.shape)}")
         if mask is not None and (mask.dim() != 2 or mask.shape != (batch, y.shape[2])):
             raise ValueError(f"mask must be (B, L) = {(batch, y.shape[2])}, got {tuple(mask.shape)}")
-        # Checked once per sample here (a host read of a device mask), not in every model forward.
-        if mask is not None and not mask.is_meta and not bool((mask != 0).any(dim=1).all()):
-            raise ValueError("every caption needs at least one valid token in mask")
+        # An empty caption in mask is refused by cut_text_keys, in the one host read of the mask per sample.
         if frame_mask is not None:
             if frame_mask.shape != (batch, z.shape[2]):
                 raise ValueError(f"frame_mask must be (B, T) = {(batch, z.shape[2])}, got {tuple(frame_mask.shape)}")
@@ -327,6 +353,15 @@ class RFlowSampler:
 def describe(sampler: RFlowSampler) -> dict[str, Any]:
     """The sampler's settings as plain data, for run records."""
     return {k: getattr(sampler, k) for k in sampler.__dataclass_fields__}
+
+
+def _cfg_half(cfg_group: Any) -> int | None:
+    """This rank's CFG half (0 = conditional, 1 = unconditional) in a group of 2, or None without one."""
+    if cfg_group is None:
+        return None
+    if group_size(cfg_group) != 2:
+        raise ValueError(f"cfg_group must hold the 2 ranks of a CFG pair, it has {group_size(cfg_group)}")
+    return group_rank(cfg_group)
 
 
 def _video_seeds(seed: int | Sequence[int] | None, batch: int) -> tuple[int, ...] | None:

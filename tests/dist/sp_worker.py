@@ -22,7 +22,8 @@ from duca_video.parallel.sequence import disable_sequence_parallel, enable_seque
 from duca_video.sampling.rflow import RFlowSampler
 
 METHODS = {"none": {}, "duca": {}, "toca": {}, "fora": {}, "conservative": {}, "pab": {"threshold": (0.0, 2000.0)},
-           "teacache": {"threshold": 0.3}}  # fmt: skip
+           "teacache": {"threshold": 0.3}, "taylorseer": {"interval": 3, "warmup_steps": 1, "order": 2},
+           "duca_forecast": {}}  # fmt: skip
 
 
 def tiny_model() -> STDiT3:
@@ -46,11 +47,11 @@ def inputs():
                                   width=torch.full((2,), 80.0)))  # fmt: skip
 
 
-def sample(model, data):
+def sample(model, data, cfg_group=None):
     sampler = RFlowSampler(num_sampling_steps=10, use_timestep_transform=False, cfg_scale=4.0)
     y_null = model.y_embedder.y_embedding[None, None].expand(2, 1, 8, 32)
     return sampler.sample(model, data["z"], data["y"], y_null, data["mask"], model_kwargs=data["model_kwargs"],
-                          progress=False, seed=3)  # fmt: skip
+                          progress=False, seed=3, cfg_group=cfg_group)  # fmt: skip
 
 
 def main(out_dir: str) -> None:

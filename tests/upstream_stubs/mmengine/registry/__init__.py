@@ -1,5 +1,7 @@
 """mmengine's Registry: named builders, `build(dict(type=NAME, **kwargs))`."""
 
+import importlib
+
 
 class Registry:
     def __init__(self, name, locations=(), **_ignored):
@@ -16,12 +18,15 @@ class Registry:
         return add(module) if module is not None else add
 
     def get(self, key):
+        if key not in self._modules:  # as mmengine: the registry's `locations` register their modules on import
+            for location in self.locations:
+                importlib.import_module(location)
         return self._modules.get(key)
 
     def build(self, cfg, **kwargs):
         args = dict(cfg)
         kind = args.pop("type")
-        builder = self._modules.get(kind) if isinstance(kind, str) else kind
+        builder = self.get(kind) if isinstance(kind, str) else kind
         if builder is None:
             raise KeyError(f"{kind} is not registered in {self.name}: {sorted(self._modules)}")
         return builder(**args, **kwargs)

@@ -1,0 +1,117 @@
+"""First-Block Cache (ParaAttention's dynamic cache, also in diffusers): block 0 runs every step; when its
+residual has barely changed since the last computed step, the remaining blocks are skipped.
+
+On a step, block 0 (the first spatial block) turns the stack input x into out0. Its residual r0 = out0 - x is
+compared with r0 of the last *computed* step: rel = mean|r0 - r0_prev| / mean|r0_prev| over the whole token grid
+(both CFG halves, every video of the batch; summed over the SP group, padding excluded, so every rank takes the
+same decision). rel < `threshold` skips the other blocks: the stack output is out0 + R, where R = final - out0 is
+the remaining blocks' residual of the last computed step. Otherwise every block runs and r0_prev, R refresh.
+The first `warmup_steps` steps (at least step 0, which has nothing to compare with) and, with `compute_last`,
+the last step always run; `max_skips` > 0 bounds the run of consecutive skipped steps.
+
+Memory: two stack-sized tensors (r0_prev and R), held only while a later step may still skip. R is taken as
+(final - x) - r0, which equals final - out0 up to rounding, so out0 itself is never held across the stack.
+The decision is one per sample: videos denoised in one batch share it (as TeaCache's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..config import CacheConfig, check_field
+from ..policy import CachePolicy, Sample
+from ..schedule import StepPlan, full_schedule
+from ..state import STACK
+from .teacache import relative_l1
+
+FIRST_RESIDUAL = "first_residual"  # r0 of the last computed step
+REST_RESIDUAL = "rest_residual"  # final - out0 of the last computed step
+
+
+@dataclass
+class FirstBlockCacheConfig(CacheConfig):
+    """First-Block Cache: run block 0 every step; skip the remaining blocks (out0 + their last residual) while
+    the relative L1 change of block 0's residual since the last computed step is below `threshold`. The first
+    `warmup_steps` steps and (compute_last) the last step always run; max_skips > 0 caps consecutive skips."""
+
+    method: ClassVar[str] = "fbcache"
+    data_dependent: ClassVar[bool] = True
+    threshold: float = 0.05  # diffusers' FirstBlockCacheConfig default
+    warmup_steps: int = 1
+    compute_last: bool = True
+    max_skips: int = 0  # 0: no limit
+
+    def validate(self) -> None:
+        check_field(self.threshold >= 0, self.method, "threshold", "a number >= 0", self.threshold)
+        check_field(self.warmup_steps >= 1, self.method, "warmup_steps",
+                    "an int >= 1 (step 0 has no earlier step to compare with)", self.warmup_steps)  # fmt: skip
+        check_field(self.max_skips >= 0, self.method, "max_skips", "an int >= 0 (0 = no limit)", self.max_skips)
+
+    def make_policy(self, sample: Sample) -> FirstBlockCachePolicy:
+        return FirstBlockCachePolicy(self, sample)
+
+
+class FirstBlockCachePolicy(CachePolicy):
+    def __init__(self, config: FirstBlockCacheConfig, sample: Sample) -> None:
+        super().__init__(config, sample)
+        self.skipped_in_a_row = 0
+
+    def plan(self) -> list[StepPlan]:
+        # Every step is planned full; a skip is decided after block 0 (history kind "first_block").
+        return full_schedule(len(self.sample.timesteps))
+
+    def forced(self, step: int) -> bool:
+        """Whether `step` computes every block whatever the signal says."""
+        cfg = self.config
+        return step < cfg.warmup_steps or (cfg.compute_last and step == len(self.sample.timesteps) - 1)
+
+    def residuals_needed(self) -> bool:
+        """Whether a later step may skip, i.e. read the residuals this step would store."""
+        return any(not self.forced(s) for s in range(self.sample.step + 1, len(self.sample.timesteps)))
+
+    def compute_stack(self, block: nn.Module, x: torch.Tensor, t: torch.Tensor) -> bool:
+        return True  # block 0 always runs; the choice comes after it
+
+    def after_first_block(self, stack_in: torch.Tensor, out: torch.Tensor) -> bool:
+        current = out - stack_in
+        previous = self.store.get(STACK, FIRST_RESIDUAL)
+        step, cfg = self.sample.step, self.config
+        capped = cfg.max_skips > 0 and self.skipped_in_a_row >= cfg.max_skips
+        if previous is not None and not self.forced(step) and not capped:
+            rel = relative_l1(current, previous, self.sample.layout, stack_in, "fbcache_signal",
+                              self.sample.row_group)
+            if self.sample.history:  # what the threshold was compared with, for choosing one
+                self.sample.history[-1]["signal"] = rel
+            if rel < cfg.threshold:
+                self.skipped_in_a_row += 1
+                return False
+        self.skipped_in_a_row = 0
+        if self.residuals_needed():
+            self.store.put(STACK, FIRST_RESIDUAL, current)
+        else:
+            self.store.drop(STACK, FIRST_RESIDUAL)
+        return True
+
+    def reuse_stack(self, stack_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # `x` is this step's out0: the blocks after block 0 passed it through untouched.
+        return x + self.store.get(STACK, REST_RESIDUAL)
+
+    def update_stack(self, stack_in: torch.Tensor, out: torch.Tensor) -> None:
+        if not self.residuals_needed():
+            self.store.drop(STACK, REST_RESIDUAL)
+            self.store.drop(STACK, FIRST_RESIDUAL)
+            return
+        first = self.store.get(STACK, FIRST_RESIDUAL)
+        rest = out - stack_in
+        if first is not None:
+            rest = rest - first
+        # else: a FLOP replay on meta, which takes the decisions from the recorded kinds and never calls
+        # after_first_block; the values are never read there, only the shapes and the work.
+        self.store.put(STACK, REST_RESIDUAL, rest)
+
+
+METHODS = (FirstBlockCacheConfig,)

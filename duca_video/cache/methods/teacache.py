@@ -1,0 +1,97 @@
+"""TeaCache: skip the block stack while the accumulated, rescaled relative L1 change of the first block's
+modulated input stays under a threshold; a skipped step adds the stack residual of the last computed step.
+
+The default polynomial is the one the TeaCache authors fitted for Open-Sora 1.2 (their experiment file; highest
+power first); 0.1 is their "slow" setting, 0.2 "fast". The first and last steps always run. Under sequence
+parallelism the signal is summed over the whole grid, so every rank takes the same decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ...models.stdit3 import block_modulation, modulate_tokens
+from ...parallel.comm import CommStats, all_reduce_sum
+from ..config import CacheConfig, check_field
+from ..policy import ResidualStackPolicy, Sample
+from ..schedule import StepPlan, full_schedule
+from ..state import STACK
+
+OPEN_SORA_12_COEFFICIENTS = (2.17546007e02, -1.18329252e02, 2.68662585e01, -4.59364272e-02, 4.84426240e-02)
+
+
+@dataclass
+class TeaCacheConfig(CacheConfig):
+    """TeaCache: skip the block stack (add the previous residual) while the accumulated rescaled relative L1
+    change of the first block's modulated input stays under `threshold`; first and last steps always run."""
+
+    method: ClassVar[str] = "teacache"
+    data_dependent: ClassVar[bool] = True
+    threshold: float = 0.1
+    coefficients: tuple[float, ...] = OPEN_SORA_12_COEFFICIENTS
+
+    def validate(self) -> None:
+        check_field(self.threshold >= 0, self.method, "threshold", "a number >= 0", self.threshold)
+        self.coefficients = tuple(float(c) for c in self.coefficients)
+        check_field(len(self.coefficients) >= 1, self.method, "coefficients", "a non-empty polynomial",
+                    self.coefficients)  # fmt: skip
+
+    def make_policy(self, sample: Sample) -> TeaCachePolicy:
+        return TeaCachePolicy(self, sample)
+
+
+def relative_l1(
+    current: torch.Tensor, previous: torch.Tensor, layout, x: torch.Tensor, name: str, row_group=None
+) -> float:
+    """mean |current - previous| / mean |previous| over the whole token grid (summed over the SP group, padding
+    excluded) and the whole batch (summed over `row_group`, the other CFG half under CFG parallelism): the same
+    number on every rank as on one process. One host read: the decision is host control flow."""
+    change, size = (current - previous).abs(), previous.abs()
+    if layout is None and row_group is None:
+        return float((change.mean() / size.mean()).item())
+    if layout is None:
+        sums = torch.stack([change.sum(), size.sum()]).double()
+    else:
+        valid = layout.local_valid(x.shape[1] // layout.s_local, x.device)[None, :, None]
+        sums = torch.stack([(change * valid).sum(), (size * valid).sum()]).double()
+        sums = all_reduce_sum(sums, layout.group, layout.stats, name)
+    if row_group is not None:
+        sums = all_reduce_sum(sums, row_group, layout.stats if layout is not None else CommStats(), name)
+    return float((sums[0] / sums[1]).item())
+
+
+class TeaCachePolicy(ResidualStackPolicy):
+    def __init__(self, config: TeaCacheConfig, sample: Sample) -> None:
+        super().__init__(config, sample)
+        self.accumulated = 0.0
+
+    def plan(self) -> list[StepPlan]:
+        return full_schedule(len(self.sample.timesteps))
+
+    def residual_needed(self) -> bool:
+        return not self.sample.last_step
+
+    def compute_stack(self, block: nn.Module, x: torch.Tensor, t: torch.Tensor) -> bool:
+        shift, scale = block_modulation(block, t)[:2]
+        current = modulate_tokens(block.norm1(x), shift, scale)
+        previous = self.store.get(STACK, "modulated_input")
+        compute = True
+        if self.sample.step > 0 and not self.sample.last_step and previous is not None:
+            rel = relative_l1(current, previous, self.sample.layout, x, "teacache_signal", self.sample.row_group)
+            coeffs = self.config.coefficients
+            self.accumulated += sum(c * rel ** (len(coeffs) - 1 - i) for i, c in enumerate(coeffs))
+            compute = self.accumulated >= self.config.threshold
+        if compute:
+            self.accumulated = 0.0
+        if self.sample.last_step:
+            self.store.drop(STACK, "modulated_input")
+        else:
+            self.store.put(STACK, "modulated_input", current)
+        return compute
+
+
+METHODS = (TeaCacheConfig,)

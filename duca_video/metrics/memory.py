@@ -1,0 +1,248 @@
+"""Peak GPU memory per cache method, counted on the meta device (no GPU, no weights).
+
+    python -m duca_video.metrics.memory                       # 480p/720p x 2/4/16 s, every method, markdown
+    python -m duca_video.metrics.memory --sizes 480p:51 --methods none,duca
+
+How it counts (bf16 STDiT3-XL/2, 30 steps, CFG batch of 2 rows, one video):
+  weights      the model's parameters and buffers (plus the VAE's and T5's, counted from their configs on meta);
+  loop         the whole sampling loop runs on meta tensors through our sampler and the real cache engine; a
+               dispatch mode registers every tensor storage an operator creates and frees it when the storage
+               dies, so the peak of live bytes is the loop's true peak of activations + cache (+ latents),
+               without allocator rounding, fragmentation or kernel workspaces. Attention is modelled as the
+               fused CUDA kernels allocate it (flash, or memory-efficient with a key mask): output + fp32
+               log-sum-exp, never an N x N map;
+  cache        the engine's own byte accounting (`controller.cache_bytes`, peak of the sample);
+  offloaded    a BOUND, not a measurement (the offload is not built): the loop's peak without the cache plus
+               two blocks' worth of cache (the block being read and the one being prefetched), the largest
+               per-block holding seen at any step (never more than the resident peak).
+TeaCache decides from data, which meta tensors do not carry: its loop replays all-full steps (its storage does
+not depend on the decisions) and its modulated-input tensor, which a replay does not store, is added by shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .. import cache as cache_lib
+from ..cache.state import STACK
+from ..models.stdit3 import STDiT3, STDiT3Config
+from ..sampling.events import register_listener, unregister_listener
+from .benchmark import BenchSetup, make_inputs
+from .flops import video_latent_shape
+
+METHODS = ("none", "duca", "toca", "fora", "pab", "teacache", "aggressive")
+RESOLUTIONS = {"480p": (480, 854), "720p": (720, 1280)}
+SIZES = ("480p:51", "480p:102", "480p:408", "720p:51", "720p:102", "720p:408")  # 2 s, 4 s, 16 s at 24 fps
+GB = 1e9
+
+
+class LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of storages created under it that are still alive; `peak` is their maximum.
+
+    `sidecar()` is read at every new peak (the cache's live bytes), so `peak_without` is the peak of the rest."""
+
+    def __init__(self, sidecar=lambda: 0) -> None:
+        super().__init__()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.outside: set[int] = set()  # storages made before the mode (weights, inputs): views of them are free
+        self.current = self.peak = self.peak_without = 0
+        self.sidecar = sidecar
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        fresh = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        # Live bytes only grow when storages are made, so sweeping the dead ones then is enough for the peak.
+        if any([self._register(t.untyped_storage()) for t in fresh]):
+            self._sweep()
+        return out
+
+    def ignore(self, tensors) -> None:
+        """Storages that live through the whole run and are counted elsewhere (weights, inputs)."""
+        self.outside.update(t.untyped_storage()._cdata for t in tensors)
+
+    def _register(self, storage: torch.UntypedStorage) -> bool:
+        """Count `storage` if it is new; True when it was."""
+        key = storage._cdata
+        if key in self.outside:
+            return False
+        known = self.live.get(key)
+        if known is not None and not known[0].expired():
+            return False  # a view or an in-place result: the storage is counted once
+        if known is not None:
+            self.current -= known[1]
+        self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+        self.current += storage.nbytes()
+        return True
+
+    def _sweep(self) -> None:
+        dead = [k for k, (ref, _) in self.live.items() if ref.expired()]
+        for k in dead:
+            self.current -= self.live.pop(k)[1]
+        if self.current > self.peak:
+            self.peak = self.current
+        self.peak_without = max(self.peak_without, self.current - self.sidecar())
+
+
+def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
+    """What the CUDA kernels allocate: flash without a mask, memory-efficient with one (out + fp32 lse)."""
+    if attn_mask is None:
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[0]
+    bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).expand(*q.shape[:-1], k.shape[-2])
+    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[0]
+
+
+@dataclass
+class _BlockPeak:
+    """Sampling listener: the largest cache holding of any one block at any step boundary."""
+
+    controller: Any
+    largest: int = 0
+
+    def on_sample_start(self, event) -> None: ...
+
+    def on_step_start(self, event) -> None:
+        state = self.controller.state
+        for block in {*range(len(self.controller.blocks)), STACK}:
+            held = sum(_nbytes(state.get(block, n)) for n in state.names(block))
+            self.largest = max(self.largest, held)
+
+    def on_sample_end(self) -> None:
+        self.on_step_start(None)
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def loop_memory(setup: BenchSetup, method: str, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Bytes of one sampling loop on meta: weights, inputs, loop peak (with / without cache), cache peak, the
+    largest one-block cache holding."""
+    config = setup.method_config(method)
+    tea = isinstance(config, cache_lib.TeaCacheConfig)
+    with torch.device("meta"):
+        model = STDiT3(setup.model).eval().to(dtype)
+    weights = sum(_nbytes(t) for t in (*model.parameters(), *model.buffers()))
+    controller = cache_lib.enable(model, config)
+    if tea:  # meta tensors carry no signal: replay all-full steps (the residual is stored at each of them)
+        controller.replay_kinds = ["full"] * setup.num_steps
+    blocks = _BlockPeak(controller)
+    register_listener(model, blocks)
+    inputs = make_inputs(setup, "meta", dtype)
+    y_null = torch.empty_like(inputs["y"])
+    held = sum(_nbytes(t) for t in (inputs["z"], inputs["y"], y_null, inputs["mask"]))
+    tracker = LiveBytes(lambda: controller.state.live_bytes)
+    tracker.ignore([*model.parameters(), *model.buffers(), inputs["z"], inputs["y"], y_null, inputs["mask"]])
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = _fused_sdpa
+    try:
+        with tracker, torch.no_grad():
+            setup.sampler(config).sample(model, inputs["z"], inputs["y"], y_null, inputs["mask"],
+                                         model_kwargs=inputs["model_kwargs"], progress=False, seed=0)  # fmt: skip
+    finally:
+        F.scaled_dot_product_attention = original
+        unregister_listener(model, blocks)
+        cache_lib.disable(model)
+    extra = 0
+    if tea:  # the modulated input of the first block, (rows, T*S, C) in the model dtype, held between steps
+        t, h, w = setup.latent_shape
+        _, ph, pw = setup.model.patch_size
+        rows = 2 * setup.batch
+        extra = rows * -(-t // setup.model.patch_size[0]) * -(-h // ph) * -(-w // pw) * setup.model.hidden_size
+        extra *= torch.empty((), dtype=dtype).element_size()
+    return {"weights": weights, "inputs": held, "loop_peak": tracker.peak + extra,
+            "loop_peak_without_cache": tracker.peak_without, "cache": controller.cache_bytes + extra,
+            "cache_block_max": max(blocks.largest, extra)}  # fmt: skip
+
+
+def t5_xxl_bytes(dtype: torch.dtype = torch.float32) -> int:
+    """T5 v1.1 XXL encoder (DeepFloyd/t5-v1_1-xxl) parameters, built from its config on meta."""
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, vocab_size=32128,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False)  # fmt: skip
+    with torch.device("meta"):
+        model = T5EncoderModel(cfg)
+    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
+def vae_bytes(dtype: torch.dtype = torch.bfloat16) -> int:
+    """Open-Sora 1.2's VAE (SDXL spatial VAE + temporal VAE), built from its config on meta."""
+    from ..models.vae import OpenSoraVAE
+
+    with torch.device("meta"):
+        vae = OpenSoraVAE.from_config()
+    return sum(p.numel() for p in vae.parameters()) * torch.empty((), dtype=dtype).element_size()
+
+
+def memory_rows(sizes: list[str], methods: list[str], steps: int = 30, t5_dtype: torch.dtype = torch.float32,
+                config: STDiT3Config | None = None, with_vae: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per (size, method) with every figure in bytes."""
+    t5 = t5_xxl_bytes(t5_dtype)
+    vae = vae_bytes() if with_vae else 0
+    rows = []
+    for size in sizes:
+        res, frames = size.split(":")
+        image = RESOLUTIONS[res]
+        setup = BenchSetup(model=config or STDiT3Config(), latent_shape=video_latent_shape(int(frames), *image),
+                           image_size=image, num_frames=int(frames), num_steps=steps)  # fmt: skip
+        for method in methods:
+            m = loop_memory(setup, method)
+            base = m["weights"] + vae + m["inputs"]
+            freed = base + m["loop_peak"]
+            # a cache smaller than two blocks would simply stay on the GPU: the bound never exceeds resident
+            bound = min(freed, base + m["loop_peak_without_cache"] + 2 * m["cache_block_max"])
+            rows.append({"size": size, "method": method, **m, "vae": vae, "t5": t5, "offloaded_bound": bound,
+                         "peak_t5_resident": freed + t5, "peak_t5_freed": freed})  # fmt: skip
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The README table: GB (1e9 bytes) per size and method."""
+    head = ("| size | method | weights (DiT + VAE) | activations | cache | peak, T5 resident | peak, T5 freed | "
+            "offloaded cache (bound) |\n|---|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    lines = [head]
+    for r in rows:
+        res, frames = r["size"].split(":")
+        label = f"{res} {int(frames) / 24:.0f} s ({frames} fr)" if int(frames) >= 24 else r["size"]
+        cells = [r["weights"] + r["vae"], r["loop_peak_without_cache"] + r["inputs"], r["cache"],
+                 r["peak_t5_resident"], r["peak_t5_freed"], r["offloaded_bound"]]  # fmt: skip
+        lines.append(f"| {label} | {r['method']} | " + " | ".join(f"{c / GB:.1f}" for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=",".join(SIZES), help="RES:FRAMES list, RES from 480p, 720p")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"from {', '.join(METHODS)}")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--t5-dtype", choices=("fp32", "bf16"), default="fp32", help="T5 weights (upstream: fp32)")
+    args = p.parse_args(argv)
+    sizes, methods = args.sizes.split(","), args.methods.split(",")
+    for s in sizes:
+        res, _, frames = s.partition(":")
+        if res not in RESOLUTIONS or not frames.isdigit():
+            p.error(f"--sizes: {s!r} is not RES:FRAMES with RES from {', '.join(RESOLUTIONS)} (e.g. 480p:51)")
+    for m in methods:
+        if m not in METHODS:
+            p.error(f"--methods: {m!r} is not one of {', '.join(METHODS)}")
+    t5_dtype = torch.float32 if args.t5_dtype == "fp32" else torch.bfloat16
+    rows = memory_rows(sizes, methods, args.steps, t5_dtype)
+    print(
+        f"Peak GPU memory, GB (1e9 B), bf16 STDiT3-XL/2, {args.steps} steps, CFG, batch 1; T5-XXL "
+        f"{args.t5_dtype} = {rows[0]['t5'] / GB:.1f} GB; counted on meta (see `python -m "
+        "duca_video.metrics.memory --help` for the method); 'offloaded' is a bound, the offload is not built.\n"
+    )
+    print(markdown(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

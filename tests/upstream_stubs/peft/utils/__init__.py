@@ -1,0 +1,1 @@
+from . import other, save_and_load  # noqa: F401
