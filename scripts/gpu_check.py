@@ -34,7 +34,8 @@ from duca_video.metrics.flops import video_latent_shape
 from duca_video.models import STDiT3, STDiT3Config
 from duca_video.sampling.events import register_listener, unregister_listener
 
-METHODS = ("none", "duca", "toca", "fora", "pab", "teacache", "aggressive")
+# Every method of the registry but `steps` (a sampler setting: it is `none` with fewer steps).
+METHODS = tuple(m for m in cache_lib.METHODS if m != "steps")
 TINY = STDiT3Config(depth=2, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=8)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 

@@ -13,7 +13,7 @@ from duca_video import cache
 from duca_video.models import attention, stdit3
 from duca_video.models.attention import cut_text_keys, fused_attention, text_key_cut
 from duca_video.parallel.comm import SimulatedGroup, heads_to_seq, seq_to_heads
-from duca_video.parallel.sequence import SequenceParallel
+from duca_video.parallel.sequence import SequenceParallel, ulysses_attention
 from duca_video.sampling import rflow
 from tests.test_cache import sample
 from tests.test_stdit3 import tiny_inputs, tiny_model
@@ -123,10 +123,9 @@ def test_sequence_parallel_attention_cuts_padded_keys_and_equals_masking(rank):
     attn = model.spatial_blocks[0].attn
     sp = SequenceParallel(SimulatedGroup(size=4, rank=rank))
     x = sp.shard(torch.randn(2, 3, 15, 64)).view(6, 4, 64)  # (B*T, s_local, C)
-    attn.sp = sp
     calls = SdpaCalls()
     with torch.no_grad(), calls:
-        out = attn(x)
+        out = ulysses_attention(attn, sp, x)
     assert calls.calls == [(16, 15, False)]  # all padded queries, the real keys only, no mask
 
     # The masked computation the model made before, from the same pieces.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..parallel.sequence import layout_of
 from . import selection as sel
 from .folding import count_rows
 from .schedule import Action
@@ -75,7 +76,7 @@ class SelectionMixin:
 
     @property
     def sp(self):
-        sp = self._layout if self._layout is not None else getattr(self.model, "sp", None)
+        sp = self._layout if self._layout is not None else layout_of(self.model)
         return sp if sp is not None and sp.size > 1 else None
 
     predraw = True  # False: draw at each step (the behaviour before pre-drawing; the tests' reference)

@@ -38,7 +38,10 @@ from ..sampling.events import register_listener, unregister_listener
 from .benchmark import BenchSetup, make_inputs
 from .flops import video_latent_shape
 
-METHODS = ("none", "duca", "toca", "fora", "pab", "teacache", "aggressive")
+# The methods whose storage a meta run can follow (the data-dependent First-Block Cache stores on decisions a
+# meta tensor cannot make; TeaCache's storage does not depend on them, see loop_memory).
+METHODS = ("none", "duca", "duca_forecast", "toca", "fora", "pab", "teacache", "aggressive", "taylorseer", "magcache",
+           "fastercache")  # fmt: skip
 RESOLUTIONS = {"480p": (480, 854), "720p": (720, 1280)}
 SIZES = ("480p:51", "480p:102", "480p:408", "720p:51", "720p:102", "720p:408")  # 2 s, 4 s, 16 s at 24 fps
 GB = 1e9

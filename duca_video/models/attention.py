@@ -124,7 +124,6 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
         self.__dict__["rope"] = rope  # bypass Module registration on purpose
-        self.sp = None  # a duca_video.parallel.SequenceParallel when tokens are split over ranks (spatial only)
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, N, C) -> q, k, v as (B, heads, N, head_dim), normalised and rotated."""
@@ -137,26 +136,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
-        if self.sp is not None and self.sp.size > 1:
-            return self._ulysses(x)
         q, k, v = self.qkv_heads(x)
         out = fused_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
-
-    def _ulysses(self, x: torch.Tensor) -> torch.Tensor:
-        """x holds my tokens of each sequence: trade them for all tokens of my heads, attend, trade back."""
-        from duca_video.parallel.comm import heads_to_seq, seq_to_heads
-
-        b, n, c = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).unbind(2)
-        qkv = torch.stack((self.q_norm(q), self.k_norm(k), v), dim=2)  # per-head norms: fine before the swap
-        q, k, v = seq_to_heads(qkv, self.sp.group, self.sp.stats).permute(2, 0, 3, 1, 4).unbind(0)
-        real = self.sp.s_global  # a Python int: no sync
-        if k.shape[2] != real:  # padded positions: cut them from the keys (no mask, so flash can run); the
-            k, v = k[:, :, :real], v[:, :, :real]  # padded queries still get outputs, which nothing reads
-        out = fused_attention(q, k, v)  # (b, heads/p, S_padded, d)
-        out = heads_to_seq(out.transpose(1, 2), self.sp.group, self.sp.stats)  # (b, n, heads, d)
-        return self.proj(out.reshape(b, n, c))
 
 
 class CrossAttention(nn.Module):

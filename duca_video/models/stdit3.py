@@ -227,7 +227,6 @@ class STDiT3(nn.Module):
         self.temporal_blocks = nn.ModuleList([make(True) for _ in range(config.depth)])
         patch_volume = config.patch_size[0] * config.patch_size[1] * config.patch_size[2]
         self.final_layer = FinalLayer(c, patch_volume, config.out_channels)
-        self.sp = None  # a duca_video.parallel.SequenceParallel splits the tokens over ranks
 
     @classmethod
     def from_pretrained(
@@ -349,12 +348,9 @@ class STDiT3(nn.Module):
             mask = mask.to(y.device).bool().repeat(b // mask.shape[0], 1)
 
         tokens = self.x_embedder(x.to(dtype)).view(b, T, S, -1) + pos
-        if self.sp is not None:  # keep this rank's spatial positions only
-            tokens = self.sp.shard(tokens)
-        seq = tokens.numel() // (b * T * tokens.shape[-1])
         return Embedded(
-            x=tokens.reshape(b, T * seq, -1), y=y, mask=mask, t=t, t_mlp=self.t_block(t), t0=t0, t0_mlp=t0_mlp,
-            x_mask=x_mask, grid=(T, H, W), input_size=(tx, hx, wx), seq=seq,
+            x=tokens.reshape(b, T * S, -1), y=y, mask=mask, t=t, t_mlp=self.t_block(t), t0=t0, t0_mlp=t0_mlp,
+            x_mask=x_mask, grid=(T, H, W), input_size=(tx, hx, wx), seq=S,
         )  # fmt: skip
 
     def run_blocks(self, e: Embedded) -> torch.Tensor:
@@ -390,6 +386,4 @@ class STDiT3(nn.Module):
         e = self.embed(x, timestep, y, mask, x_mask, fps, height, width)
         x = self.run_blocks(e)
         x = self.final_layer(x, e.t, e.x_mask, e.t0)
-        if self.sp is not None:  # the final layer is per token: gather its small output, not the hidden states
-            x = self.sp.unshard(x, e.grid[0])
         return self.unpatchify(x, e).float()

@@ -7,6 +7,11 @@ all-to-all swaps "my tokens, all heads" for "all tokens, my heads" and back. Any
 padded up to a multiple of the group size; the padding sits at the end of the gathered sequence, so spatial
 attention simply cuts it from the keys (no mask: SDPA keeps its flash kernel) and crops it at the output.
 
+Applied from outside the model (`parallelize_stdit3(model, group)`, torchtitan's pattern): the model's
+embedding is wrapped to keep this rank's positions, its spatial attention modules run `ulysses_attention`, its
+per-token output is gathered before unpatchifying; `models/stdit3.py` itself is single-device code and the
+cache finds the layout with `layout_of(model)`.
+
 Two output modes. By default the model returns the whole prediction on every rank (Open-Sora's contract;
 one all-gather per forward). In sharded mode (`gather_output=False`, what the pipeline uses) each rank returns
 a full-size tensor that is only valid on the positions it owns; the sampler's per-position update keeps the
@@ -16,12 +21,28 @@ attention (conservative, aggressive) need no collective at all.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .comm import CommStats, Group, all_gather_tokens, all_reduce_sum, group_rank, group_size
+from ..models.attention import fused_attention
+from .comm import (
+    CommStats,
+    Group,
+    all_gather_tokens,
+    all_reduce_sum,
+    group_rank,
+    group_size,
+    heads_to_seq,
+    seq_to_heads,
+)
+
+# model -> its layout; kept outside the model so that the model's code never reads parallel state.
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -131,17 +152,63 @@ def check_sp_size(num_heads: int, sp_size: int) -> None:
                          f"it; allowed SP sizes: {divisors}")  # fmt: skip
 
 
-def enable_sequence_parallel(model: nn.Module, group: Group, gather_output: bool = True) -> SequenceParallel:
-    """Split `model`'s tokens over `group` (see the module docstring for the two output modes)."""
+def ulysses_attention(attn: nn.Module, sp: SequenceParallel, x: torch.Tensor) -> torch.Tensor:
+    """A SelfAttention over sequences split across the SP group (x holds my tokens of each): trade them for all
+    tokens of my heads (all-to-all), attend, trade back. Same weights and result as `attn(x)` on one process."""
+    b, n, c = x.shape
+    q, k, v = attn.qkv(x).view(b, n, 3, attn.num_heads, attn.head_dim).unbind(2)
+    qkv = torch.stack((attn.q_norm(q), attn.k_norm(k), v), dim=2)  # per-head norms: fine before the swap
+    q, k, v = seq_to_heads(qkv, sp.group, sp.stats).permute(2, 0, 3, 1, 4).unbind(0)
+    if attn.rope is not None:  # rotary positions need the whole sequence (spatial attention has none)
+        q, k = attn.rope(q), attn.rope(k)
+    real = sp.s_global  # a Python int: no sync
+    if k.shape[2] != real:  # padded positions: cut them from the keys (no mask, so flash can run); the
+        k, v = k[:, :, :real], v[:, :, :real]  # padded queries still get outputs, which nothing reads
+    out = fused_attention(q, k, v)  # (b, heads/p, S_padded, d)
+    out = heads_to_seq(out.transpose(1, 2), sp.group, sp.stats)  # (b, n, heads, d)
+    return attn.proj(out.reshape(b, n, c))
+
+
+def layout_of(model: nn.Module) -> SequenceParallel | None:
+    """The token layout `parallelize_stdit3` gave `model` (what the cache reads), or None (one process)."""
+    return _LAYOUTS.get(model)
+
+
+def parallelize_stdit3(model: nn.Module, group: Group, gather_output: bool = True) -> SequenceParallel:
+    """Split `model`'s tokens over `group`, from outside the model (see the module docstring): its embedding is
+    wrapped to keep this rank's spatial positions, every spatial self-attention runs Ulysses, and the per-token
+    output is gathered (or, in sharded mode, placed) before unpatchifying. The model's own code stays
+    single-device; `disable_sequence_parallel` undoes all of it."""
     check_sp_size(model.config.num_heads, group_size(group))
+    disable_sequence_parallel(model)
     sp = SequenceParallel(group, gather_output=gather_output)
-    model.sp = sp
+    embed, unpatchify = model.embed, model.unpatchify
+
+    def sharded_embed(*args, **kwargs):
+        e = embed(*args, **kwargs)
+        b, n, c = e.x.shape
+        frames = e.grid[0]
+        tokens = sp.shard(e.x.view(b, frames, n // frames, c))  # my spatial positions of every frame
+        return dataclasses.replace(e, x=tokens, seq=sp.s_local)
+
+    def gathered_unpatchify(x: torch.Tensor, e) -> torch.Tensor:
+        # The final layer is per token: gather its small output, not the hidden states.
+        return unpatchify(sp.unshard(x, e.grid[0]), e)
+
+    model.embed, model.unpatchify = sharded_embed, gathered_unpatchify
     for block in model.spatial_blocks:
-        block.attn.sp = sp
+        block.attn.forward = functools.partial(ulysses_attention, block.attn, sp)
+    _LAYOUTS[model] = sp
     return sp
 
 
+enable_sequence_parallel = parallelize_stdit3  # the earlier name
+
+
 def disable_sequence_parallel(model: nn.Module) -> None:
-    model.sp = None
-    for block in model.spatial_blocks:
-        block.attn.sp = None
+    """Back to one process: the model's own embedding, attention and unpatchify."""
+    for name in ("embed", "unpatchify"):
+        model.__dict__.pop(name, None)
+    for block in getattr(model, "spatial_blocks", ()):
+        block.attn.__dict__.pop("forward", None)
+    _LAYOUTS.pop(model, None)

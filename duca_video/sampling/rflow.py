@@ -176,11 +176,7 @@ class RFlowSampler:
         self._validate(z, y, y_null, mask, frame_mask, model_kwargs, cfg)
         batch, channels = z.shape[0], z.shape[1]
 
-        if self.use_timestep_transform:
-            hw_frames = [_uniform_scalar(model_kwargs, k) for k in ("height", "width", "num_frames")]
-            ts_list = self.timesteps(*hw_frames)
-        else:
-            ts_list = self.timesteps(0, 0, 1)
+        ts_list = self._sample_timesteps(model_kwargs)
         ts = torch.tensor(ts_list, dtype=torch.float32, device=z.device)
         num_steps = len(ts_list)
 
@@ -190,23 +186,7 @@ class RFlowSampler:
         # promoting up front gives the same numbers and a dtype that does not change mid-loop.
         z = z.to(torch.promote_types(z.dtype, torch.float32))
         split = _cfg_half(cfg_group) if cfg else None  # None, or this rank's half under CFG parallelism
-        if split is not None:
-            y_in = y if split == 0 else y_null.to(device=y.device, dtype=y.dtype).expand_as(y)
-            mask_in = mask  # the null rows share their prompt's mask, as in the one-process batch
-        elif cfg:
-            assert y_null is not None
-            y_in = torch.cat([y, y_null.to(device=y.device, dtype=y.dtype).expand_as(y)], 0)
-            # STDiT3.encode_text repeats a (B, L) mask over a 2B batch: pass it doubled so any model agrees.
-            mask_in = None if mask is None else mask.repeat(2, 1)
-        else:
-            y_in, mask_in = y, mask
-        # Once per sample, the loop's only read of the mask: cut the text keys no row attends to (the null half
-        # shares its prompt's mask, so the batch's longest prompt decides), and drop the mask when all rows agree.
-        # A CPU mask (the tokenizer's) costs no device read at all; what is left of it goes to the device once.
-        y_in, mask_in = cut_text_keys(y_in, mask_in)
-        self.last_text_tokens = y_in.shape[-2]  # what cross-attention attends to (FLOP replays count that)
-        if mask_in is not None and not mask_in.is_meta:
-            mask_in = mask_in.to(y_in.device, non_blocking=True)
+        y_in, mask_in = self._text_batch(y, y_null, mask, cfg, split)
         if frame_mask is not None:
             frame_mask = frame_mask.to(device=z.device, dtype=torch.float32)
             mask_t = frame_mask * self.num_timesteps
@@ -224,12 +204,7 @@ class RFlowSampler:
                 t = ts[i]
                 x_mask = None
                 if frame_mask is not None:
-                    x0 = z.clone()
-                    # Drawn every step (as upstream's randn_like) so the random stream does not depend on mask.
-                    noise = draw_noise(z)  # type: ignore[misc]
-                    upper = mask_t >= t
-                    fresh = upper & ~noise_added
-                    z = torch.where(fresh[:, None, :, None, None], add_noise(x0, noise, t, self.num_timesteps), x0)
+                    z, x0, upper = self._noise_kept_frames(z, t, mask_t, noise_added, draw_noise)
                     noise_added = upper
                     x_mask = upper.repeat(2, 1) if cfg and split is None else upper
                 for listener in listeners:
@@ -254,6 +229,43 @@ class RFlowSampler:
         if err is not None:
             raise err
         return z
+
+    def _noise_kept_frames(self, z, t, mask_t, noise_added, draw_noise) -> tuple[torch.Tensor, ...]:
+        """Frames whose mask value t has now passed get noised to t (once); returns (z, x0, frames now noisy)."""
+        x0 = z.clone()
+        # Drawn every step (as upstream's randn_like) so the random stream does not depend on the mask.
+        noise = draw_noise(z)
+        upper = mask_t >= t
+        fresh = upper & ~noise_added
+        z = torch.where(fresh[:, None, :, None, None], add_noise(x0, noise, t, self.num_timesteps), x0)
+        return z, x0, upper
+
+    def _sample_timesteps(self, model_kwargs: Mapping[str, Any]) -> list[float]:
+        if not self.use_timestep_transform:
+            return self.timesteps(0, 0, 1)
+        return self.timesteps(*[_uniform_scalar(model_kwargs, k) for k in ("height", "width", "num_frames")])
+
+    def _text_batch(self, y, y_null, mask, cfg: bool, split: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The captions (and mask) of the model batch: [y, null] with CFG, this rank's half under CFG
+        parallelism, cut to the keys any row attends to."""
+        if split is not None:
+            y_in = y if split == 0 else y_null.to(device=y.device, dtype=y.dtype).expand_as(y)
+            mask_in = mask  # the null rows share their prompt's mask, as in the one-process batch
+        elif cfg:
+            assert y_null is not None
+            y_in = torch.cat([y, y_null.to(device=y.device, dtype=y.dtype).expand_as(y)], 0)
+            # STDiT3.encode_text repeats a (B, L) mask over a 2B batch: pass it doubled so any model agrees.
+            mask_in = None if mask is None else mask.repeat(2, 1)
+        else:
+            y_in, mask_in = y, mask
+        # Once per sample, the loop's only read of the mask: cut the text keys no row attends to (the null half
+        # shares its prompt's mask, so the batch's longest prompt decides), and drop the mask when all rows agree.
+        # A CPU mask (the tokenizer's) costs no device read at all; what is left of it goes to the device once.
+        y_in, mask_in = cut_text_keys(y_in, mask_in)
+        self.last_text_tokens = y_in.shape[-2]  # what cross-attention attends to (FLOP replays count that)
+        if mask_in is not None and not mask_in.is_meta:
+            mask_in = mask_in.to(y_in.device, non_blocking=True)
+        return y_in, mask_in
 
     @staticmethod
     def _velocity(out: torch.Tensor, in_shape: torch.Size, channels: int, cfg: bool, scale: float) -> torch.Tensor:
