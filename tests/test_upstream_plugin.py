@@ -170,7 +170,7 @@ def test_upstream_sequence_parallel_on_two_ranks_equals_one_process(up, tmp_path
             assert result["max_diff"] <= 1e-5, (rank, method, result["max_diff"])
             per_kind = {}
             for key, n in result["calls"].items():
-                kind, collective = key.split(":")
+                kind, collective = key.rsplit(":", 1)  # a kind may carry per-video bits
                 per_kind.setdefault(kind, {})[collective] = n
             for kind in ("conservative", "aggressive"):  # cached steps: only upstream's own output all-gather
                 if kind in result["history"]:
@@ -178,7 +178,7 @@ def test_upstream_sequence_parallel_on_two_ranks_equals_one_process(up, tmp_path
             if method != "none":  # each rank holds the cache of its own tokens only
                 assert 0 < result["cache_bytes"] < result["one_process_cache_bytes"]
         assert {"conservative", "aggressive"} <= set(report["methods"]["duca"]["history"])
-        assert "aggressive" in report["methods"]["teacache"]["history"]
+        assert any(k.startswith(("aggressive", "mixed")) for k in report["methods"]["teacache"]["history"])
 
 
 # -- python -m duca_video.opensora ------------------------------------------------------------------------------

@@ -215,43 +215,78 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
             return type(block).forward(block, x, y, t, mask, x_mask, t0, T, S)
         last = index == len(self.blocks) - 1
         if index == 0:
-            self._start_stack(sample, block, x, t, T, S)
+            self._start_stack(sample, block, x, y, mask, t, T, S)
         if sample.skip_stack:
-            return sample.policy.reuse_stack(sample.stack_in, x) if last else x
+            return sample.policy.reuse_stack(sample.stack_in, sample.pass_x) if last else x
+        rows = sample.compute_rows
+        if rows is not None:  # some videos skip this step: the blocks run on the computing videos' rows only
+            x = x.index_select(0, rows) if x.shape[0] == sample.rows else x
+            y, mask = _caption_rows(sample, y, mask)
+            t, x_mask, t0 = (None if a is None else a.index_select(0, rows) for a in (t, x_mask, t0))
         out = self._run_block(index, block, x, y, t, mask, x_mask, t0, T, S)
-        if index == 0 and not last and not self._go_on_after_first(sample, out):
-            sample.skip_stack = True
-            if sample.history:
-                sample.history[-1]["kind"] = "first_block"
+        if index == 0 and not last and sample.compute_rows is None:
+            decision = self._replayed(sample, after_first=True)
+            if decision is None:
+                decision = sample.policy.after_first_block(sample.stack_in, out)
+            if self._apply(sample, decision, out, "first_block") and sample.compute_rows is not None:
+                return out.index_select(0, sample.compute_rows)
         elif last:
+            if rows is not None:  # the skipped videos' rows, then the computed ones in their places
+                out = sample.policy.reuse_stack(sample.stack_in, sample.pass_x).index_copy(0, rows, out)
             sample.policy.update_stack(sample.stack_in, out)
-            sample.stack_in = None
+            sample.stack_in = sample.pass_x = sample.compute_rows = None
         return out
 
-    def _replayed(self, sample: Sample) -> str | None:
-        """On a FLOP replay, the real run's decision for this step (meta tensors carry no signal)."""
+    def _replayed(self, sample: Sample, after_first: bool = False) -> bool | list[bool] | None:
+        """On a FLOP replay, the real run's decision for this step (meta tensors carry no signal): True (compute),
+        False (skip) or one bool per video; None when this is no replay of a data-dependent method."""
         if self.replay_kinds is None or not self.config.data_dependent:
             return None
-        return self.replay_kinds[sample.step]
+        kind, _, bits = self.replay_kinds[sample.step].partition(":")
+        skipped = "first_block" if after_first else "aggressive"
+        if kind in ("mixed", "first_block") and bits:
+            return [b == "1" for b in bits] if kind == ("first_block" if after_first else "mixed") else True
+        return kind != skipped
 
-    def _start_stack(self, sample: Sample, block: nn.Module, x: torch.Tensor, t: torch.Tensor, T, S) -> None:
+    def _start_stack(self, sample: Sample, block: nn.Module, x: torch.Tensor, y: Any, mask: Any, t: torch.Tensor,
+                     T, S) -> None:  # fmt: skip
         if self._layout is not None:  # upstream's split of this forward: S is this rank's share
             self._layout.set_local(S)
         if sample.predraw_due:  # the sample's first forward: the token grid is known from now on
             sample.predraw_due = False
             self._predraw(x, T)
-        sample.stack_in = x
-        replayed = self._replayed(sample)
-        compute = replayed != "aggressive" if replayed is not None else sample.policy.compute_stack(block, x, t)
-        sample.skip_stack = not compute
+        sample.stack_in = sample.pass_x = x
+        sample.compute_rows = None
+        # Per-video decisions need the captions row by row: ours are, upstream packs them into one sequence and
+        # passes each row's length (which is enough to cut them apart).
+        packed = isinstance(y, torch.Tensor) and y.shape[0] == 1 and isinstance(mask, (list, tuple))
+        sample.per_video = isinstance(y, torch.Tensor) and (y.shape[0] == x.shape[0] or packed)
+        decision = self._replayed(sample)
+        if decision is None:
+            decision = sample.policy.compute_stack(block, x, t)
+        sample.skip_stack = False
         if sample.history:
-            sample.history[-1]["kind"] = sample.plan.kind if compute else "aggressive"
+            sample.history[-1]["kind"] = sample.plan.kind
+        self._apply(sample, decision, x, "aggressive")
 
-    def _go_on_after_first(self, sample: Sample, out: torch.Tensor) -> bool:
-        replayed = self._replayed(sample)
-        if replayed is not None:
-            return replayed != "first_block"
-        return sample.policy.after_first_block(sample.stack_in, out)
+    def _apply(self, sample: Sample, decision: bool | list[bool], x: torch.Tensor, skipped: str) -> bool:
+        """Carry out a decision to compute (True), skip (False) or compute some videos (one bool per video);
+        `x` is what the skipped rows are rebuilt from. Returns whether something is skipped."""
+        videos = [bool(decision)] * sample.videos if isinstance(decision, bool) else list(decision)
+        if not sample.per_video and not all(videos) and any(videos):  # rows cannot be sliced: all or nothing
+            videos = [True] * sample.videos
+        if all(videos):
+            return False
+        sample.pass_x = x
+        mixed = f":{''.join('1' if v else '0' for v in videos)}" if any(videos) else ""
+        if sample.history:
+            sample.history[-1]["kind"] = ("mixed" if mixed and skipped == "aggressive" else skipped) + mixed
+        if not mixed:
+            sample.skip_stack = True
+            return True
+        sample.compute_list = sample.rows_of([v for v, computes in enumerate(videos) if computes])
+        sample.compute_rows = torch.tensor(sample.compute_list, device=x.device)
+        return True
 
     # -- reporting -------------------------------------------------------------------------------------
     def summary(self) -> str:
@@ -261,13 +296,18 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         lines = [f"cache method {self.config.method}: {self.config.to_dict()}", header]
         counts: dict[str, int] = {}
         for h in self.history:
-            counts[h["kind"]] = counts.get(h["kind"], 0) + 1
+            family = h["kind"].partition(":")[0]
+            counts[family] = counts.get(family, 0) + 1
             share = "/".join(
                 f"{100 * h['recomputed'].get(m, 0) / h['tokens'][m]:.1f}%" if h["tokens"].get(m) else "-"
                 for m in ("attn", "cross", "mlp")
             )
-            if h["kind"] in ("aggressive", "first_block"):
-                share = "stack reused" if h["kind"] == "aggressive" else "first block computed, rest reused"
+            kind, _, bits = h["kind"].partition(":")
+            if kind in ("aggressive", "first_block", "mixed"):
+                share = {"aggressive": "stack reused", "first_block": "first block computed, rest reused",
+                         "mixed": "stack reused"}[kind]  # fmt: skip
+                if bits:
+                    share += f" for {bits.count('0')} of {len(bits)} videos (the others computed)"
             lines.append(f"{h['step']:>4} {h['t']:>8.2f}  {h['kind']:<12} {h['spatial']:<8} {h['temporal']:<8} {share}")
         lines.append(f"steps: {counts}; peak cache {self.cache_bytes / 2**20:.1f} MiB")
         return "\n".join(lines)
@@ -316,3 +356,15 @@ def disable(model: nn.Module) -> None:
 
 def controller_of(model: nn.Module) -> CacheController | None:
     return model.__dict__.get(_ATTR)
+
+
+def _caption_rows(sample: Sample, y: torch.Tensor, mask: Any) -> tuple[torch.Tensor, Any]:
+    """The captions (and mask) of the rows that compute this step: rows of ours, or the pieces of upstream's
+    packed caption sequence (1, sum of lengths, C), whose mask is each row's length."""
+    rows = sample.compute_rows
+    if y.shape[0] == sample.rows:
+        return y.index_select(0, rows), None if mask is None else mask.index_select(0, rows)
+    lengths = [int(v) for v in mask]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    pieces = [y[:, starts[i] : starts[i] + lengths[i]] for i in sample.compute_list]
+    return torch.cat(pieces, dim=1), [lengths[i] for i in sample.compute_list]

@@ -8,8 +8,9 @@ accumulator, TaylorSeer's differences, ...) lives in it and never needs resettin
     plan()                         the static schedule: per step and block kind, which modules are computed,
                                    reused (or approximated) or partly recomputed, and which steps skip the stack
     mark(plans)                    what each step keeps for later ones (default: `schedule.mark_storage`)
-    compute_stack(block, x, t)     before the first block of a step: run the block stack, or skip it
-    after_first_block(x_in, out)   after the first block (First-Block Cache): go on, or skip the rest
+    compute_stack(block, x, t)     before the first block of a step: run the block stack, or skip it (a bool,
+                                   or one bool per video: then only the computing videos' rows run the stack)
+    after_first_block(x_in, out)   after the first block (First-Block Cache): go on, or skip the rest (same)
     reuse_stack(stack_in, x)       the stack's output on a skipped step
     update_stack(stack_in, out)    after a computed stack
     approximate(index, module)     a module's output where the plan does not compute it (default: the stored one)
@@ -52,6 +53,12 @@ class Sample:
     history: list[dict[str, Any]] = field(default_factory=list)
     skip_stack: bool = False  # this step skips the block stack
     stack_in: torch.Tensor | None = None  # the stack's input of this step
+    # A step where some videos compute and the others skip: the computing rows (device indices), and the full
+    # tensor the skipped rows are rebuilt from (the stack input, or block 0's output for First-Block Cache).
+    compute_rows: torch.Tensor | None = None
+    compute_list: list[int] = field(default_factory=list)  # the same rows as Python ints
+    pass_x: torch.Tensor | None = None
+    per_video: bool = True  # rows can be sliced (False for upstream's packed captions: one decision per batch)
     drawn: Any = None  # the pre-drawn random selections (tokens.DrawnSelection)
     picked: tuple[torch.Tensor, int] | None = None  # last pre-drawn indices handed out and their row count
     predraw_due: bool = True  # the first forward draws
@@ -64,6 +71,14 @@ class Sample:
     @property
     def last_step(self) -> bool:
         return self.step == len(self.timesteps) - 1
+
+    @property
+    def videos(self) -> int:
+        return self.rows // 2 if self.cfg else self.rows
+
+    def rows_of(self, videos: list[int]) -> list[int]:
+        """The model batch rows of these videos (both CFG halves)."""
+        return [*videos, *(v + self.videos for v in videos)] if self.cfg else list(videos)
 
 
 class CachePolicy:
@@ -136,10 +151,10 @@ class ResidualStackPolicy(CachePolicy):
         return stack_in + self.store.get(STACK, "residual")
 
     def update_stack(self, stack_in: torch.Tensor, out: torch.Tensor) -> None:
-        if self.residual_needed():
-            self.store.put(STACK, "residual", out - stack_in)
-        else:
+        if not self.residual_needed():
             self.store.drop(STACK, "residual")
+        else:
+            refresh_rows(self.store, "residual", out - stack_in, self.sample.compute_rows)
 
     def residual_needed(self) -> bool:
         """Whether a later step may skip (dynamic methods: unless this is the last step)."""
@@ -147,4 +162,14 @@ class ResidualStackPolicy(CachePolicy):
         return any(p.kind == "aggressive" for p in later)
 
 
-__all__ = ["CachePolicy", "ResidualStackPolicy", "Sample"]
+def refresh_rows(store: CacheState, name: str, value: torch.Tensor, rows: torch.Tensor | None) -> None:
+    """Store `value` as the stack slot `name`, or on a step where only `rows` computed, those rows of it (the
+    others keep what their own last computed step stored, exactly)."""
+    held = store.get(STACK, name)
+    if rows is None or held is None:
+        store.put(STACK, name, value)
+    else:
+        held.index_copy_(0, rows, value.index_select(0, rows))
+
+
+__all__ = ["CachePolicy", "ResidualStackPolicy", "Sample", "refresh_rows"]

@@ -11,7 +11,8 @@ the last step always run; `max_skips` > 0 bounds the run of consecutive skipped 
 
 Memory: two stack-sized tensors (r0_prev and R), held only while a later step may still skip. R is taken as
 (final - x) - r0, which equals final - out0 up to rounding, so out0 itself is never held across the stack.
-The decision is one per sample: videos denoised in one batch share it (as TeaCache's).
+Each video decides on its own rows (both CFG halves), so its result does not depend on the batch it is in: on a
+step where some videos skip, only the computing videos' rows run the blocks after block 0.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import torch
 from torch import nn
 
 from ..config import CacheConfig, check_field
-from ..policy import CachePolicy, Sample
+from ..policy import CachePolicy, Sample, refresh_rows
 from ..schedule import StepPlan, full_schedule
 from ..state import STACK
-from .teacache import relative_l1
+from .teacache import per_video_relative_l1, relative_l1
 
 FIRST_RESIDUAL = "first_residual"  # r0 of the last computed step
 REST_RESIDUAL = "rest_residual"  # final - out0 of the last computed step
@@ -58,7 +59,7 @@ class FirstBlockCacheConfig(CacheConfig):
 class FirstBlockCachePolicy(CachePolicy):
     def __init__(self, config: FirstBlockCacheConfig, sample: Sample) -> None:
         super().__init__(config, sample)
-        self.skipped_in_a_row = 0
+        self.skipped_in_a_row = [0] * sample.videos  # per video
 
     def plan(self) -> list[StepPlan]:
         # Every step is planned full; a skip is decided after block 0 (history kind "first_block").
@@ -76,25 +77,31 @@ class FirstBlockCachePolicy(CachePolicy):
     def compute_stack(self, block: nn.Module, x: torch.Tensor, t: torch.Tensor) -> bool:
         return True  # block 0 always runs; the choice comes after it
 
-    def after_first_block(self, stack_in: torch.Tensor, out: torch.Tensor) -> bool:
+    def after_first_block(self, stack_in: torch.Tensor, out: torch.Tensor) -> list[bool]:
+        sample, cfg = self.sample, self.config
         current = out - stack_in
         previous = self.store.get(STACK, FIRST_RESIDUAL)
-        step, cfg = self.sample.step, self.config
-        capped = cfg.max_skips > 0 and self.skipped_in_a_row >= cfg.max_skips
-        if previous is not None and not self.forced(step) and not capped:
-            rel = relative_l1(current, previous, self.sample.layout, stack_in, "fbcache_signal",
-                              self.sample.row_group)
-            if self.sample.history:  # what the threshold was compared with, for choosing one
-                self.sample.history[-1]["signal"] = rel
-            if rel < cfg.threshold:
-                self.skipped_in_a_row += 1
-                return False
-        self.skipped_in_a_row = 0
-        if self.residuals_needed():
-            self.store.put(STACK, FIRST_RESIDUAL, current)
-        else:
+        go_on = [True] * sample.videos
+        if previous is not None and not self.forced(sample.step):
+            if sample.per_video:  # each video on its own rows: its decision does not depend on its batch
+                rel = per_video_relative_l1(current, previous, sample, stack_in, "fbcache_signal")
+            else:  # upstream's packed captions: one signal for the batch
+                rel = [relative_l1(current, previous, sample.layout, stack_in, "fbcache_signal",
+                                   sample.row_group)] * sample.videos  # fmt: skip
+            if sample.history:  # what the threshold was compared with, for choosing one
+                sample.history[-1]["signal"] = rel  # one per video
+            for v, r in enumerate(rel):
+                capped = cfg.max_skips > 0 and self.skipped_in_a_row[v] >= cfg.max_skips
+                go_on[v] = capped or not r < cfg.threshold
+        for v, computes in enumerate(go_on):
+            self.skipped_in_a_row[v] = 0 if computes else self.skipped_in_a_row[v] + 1
+        if not self.residuals_needed():
             self.store.drop(STACK, FIRST_RESIDUAL)
-        return True
+        elif any(go_on):  # the computing videos' r0 (the others keep their last computed step's)
+            rows = None if all(go_on) else sample.rows_of([v for v, c in enumerate(go_on) if c])
+            refresh_rows(self.store, FIRST_RESIDUAL, current, None if rows is None else torch.tensor(rows,
+                         device=current.device))  # fmt: skip
+        return go_on
 
     def reuse_stack(self, stack_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         # `x` is this step's out0: the blocks after block 0 passed it through untouched.
@@ -111,7 +118,7 @@ class FirstBlockCachePolicy(CachePolicy):
             rest = rest - first
         # else: a FLOP replay on meta, which takes the decisions from the recorded kinds and never calls
         # after_first_block; the values are never read there, only the shapes and the work.
-        self.store.put(STACK, REST_RESIDUAL, rest)
+        refresh_rows(self.store, REST_RESIDUAL, rest, self.sample.compute_rows)
 
 
 METHODS = (FirstBlockCacheConfig,)

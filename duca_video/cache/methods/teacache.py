@@ -1,9 +1,11 @@
 """TeaCache: skip the block stack while the accumulated, rescaled relative L1 change of the first block's
 modulated input stays under a threshold; a skipped step adds the stack residual of the last computed step.
 
-The default polynomial is the one the TeaCache authors fitted for Open-Sora 1.2 (their experiment file; highest
+Each video decides on its own rows (both CFG halves): on a step where some videos compute and others skip, only
+the computing videos' rows run the stack, so a video's result does not depend on the batch it is in. The
+default polynomial is the one the TeaCache authors fitted for Open-Sora 1.2 (their experiment file; highest
 power first); 0.1 is their "slow" setting, 0.2 "fast". The first and last steps always run. Under sequence
-parallelism the signal is summed over the whole grid, so every rank takes the same decision.
+parallelism (and CFG parallelism) the signal is summed over the group, so every rank takes the same decision.
 """
 
 from __future__ import annotations
@@ -64,10 +66,29 @@ def relative_l1(
     return float((sums[0] / sums[1]).item())
 
 
+def per_video_relative_l1(current: torch.Tensor, previous: torch.Tensor, sample: Sample, x: torch.Tensor,
+                          name: str) -> list[float]:  # fmt: skip
+    """`relative_l1` for each video of the batch over its own rows (both CFG halves, the whole grid): what the
+    video alone would measure, so its decisions do not depend on the batch it is in."""
+    change, size = (current - previous).abs(), previous.abs()
+    layout = sample.layout
+    if layout is not None:
+        valid = layout.local_valid(x.shape[1] // layout.s_local, x.device)[None, :, None]
+        change, size = change * valid, size * valid
+    sums = torch.stack([change.flatten(1).sum(1), size.flatten(1).sum(1)]).double()  # (2, rows)
+    if sample.cfg:  # rows v and v + videos are one video's two halves
+        sums = sums.view(2, 2, -1).sum(1)
+    if layout is not None:
+        sums = all_reduce_sum(sums, layout.group, layout.stats, name)
+    if sample.row_group is not None:  # the other CFG half, on another rank
+        sums = all_reduce_sum(sums, sample.row_group, layout.stats if layout is not None else CommStats(), name)
+    return (sums[0] / sums[1]).tolist()
+
+
 class TeaCachePolicy(ResidualStackPolicy):
     def __init__(self, config: TeaCacheConfig, sample: Sample) -> None:
         super().__init__(config, sample)
-        self.accumulated = 0.0
+        self.accumulated = [0.0] * sample.videos  # one accumulator per video
 
     def plan(self) -> list[StepPlan]:
         return full_schedule(len(self.sample.timesteps))
@@ -75,19 +96,26 @@ class TeaCachePolicy(ResidualStackPolicy):
     def residual_needed(self) -> bool:
         return not self.sample.last_step
 
-    def compute_stack(self, block: nn.Module, x: torch.Tensor, t: torch.Tensor) -> bool:
+    def compute_stack(self, block: nn.Module, x: torch.Tensor, t: torch.Tensor) -> list[bool]:
+        sample = self.sample
         shift, scale = block_modulation(block, t)[:2]
         current = modulate_tokens(block.norm1(x), shift, scale)
         previous = self.store.get(STACK, "modulated_input")
-        compute = True
-        if self.sample.step > 0 and not self.sample.last_step and previous is not None:
-            rel = relative_l1(current, previous, self.sample.layout, x, "teacache_signal", self.sample.row_group)
+        compute = [True] * sample.videos
+        if sample.step > 0 and not sample.last_step and previous is not None:
+            if sample.per_video:
+                rel = per_video_relative_l1(current, previous, sample, x, "teacache_signal")
+            else:  # upstream's packed captions: one signal for the whole batch, as TeaCache's own code
+                rel = [relative_l1(current, previous, sample.layout, x, "teacache_signal", sample.row_group)]
+                rel = rel * sample.videos
             coeffs = self.config.coefficients
-            self.accumulated += sum(c * rel ** (len(coeffs) - 1 - i) for i, c in enumerate(coeffs))
-            compute = self.accumulated >= self.config.threshold
-        if compute:
-            self.accumulated = 0.0
-        if self.sample.last_step:
+            for v, r in enumerate(rel):
+                self.accumulated[v] += sum(c * r ** (len(coeffs) - 1 - i) for i, c in enumerate(coeffs))
+                compute[v] = self.accumulated[v] >= self.config.threshold
+        for v, computed in enumerate(compute):
+            if computed:
+                self.accumulated[v] = 0.0
+        if sample.last_step:
             self.store.drop(STACK, "modulated_input")
         else:
             self.store.put(STACK, "modulated_input", current)
