@@ -48,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-path", help="STDiT3 weights for the timed runs (default: random weights)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--prompts", type=int, default=64, help="testbed configs: fixed prompt/seed pairs per method")
+    p.add_argument("--mask-strategy", help="testbed configs: also measure each method's fidelity to `none` with "
+                   "this Open-Sora mask strategy on a reference frame (e.g. 0: image to video)")  # fmt: skip
     p.add_argument("--plot", help="also write a PNG of speed-up against PSNR / SSIM vs none")
     p.add_argument("--sp-sizes", default="", help="e.g. 2,4,8: also count the bytes each method sends per video "
                    "under sequence parallelism of these sizes (meta device, simulated group)")  # fmt: skip
@@ -123,9 +125,18 @@ def testbed(cfg, args: argparse.Namespace, methods: list[str]) -> tuple[dict, di
     if args.num_sampling_steps:
         bed.sampler.num_sampling_steps = args.num_sampling_steps
     results = compare_testbed(bed, methods, n_prompts=args.prompts, seed=args.seed, repeats=args.repeats)
+    if args.mask_strategy:  # the same methods with reference frames kept (Open-Sora's image / video conditioning)
+        from duca_video.metrics.conditioning_bench import conditioning_fidelity
+
+        conditioned = conditioning_fidelity(methods, num_videos=min(args.prompts, 8), seed=args.seed,
+                                            num_steps=bed.sampler.num_sampling_steps,
+                                            mask_strategy=args.mask_strategy)  # fmt: skip
+        for name, r in conditioned["methods"].items():
+            results[name].update(cond_psnr_vs_none=r["psnr_vs_none"], cond_ssim_vs_none=r["ssim_vs_none"],
+                                 cond_kept_psnr=r["kept_psnr"])  # fmt: skip
     run = {"config_file": args.config, "weights": str(weights), "prompts": args.prompts, "seed": args.seed,
            "repeats": args.repeats, "threads": torch.get_num_threads(), "sampler": dataclasses.asdict(bed.sampler),
-           "model": bed.model.config.to_dict()}  # fmt: skip
+           "model": bed.model.config.to_dict(), "mask_strategy": args.mask_strategy}  # fmt: skip
     return results, run
 
 

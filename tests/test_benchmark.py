@@ -73,9 +73,13 @@ def test_testbed_benchmark_reports_adherence_per_method(tmp_path):
     out, plot = tmp_path / "tiny.json", tmp_path / "tiny.png"
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--config", str(ROOT / "configs" / "tiny.py"),
            "--ckpt-path", str(TINY_WEIGHTS), "--methods", "none,duca", "--prompts", "4", "--num-sampling-steps",
-           "6", "--json", str(out), "--plot", str(plot), "--threads", "1"]  # fmt: skip
+           "6", "--json", str(out), "--plot", str(plot), "--threads", "1", "--mask-strategy", "0"]  # fmt: skip
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
     data = json.loads(out.read_text())["methods"]
     for record in data.values():
         assert KEYS <= set(record) and 0 <= record["color_accuracy"] <= 1 and 0 <= record["direction_accuracy"] <= 1
     assert data["duca"]["flops_speedup"] > 1.2 and plot.stat().st_size > 0
+    # With --mask-strategy 0 (image to video): the reference frame is kept exactly by every method, and the
+    # cached video is close to the uncached one without being it.
+    assert data["none"]["cond_psnr_vs_none"] == float("inf") and data["duca"]["cond_kept_psnr"] == float("inf")
+    assert 15 < data["duca"]["cond_psnr_vs_none"] < float("inf")

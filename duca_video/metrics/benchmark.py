@@ -214,7 +214,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
                ("latency_s", "latency s", ".3f", 1), ("latency_speedup", "lat. x", ".2f", 1),
                ("peak_memory_bytes", "peak MiB", ".0f", 2**20), ("cache_bytes", "cache MiB", ".1f", 2**20),
                ("psnr_vs_none", "PSNR", ".2f", 1), ("ssim_vs_none", "SSIM", ".4f", 1),
-               ("color_accuracy", "colour", ".3f", 1), ("direction_accuracy", "direction", ".3f", 1)]  # fmt: skip
+               ("color_accuracy", "colour", ".3f", 1), ("direction_accuracy", "direction", ".3f", 1),
+               ("cond_psnr_vs_none", "i2v PSNR", ".2f", 1), ("cond_kept_psnr", "kept PSNR", ".2f", 1)]  # fmt: skip
     present = [c for c in columns if any(c[0] in r for r in results.values())]
     width = max([13, *(len(name) + 1 for name in results)])
     lines = [f"{'method':<{width}}" + "".join(f"{title:>11}" for _, title, _, _ in present)]

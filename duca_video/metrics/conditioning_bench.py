@@ -8,12 +8,14 @@ infinite when the frame is kept exactly, which the sampler guarantees for every 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from .. import cache as cache_lib
+from ..cache.variants import parse_variant
 from ..conditioning import parse_mask_strategy, plan_frames
 from ..conditioning.latents import condition_latents
 from ..testbed.data import SyntheticVideos
@@ -50,9 +52,10 @@ def conditioning_fidelity(
     text = bed.text_encoder.encode(prompts)
     y_null = bed.model.y_embedder.y_embedding[None, None].expand_as(text["y"])
 
-    def sample() -> torch.Tensor:
-        out = sampler.sample(bed.model, z, text["y"], y_null, text["mask"], model_kwargs=bed.model_kwargs(num_videos),
-                             frame_mask=frame_mask, progress=False, seed=seeds)  # fmt: skip
+    def sample(settings: dict[str, Any] | None = None) -> torch.Tensor:
+        run = dataclasses.replace(sampler, **settings) if settings else sampler  # a variant may set e.g. fewer steps
+        out = run.sample(bed.model, z, text["y"], y_null, text["mask"], model_kwargs=bed.model_kwargs(num_videos),
+                         frame_mask=frame_mask, progress=False, seed=seeds)  # fmt: skip
         return bed.vae.decode(out)
 
     baseline = sample()
@@ -62,9 +65,12 @@ def conditioning_fidelity(
         if method == "none":
             video = baseline
         else:
-            cache_lib.enable(bed.model, method, **(overrides or {}).get(method, {}))
+            config = parse_variant(method)  # a method name, or a variant such as teacache[threshold=0.2]
+            if overrides and method in overrides:
+                config = cache_lib.make_config(config, **overrides[method])
+            cache_lib.enable(bed.model, config)
             try:
-                video = sample()
+                video = sample(config.sampler_settings())
             finally:
                 cache_lib.disable(bed.model)
         ref = torch.stack([r[0][:, 0] for r in references])
