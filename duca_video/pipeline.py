@@ -119,7 +119,7 @@ def load_models(
         from duca_video import cache as cache_lib
 
         try:
-            controller = cache_lib.enable(model, cfg.cache.method, **cfg.cache.overrides)
+            controller = cache_lib.enable(model, cfg.cache.method, offload=cfg.cache.offload, **cfg.cache.overrides)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"cache: {exc}") from None
         method_config = dataclasses.asdict(controller.config)
@@ -260,9 +260,9 @@ def make_record(
         "dit_tflops": None if g.dit_flops is None else g.dit_flops / n / 1e12,
         "dit_tflops_counted_by": m.flops_counted_by if g.dit_flops is not None else "not counted (--no-count-flops)",
         "peak_memory_bytes": g.peak_memory_bytes, "peak_memory_kind": g.peak_memory_kind,
-        "cache_bytes": g.cache_bytes, "world_size": m.ctx.world_size, "rank": m.ctx.rank,
-        "sp_size": m.ctx.sp_size, "cfg_size": m.ctx.cfg_size, "dp_size": m.ctx.dp_size, "weights": m.weights,
-        "sampler": dataclasses.asdict(m.sampler),
+        "cache_bytes": g.cache_bytes, "cache_offload": cfg.cache.offload, "world_size": m.ctx.world_size,
+        "rank": m.ctx.rank, "sp_size": m.ctx.sp_size, "cfg_size": m.ctx.cfg_size, "dp_size": m.ctx.dp_size,
+        "weights": m.weights, "sampler": dataclasses.asdict(m.sampler),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {"duca_video": __version__, "torch": torch.__version__}, "identity": canonical(identity),
     }  # fmt: skip

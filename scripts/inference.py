@@ -20,6 +20,7 @@ from duca_video.configs import ConfigError, config_from_args
 from duca_video.io import PromptError
 from duca_video.models import CheckpointMismatchError
 from duca_video.models.checkpoint import CheckpointError
+from duca_video.parallel.launch import close_parallel
 from duca_video.pipeline import InputError, run
 
 
@@ -66,4 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    close_parallel(code)
+    sys.exit(code)

@@ -26,7 +26,7 @@ from .follow import SampleFollower, SamplingSettings, settings_from
 from .methods.none import NoneConfig
 from .policy import Sample
 from .schedule import StepPlan, build_schedule, schedule_table
-from .state import CacheState
+from .state import CacheState, OffloadedState
 from .tokens import SelectionMixin
 from .upstream import UpstreamLayout, localize_cross_attention, restore_cross_attention, upstream_sp_group
 
@@ -59,9 +59,11 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         fold: bool = True,
         settings: SamplingSettings | None = None,
         seed: int | tuple[int, ...] | None = None,
+        offload: bool = False,
     ) -> None:
         self.model = model
         self.config = config
+        self.offload = offload  # keep the cache in host memory, one block's worth on the device
         self.follower = SampleFollower(self, settings, seed)
         self.announced = False  # a sampler announced the sample in progress
         self._layout: UpstreamLayout | None = None  # upstream's sequence parallelism, when the model uses it
@@ -74,6 +76,7 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         self.sample: Sample | None = None  # the sample in progress
         self.last: Sample | None = None  # the last finished one (its history; its tensors are freed)
         self.cache_bytes = 0  # peak bytes of the last finished (or current) sample
+        self.device_cache_bytes = 0  # of those, the peak held on the device (less with offload)
         # FLOP replays on the meta device (metrics.flops.SamplingFlops): a data-dependent method's per-step
         # decisions of the real run ("full", "aggressive" = stack skipped, "first_block" = skipped after block 0).
         self.replay_kinds: list[str] | None = None
@@ -187,6 +190,8 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         rows = event.batch_size * (2 if event.cfg else 1)
         self.sample = Sample(tuple(event.timesteps), event.cfg, rows, seeds, layout=self.sp,
                              row_group=getattr(event, "row_group", None))  # fmt: skip
+        if self.offload:
+            self.sample.store = OffloadedState()
         self.sample.policy = self.config.make_policy(self.sample)
         self.sample.plans = self.sample.policy.mark(self.sample.policy.plan())
         self.cache_bytes = 0
@@ -204,6 +209,8 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         if self.sample is None:
             return
         self.cache_bytes = self.sample.store.peak_bytes
+        # What the device held of it: all of it, or with offload about one block's worth (and the stack tensors).
+        self.device_cache_bytes = getattr(self.sample.store, "resident_peak_bytes", self.cache_bytes)
         self.sample.store.reset()
         self.sample.stack_in, self.sample.drawn, self.sample.plan, self.sample.policy = None, None, None, None
         self.last, self.sample = self.sample, None
@@ -223,7 +230,7 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
             x = x.index_select(0, rows) if x.shape[0] == sample.rows else x
             y, mask = _caption_rows(sample, y, mask)
             t, x_mask, t0 = (None if a is None else a.index_select(0, rows) for a in (t, x_mask, t0))
-        out = self._run_block(index, block, x, y, t, mask, x_mask, t0, T, S)
+        out = self._run_held(sample.store, index, block, x, y, t, mask, x_mask, t0, T, S)
         if index == 0 and not last and sample.compute_rows is None:
             decision = self._replayed(sample, after_first=True)
             if decision is None:
@@ -236,6 +243,16 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
             sample.policy.update_stack(sample.stack_in, out)
             sample.stack_in = sample.pass_x = sample.compute_rows = None
         return out
+
+    def _run_held(self, store: CacheState, index: int, block: nn.Module, *args: Any) -> torch.Tensor:
+        """The block, with an offloaded cache's share of it on the device only while it runs."""
+        if not isinstance(store, OffloadedState):
+            return self._run_block(index, block, *args)
+        store.enter(index)
+        try:
+            return self._run_block(index, block, *args)
+        finally:
+            store.release(index)
 
     def _replayed(self, sample: Sample, after_first: bool = False) -> bool | list[bool] | None:
         """On a FLOP replay, the real run's decision for this step (meta tensors carry no signal): True (compute),
@@ -324,6 +341,7 @@ def enable(
     scheduler: Any = None,
     num_sampling_steps: int | None = None,
     seed: int | tuple[int, ...] | None = None,
+    offload: bool = False,
     **overrides: Any,
 ) -> CacheController:
     """Turn caching on for `model` (ours or upstream's STDiT3); returns the controller (summary, bytes).
@@ -332,7 +350,8 @@ def enable(
     `RFLOW.sample`), pass its settings: `scheduler=` the sampler object (or Open-Sora's scheduler dict), or
     `num_sampling_steps=N` for Open-Sora 1.2's inference sampler; `seed=` seeds the token selection then (one
     int, or one per video; default 0). `fold=False` keeps every module output separately (more memory, same
-    result up to rounding)."""
+    result up to rounding). `offload=True` keeps the cache in host memory and brings each block's share to the
+    device only while that block runs (same result; device cache memory bounded by about one block's)."""
     config = make_config(method, **overrides)
     settings = settings_from(scheduler, num_sampling_steps)
     wanted = config.sampler_settings().get("num_sampling_steps")
@@ -342,7 +361,7 @@ def enable(
             f"{settings.num_sampling_steps} steps; set its num_sampling_steps instead"
         )
     disable(model)
-    controller = CacheController(model, config, fold=fold, settings=settings, seed=seed)
+    controller = CacheController(model, config, fold=fold, settings=settings, seed=seed, offload=offload)
     controller.install()
     return controller
 

@@ -45,7 +45,7 @@ class Sample:
     seeds: tuple[int, ...]  # one per video
     layout: Any = None  # the sequence-parallel token layout (None on one process)
     row_group: Any = None  # CFG parallelism: the group holding the other CFG half's rows (None otherwise)
-    store: CacheState = field(default_factory=CacheState)
+    store: CacheState = field(default_factory=CacheState)  # or an OffloadedState (cache in host memory)
     plans: list[StepPlan] = field(default_factory=list)
     policy: CachePolicy | None = None
     step: int = -1

@@ -190,5 +190,6 @@ class SelectionMixin:
         if cfg.age_bonus > 0:
             age += 1
             age.scatter_(1, idx, 0.0)
+            self.state.put(index, "age", age)  # stored again after the in-place change (an offloaded cache needs it)
         idx, pad = sp.to_local(idx, T) if sp else (idx, None)
         return idx.to(x.device), None if pad is None else pad.to(x.device)

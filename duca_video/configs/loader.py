@@ -39,6 +39,7 @@ _SECTION_FLAGS = {
     "num_sampling_steps": ("scheduler", "num_sampling_steps"),
     "cfg_scale": ("scheduler", "cfg_scale"),
     "cache": ("cache", "method"),
+    "cache_offload": ("cache", "offload"),
 }
 _NOT_FIELDS = {"config", "cache_opt"}
 
@@ -178,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--cache", choices=CACHE_METHODS, help="caching method; the config's cache settings apply to its method only"
     )
+    g.add_argument("--cache-offload", action="store_true", default=None,
+                   help="keep the cache in host memory, one block's share on the device at a time")  # fmt: skip
     g.add_argument("--cache-opt", action="append", metavar="KEY=VALUE",
                    help="cache setting, typed by the setting (lists: recompute=attn,mlp); repeatable")  # fmt: skip
     g = p.add_argument_group("weights")

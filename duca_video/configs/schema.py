@@ -8,9 +8,7 @@ typo fails before any model is loaded.
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,6 +18,8 @@ import torch
 from duca_video import sizes
 from duca_video.cache.registry import METHODS as CACHE_REGISTRY
 from duca_video.io.prompts import PromptError, check_sample_name
+
+from .fields import ConfigError, _build, _positive
 
 __all__ = [
     "CACHE_METHODS",
@@ -50,111 +50,6 @@ MAX_SEED = 2**63 - 1
 MAX_FPS = 2**31 - 1
 _MAX_FRAME_AREA = 2**28
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-class ConfigError(ValueError):
-    """A config key is unknown or its value is not allowed; the message names the key."""
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return "None"
-    if origin is tuple:
-        args = typing.get_args(hint)
-        return f"{len(args)} ints" if Ellipsis not in args else "a list of ints"
-    if origin is list:
-        return "a list of strings"
-    if origin is dict:
-        return "a dict"
-    return {int: "an int", float: "a number", bool: "True or False", str: "a string"}.get(hint, str(hint))
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """`value` as type `hint`, or raise TypeError. Only the types the config uses are handled."""
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        if value in typing.get_args(hint):
-            return value
-    elif origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(hint):
-            try:
-                return _coerce(value, arg)
-            except TypeError:
-                continue
-    elif hint is type(None):
-        if value is None:
-            return None
-    elif origin is tuple:
-        args = typing.get_args(hint)
-        if isinstance(value, (list, tuple)) and (Ellipsis in args or len(value) == len(args)):
-            return tuple(_coerce(v, int) for v in value)
-    elif origin is list:
-        if isinstance(value, (list, tuple)):
-            return [_coerce(v, str) for v in value]
-    elif origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    raise TypeError(_describe(hint))
-
-
-def _build(cls: type, values: Any, where: str, extra_ok: bool = False) -> Any:
-    """Instantiate dataclass `cls` from a dict, type-checking each field. With `extra_ok`, keys that are not
-    fields go to the `extra` field (the section checks them against what its model accepts)."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a dict, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"]
-    unknown = sorted(k for k in values if k not in names)
-    if unknown and not extra_ok:
-        raise ConfigError(f"{where}: unknown key {', '.join(map(repr, unknown))}; allowed: {', '.join(names)}")
-    kwargs: dict[str, Any] = {}
-    for name in names:
-        if name not in values:
-            continue
-        _check_plain(_key(where, name), values[name])
-        try:
-            kwargs[name] = _coerce(values[name], hints[name])
-        except TypeError as exc:
-            raise ConfigError(f"{_key(where, name)}={values[name]!r} is not allowed: expected {exc}") from None
-    if extra_ok:
-        kwargs["extra"] = {k: values[k] for k in unknown}
-    return cls(**kwargs)
-
-
-def _check_plain(key: str, value: Any) -> None:
-    # nan and inf pass every comparison check silently (--cfg-scale nan made a black video); a NUL cannot be
-    # part of any path or name.
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}={value!r} is not allowed: it must be a finite number")
-    if isinstance(value, str) and "\0" in value:
-        raise ConfigError(f"{key}={value!r} is not allowed: it contains a NUL character")
-
-
-def _key(where: str, name: str) -> str:
-    return name if not where or where == "config" else f"{where}.{name}"
-
-
-def _positive(where: str, **values: int | float | None) -> None:
-    for name, value in values.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"{_key(where, name)}={value!r} is not allowed: it must be > 0")
 
 
 @dataclass
@@ -257,6 +152,8 @@ class CacheSection:
     """`method` plus that method's settings (checked by duca_video.cache when it is enabled)."""
 
     method: str = "none"
+    # Keep the cache in host memory, each block's share on the device only while it runs (same pixels).
+    offload: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

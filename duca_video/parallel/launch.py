@@ -95,3 +95,14 @@ def init_parallel(
                            dp_rank=dp_rank, sp_group=mesh.get_group_along_axis(2),
                            dp_group=mesh.get_group_along_axis(0), cfg_size=cfg, cfg_rank=cfg_rank,
                            cfg_group=mesh.get_group_along_axis(1), video_group=mesh.get_group_along_axis([1, 2]))
+
+
+def close_parallel(exit_code: int = 0) -> None:
+    """End the process groups before the interpreter exits: left to exit alone, a gloo group's background
+    threads can abort the process ("terminate called without an active exception", exit -6) after the work is
+    done. Every rank waits for the others first, unless the job was interrupted (130: some may be gone)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    if exit_code != 130:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -218,4 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "torch.distributed" in sys.modules:  # a job ran (--list never imports torch): end its process groups
+        from duca_video.parallel.launch import close_parallel
+
+        close_parallel(code)
+    sys.exit(code)

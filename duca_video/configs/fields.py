@@ -1,0 +1,115 @@
+"""Typed config fields: values converted to a field's declared type, or an error naming the key and what is
+allowed (the machinery under `schema.py`'s sections)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value is not allowed; the message names the key."""
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return "None"
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return f"{len(args)} ints" if Ellipsis not in args else "a list of ints"
+    if origin is list:
+        return "a list of strings"
+    if origin is dict:
+        return "a dict"
+    return {int: "an int", float: "a number", bool: "True or False", str: "a string"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` as type `hint`, or raise TypeError. Only the types the config uses are handled."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value in typing.get_args(hint):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                continue
+    elif hint is type(None):
+        if value is None:
+            return None
+    elif origin is tuple:
+        args = typing.get_args(hint)
+        if isinstance(value, (list, tuple)) and (Ellipsis in args or len(value) == len(args)):
+            return tuple(_coerce(v, int) for v in value)
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return [_coerce(v, str) for v in value]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise TypeError(_describe(hint))
+
+
+def _build(cls: type, values: Any, where: str, extra_ok: bool = False) -> Any:
+    """Instantiate dataclass `cls` from a dict, type-checking each field. With `extra_ok`, keys that are not
+    fields go to the `extra` field (the section checks them against what its model accepts)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a dict, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"]
+    unknown = sorted(k for k in values if k not in names)
+    if unknown and not extra_ok:
+        raise ConfigError(f"{where}: unknown key {', '.join(map(repr, unknown))}; allowed: {', '.join(names)}")
+    kwargs: dict[str, Any] = {}
+    for name in names:
+        if name not in values:
+            continue
+        _check_plain(_key(where, name), values[name])
+        try:
+            kwargs[name] = _coerce(values[name], hints[name])
+        except TypeError as exc:
+            raise ConfigError(f"{_key(where, name)}={values[name]!r} is not allowed: expected {exc}") from None
+    if extra_ok:
+        kwargs["extra"] = {k: values[k] for k in unknown}
+    return cls(**kwargs)
+
+
+def _check_plain(key: str, value: Any) -> None:
+    # nan and inf pass every comparison check silently (--cfg-scale nan made a black video); a NUL cannot be
+    # part of any path or name.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} is not allowed: it must be a finite number")
+    if isinstance(value, str) and "\0" in value:
+        raise ConfigError(f"{key}={value!r} is not allowed: it contains a NUL character")
+
+
+def _key(where: str, name: str) -> str:
+    return name if not where or where == "config" else f"{where}.{name}"
+
+
+def _positive(where: str, **values: int | float | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"{_key(where, name)}={value!r} is not allowed: it must be > 0")
