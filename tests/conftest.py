@@ -20,3 +20,13 @@ def reference() -> Path:
     if not path.is_dir():
         pytest.skip(f"reference folder {path} not present")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after it (CLI runs may change it): on a shared 2-core CI
+    machine OpenMP threads spinning against each other make the tiny model ~20x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

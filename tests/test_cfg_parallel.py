@@ -1,32 +1,22 @@
 """CFG parallelism: the conditional and unconditional halves on two ranks, one exchange per step, the same video."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+from tests.torchrun import ROOT, TORCHRUN, run_workers, worker_env
 
-
-def _workers(n: int, sp: int, tmp_path: Path) -> list[dict]:
-    cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={n}", str(ROOT / "tests" / "dist" / "cfg_worker.py"),
-           str(tmp_path), str(sp)]  # fmt: skip
-    done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+ENV = worker_env()
 
 
 @pytest.mark.parametrize("n, sp", [(2, 1), (4, 2)])
 def test_cfg_halves_on_two_ranks_give_the_one_process_video_with_one_exchange_per_step(n, sp, tmp_path):
     pytest.importorskip("colossalai")
-    reports = _workers(n, sp, tmp_path)
+    reports = run_workers("cfg_worker.py", n, tmp_path, str(sp))
     assert sorted(r["cfg_rank"] for r in reports) == sorted([0, 1] * (n // 2))
     for report in reports:
         for method, result in report["methods"].items():

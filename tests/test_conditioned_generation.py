@@ -35,12 +35,7 @@ BLUE = "a small blue circle moving up on a light background"
 main = runpy.run_path(str(SCRIPT), run_name="inference_cli")["main"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared CI cores: spinning OpenMP threads make the tiny model ~20x slower
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _clip(config: DataConfig, **fields) -> torch.Tensor:

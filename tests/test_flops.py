@@ -26,7 +26,7 @@ def test_flops_scale_with_batch_and_count_a_known_matmul():
 
 
 # The pipeline counts FLOPs after the timed run on a meta copy; the count must equal counting the real loop.
-def _real_and_replayed(method: str, **overrides):
+def _real_and_replayed(method: str, steps: int = 10, **overrides):
     from duca_video import cache
     from duca_video.metrics.flops import SamplingFlops, flop_counter
     from duca_video.sampling.rflow import RFlowSampler
@@ -34,7 +34,7 @@ def _real_and_replayed(method: str, **overrides):
 
     model = tiny_model()
     controller = None if method == "none" else cache.enable(model, method, **overrides)
-    sampler = RFlowSampler(num_sampling_steps=10, cfg_scale=3.0, use_timestep_transform=False)
+    sampler = RFlowSampler(num_sampling_steps=steps, cfg_scale=3.0, use_timestep_transform=False)
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(2, 4, 3, 8, 10, generator=g), torch.randn(2, 1, 8, 32, generator=g)
     kw = {"height": torch.full((2,), 64.0), "width": torch.full((2,), 80.0), "fps": torch.full((2,), 8.0)}

@@ -2,10 +2,7 @@
 and sequence parallelism on 2 gloo ranks."""
 
 import json
-import os
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,22 +11,16 @@ import torch
 
 from duca_video import cache
 from duca_video.cache.methods.fastercache import FasterCachePolicy
-from duca_video.metrics.flops import SamplingFlops, flop_counter
-from duca_video.sampling.rflow import RFlowSampler
 from tests.test_cache import sample
 from tests.test_stdit3 import tiny_model
+from tests.torchrun import run_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 # Short schedules for 12-step loops: attention extrapolated at 3, 5, 7, ...; cond-only from step 4 except 5, 8, 11.
 SHORT = dict(attn_start=3, cfg_start=4, cfg_interval=3, low_boost_until=6, high_boost_from=7)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_all_switches_off_equals_none_bitwise():
@@ -116,25 +107,11 @@ def test_cfg_cache_runs_the_conditional_rows_and_rebuilds_the_unconditional_half
 
 
 def test_flops_replay_equals_the_real_loop_and_cached_steps_cost_less():
-    def loop(method, **overrides):
-        model = tiny_model()
-        controller = None if method == "none" else cache.enable(model, method, **overrides)
-        sampler = RFlowSampler(num_sampling_steps=8, cfg_scale=3.0, use_timestep_transform=False)
-        g = torch.Generator().manual_seed(0)
-        z, y = torch.randn(2, 4, 3, 8, 10, generator=g), torch.randn(2, 1, 8, 32, generator=g)
-        kw = {"height": torch.full((2,), 64.0), "width": torch.full((2,), 80.0), "fps": torch.full((2,), 8.0)}
-        y_null = model.y_embedder.y_embedding[None, None].expand_as(y)
-        counter = flop_counter()
-        with counter, torch.no_grad():
-            sampler.sample(model, z, y, y_null, torch.ones(2, 8, dtype=torch.long), model_kwargs=kw, progress=False)
-        kinds = None if controller is None else [h["kind"] for h in controller.history]
-        replay = SamplingFlops(model, torch.float32, None if controller is None else controller.config, sampler)
-        return counter.get_total_flops(), replay.count(2, tuple(z.shape[1:]), kw, kinds)
-
     from duca_video.metrics.flops import stdit3_forward_flops
+    from tests.test_flops import _real_and_replayed
 
     none = 8 * stdit3_forward_flops(tiny_model().config, (3, 8, 10), (64, 80), batch=4)  # 8 uncached CFG steps
-    real, replayed = loop("fastercache", **SHORT)
+    real, replayed, _ = _real_and_replayed("fastercache", steps=8, **SHORT)
     assert replayed == real
     # Steps 4, 6, 7 of 8 run 2 of 4 rows: the loop costs about (8 - 3 / 2) / 8 of none, less the extrapolated
     # attention of steps 3, 5, 7.
@@ -168,12 +145,7 @@ def test_cli_runs_fastercache_close_to_none(tmp_path, capsys):
 
 def test_sequence_parallel_on_2_ranks_equals_one_process(tmp_path):
     pytest.importorskip("colossalai")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist" / "fastercache_worker.py"), str(tmp_path)]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    reports = run_workers("fastercache_worker.py", 2, tmp_path)
     for report in reports:
         for mode, result in report["modes"].items():
             assert result["max_diff"] <= 1e-5, (mode, result["max_diff"])

@@ -2,10 +2,7 @@
 loader and generator, the CLI, the FLOP replay, and 2 sequence-parallel ranks."""
 
 import json
-import os
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from duca_video.configs import build_parser, load_config
 from duca_video.metrics.flops import flop_counter
 from duca_video.models.text_encoder import null_caption
 from duca_video.parallel.group_work import encode_text
+from tests.torchrun import run_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -134,13 +132,8 @@ def test_bad_settings_are_clear_errors(tmp_path, capsys):
 
 def test_two_sequence_parallel_ranks_decide_as_one_process(tmp_path):
     pytest.importorskip("colossalai")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     threshold = 0.13  # on this model and input the signals stay >= 5e-3 away from it (rounding is ~1e-8)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist" / "fbcache_worker.py"), str(tmp_path), str(threshold)]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    reports = run_workers("fbcache_worker.py", 2, tmp_path, str(threshold))
     single = reports[0]["kinds_single"]
     assert "full" in single[1:-1] and "first_block" in single  # the threshold splits the steps
     for report in reports:

@@ -6,10 +6,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from duca_video.cache.methods.magcache import (
 from duca_video.cache.methods.magcache_calibrate import MagCalibrationConfig
 from duca_video.cache.methods.magcache_calibrate import main as calibrate_main
 from duca_video.testbed.tiny import load_tiny
+from tests.torchrun import run_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -35,13 +33,7 @@ STEPS = 10
 RATIOS = (1.0, 0.9, 0.95, 0.99, 0.995, 1.0, 0.99, 0.98, 0.97, 0.85)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Shared 2-core CI: one thread keeps the tiny model fast (OpenMP threads spinning against each other do not).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -217,13 +209,7 @@ def test_flop_replay_counts_only_the_computed_steps():
 
 def test_sequence_parallel_two_ranks_match_one_process(tmp_path):
     pytest.importorskip("colossalai")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist" / "magcache_worker.py"), str(tmp_path)]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for rank in range(2):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for report in run_workers("magcache_worker.py", 2, tmp_path):
         assert report["max_diff"] <= 1e-5, report
         assert report["sp_history"] == report["single_history"]
         assert report["sp_history"].count("aggressive") == 5

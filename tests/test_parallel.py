@@ -10,30 +10,13 @@ import torch
 from duca_video.parallel.comm import CommStats, SimulatedGroup, heads_to_seq, seq_to_heads
 from duca_video.parallel.sequence import SequenceParallel, check_sp_size, enable_sequence_parallel
 from tests.test_stdit3 import tiny_model
-
-ROOT = Path(__file__).resolve().parents[1]
-# torchrun's own module, from this interpreter: a `torchrun` missing from PATH must not turn into a silent skip.
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-
-def run_workers(n: int, tmp_path: Path) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        *TORCHRUN,
-        "--standalone",
-        f"--nproc_per_node={n}",
-        str(ROOT / "tests" / "dist" / "sp_worker.py"),
-        str(tmp_path),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(n)]
+from tests.torchrun import ROOT, TORCHRUN, run_workers
 
 
 @pytest.mark.parametrize("n", [2, 4])
 def test_sequence_parallel_equals_one_process_and_cached_steps_need_no_collective(n, tmp_path):
     pytest.importorskip("colossalai")
-    for report in run_workers(n, tmp_path):
+    for report in run_workers("sp_worker.py", n, tmp_path):
         assert report["world"] == n
         for method, result in report["methods"].items():
             assert result["max_diff"] <= 1e-5, (n, method, result["max_diff"])

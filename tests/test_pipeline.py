@@ -32,14 +32,7 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # CI machines have 2 cores shared with other jobs: OpenMP threads spinning against each other make the
-    # tiny model ~20x slower there than one thread does.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(tmp_path, *argv):

@@ -4,10 +4,6 @@ Needs an Open-Sora checkout at $OPEN_SORA_ROOT (tag v1.2.0); skipped with the re
 """
 
 import ast
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +12,7 @@ import torch
 from duca_video import cache
 from duca_video.cache.follow import SamplingSettings, expected_timesteps
 from duca_video.models import STDiT3, STDiT3Config
+from tests.torchrun import run_workers, worker_env
 from tests.upstream import (
     METHODS,
     TINY,
@@ -158,13 +155,8 @@ def test_followed_timesteps_are_upstreams_in_its_dtype(up):
 
 
 def test_upstream_sequence_parallel_on_two_ranks_equals_one_process(up, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "OPEN_SORA_ROOT": str(up.root)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "tests" / "dist" / "upstream_sp_worker.py"), str(tmp_path)]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for rank in range(2):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    reports = run_workers("upstream_sp_worker.py", 2, tmp_path, env=worker_env(OPEN_SORA_ROOT=str(up.root)))
+    for rank, report in enumerate(reports):
         for method, result in report["methods"].items():
             print(f"rank {rank} {method}: max |2 ranks - 1 process| = {result['max_diff']:.2e}")
             assert result["max_diff"] <= 1e-5, (rank, method, result["max_diff"])

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from duca_video.io.files import atomic_write_json
+
 from ..models.stdit3 import STDiT3Config
 from .benchmark import BenchSetup
 from .flops import video_latent_shape
@@ -243,8 +245,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(text)
         out["published_comparison"] = figures
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        atomic_write_json(args.json, out)  # never a half-written file
     return out
 
 

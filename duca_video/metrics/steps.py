@@ -57,7 +57,7 @@ def loop_steps(setup: BenchSetup, method: str, dtype: torch.dtype = torch.bfloat
     from .flops import flop_counter
 
     config = setup.method_config(method)
-    if getattr(config, "data_dependent", False) or isinstance(config, cache_lib.TeaCacheConfig):
+    if config.data_dependent:
         raise ValueError(f"cache method {method!r} decides its steps from the data: it has no counted step list")
     with torch.device("meta"):
         model = STDiT3(setup.model).eval().to(dtype)

@@ -17,7 +17,6 @@ unless `--trial-batch` says otherwise; on CUDA it uses the whole batch, as batch
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 import warnings
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from duca_video.io.files import atomic_write_json
 from duca_video.sizes import ASPECT_RATIOS, RESOLUTIONS, image_size
 
 from .attention import attention_backend
@@ -247,8 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"duca_video attention path: {header['duca_attention']}")  # fmt: skip
     print(format_table(results))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({**header, "sites": results}, f, indent=1)
+        atomic_write_json(args.json, {**header, "sites": results})  # never a half-written file
     return 0
 
 

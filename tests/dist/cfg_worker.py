@@ -12,7 +12,7 @@ import torch.distributed as dist
 from duca_video import cache
 from duca_video.parallel.launch import init_parallel
 from duca_video.parallel.sequence import disable_sequence_parallel, enable_sequence_parallel
-from tests.dist.sp_worker import inputs, sample, tiny_model
+from tests.dist.sp_worker import inputs, sample, spy_collectives, tiny_model
 
 METHODS = {"none": {}, "duca": {}, "toca": {}, "teacache": {"threshold": 0.3}, "taylorseer": {"interval": 3}}
 
@@ -22,17 +22,7 @@ def main(out_dir: str, sp_size: int) -> None:
     model, data = tiny_model(), inputs()
     calls: list[tuple[str, str]] = []
     controller = None
-
-    def spy(name, real):
-        def wrapped(*args, **kwargs):
-            plan = controller.plan if controller is not None else None
-            calls.append((name, "outside" if plan is None else plan.kind + ":" + plan.short("spatial")))
-            return real(*args, **kwargs)
-
-        return wrapped
-
-    for name in ("all_to_all_single", "all_gather", "all_reduce", "broadcast", "all_gather_into_tensor"):
-        setattr(dist, name, spy(name, getattr(dist, name)))
+    spy_collectives(calls, lambda: controller)
 
     report = {"rank": ctx.rank, "world": ctx.world_size, "cfg_rank": ctx.cfg_rank, "methods": {}}
     for method, extra in METHODS.items():

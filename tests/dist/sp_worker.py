@@ -54,14 +54,12 @@ def sample(model, data, cfg_group=None):
                           progress=False, seed=3, cfg_group=cfg_group)  # fmt: skip
 
 
-def main(out_dir: str) -> None:
-    ctx = init_parallel()
-    model, data = tiny_model(), inputs()
-    calls: list[tuple[str, str]] = []  # (collective, step kind at the time)
-    controller = None
+def spy_collectives(calls: list, controller_of) -> None:
+    """Record every collective as (name, "step kind:spatial actions" of `controller_of()`'s step, or "outside")."""
 
     def spy(name, real):
         def wrapped(*args, **kwargs):
+            controller = controller_of()
             plan = controller.plan if controller is not None else None
             calls.append((name, "outside" if plan is None else plan.kind + ":" + plan.short("spatial")))
             return real(*args, **kwargs)
@@ -70,6 +68,14 @@ def main(out_dir: str) -> None:
 
     for name in ("all_to_all_single", "all_gather", "all_reduce", "broadcast", "all_gather_into_tensor"):
         setattr(dist, name, spy(name, getattr(dist, name)))
+
+
+def main(out_dir: str) -> None:
+    ctx = init_parallel()
+    model, data = tiny_model(), inputs()
+    calls: list[tuple[str, str]] = []  # (collective, step kind at the time)
+    controller = None
+    spy_collectives(calls, lambda: controller)
 
     report = {"rank": ctx.rank, "world": ctx.world_size, "methods": {}}
     for method, extra in METHODS.items():

@@ -46,23 +46,31 @@ class TeaCacheConfig(CacheConfig):
         return TeaCachePolicy(self, sample)
 
 
-def relative_l1(
-    current: torch.Tensor, previous: torch.Tensor, layout, x: torch.Tensor, name: str, row_group=None
-) -> float:
-    """mean |current - previous| / mean |previous| over the whole token grid (summed over the SP group, padding
-    excluded) and the whole batch (summed over `row_group`, the other CFG half under CFG parallelism): the same
-    number on every rank as on one process. One host read: the decision is host control flow."""
+def _change_sums(current: torch.Tensor, previous: torch.Tensor, layout, x: torch.Tensor) -> torch.Tensor:
+    """(2, rows) float64: per row, the sum of |current - previous| and of |previous| over this rank's real tokens
+    (padding under sequence parallelism excluded)."""
     change, size = (current - previous).abs(), previous.abs()
-    if layout is None and row_group is None:
-        return float((change.mean() / size.mean()).item())
-    if layout is None:
-        sums = torch.stack([change.sum(), size.sum()]).double()
-    else:
+    if layout is not None:
         valid = layout.local_valid(x.shape[1] // layout.s_local, x.device)[None, :, None]
-        sums = torch.stack([(change * valid).sum(), (size * valid).sum()]).double()
+        change, size = change * valid, size * valid
+    return torch.stack([change.flatten(1).sum(1), size.flatten(1).sum(1)]).double()
+
+
+def _over_groups(sums: torch.Tensor, layout, row_group, name: str) -> torch.Tensor:
+    """The sums over the whole grid (the SP group) and both CFG halves (`row_group`, under CFG parallelism)."""
+    if layout is not None:
         sums = all_reduce_sum(sums, layout.group, layout.stats, name)
     if row_group is not None:
         sums = all_reduce_sum(sums, row_group, layout.stats if layout is not None else CommStats(), name)
+    return sums
+
+
+def relative_l1(
+    current: torch.Tensor, previous: torch.Tensor, layout, x: torch.Tensor, name: str, row_group=None
+) -> float:
+    """mean |current - previous| / mean |previous| over the whole token grid and the whole batch: the same number
+    on every rank as on one process. One host read: the decision is host control flow."""
+    sums = _over_groups(_change_sums(current, previous, layout, x).sum(1), layout, row_group, name)
     return float((sums[0] / sums[1]).item())
 
 
@@ -70,18 +78,10 @@ def per_video_relative_l1(current: torch.Tensor, previous: torch.Tensor, sample:
                           name: str) -> list[float]:  # fmt: skip
     """`relative_l1` for each video of the batch over its own rows (both CFG halves, the whole grid): what the
     video alone would measure, so its decisions do not depend on the batch it is in."""
-    change, size = (current - previous).abs(), previous.abs()
-    layout = sample.layout
-    if layout is not None:
-        valid = layout.local_valid(x.shape[1] // layout.s_local, x.device)[None, :, None]
-        change, size = change * valid, size * valid
-    sums = torch.stack([change.flatten(1).sum(1), size.flatten(1).sum(1)]).double()  # (2, rows)
+    sums = _change_sums(current, previous, sample.layout, x)  # (2, rows)
     if sample.cfg:  # rows v and v + videos are one video's two halves
         sums = sums.view(2, 2, -1).sum(1)
-    if layout is not None:
-        sums = all_reduce_sum(sums, layout.group, layout.stats, name)
-    if sample.row_group is not None:  # the other CFG half, on another rank
-        sums = all_reduce_sum(sums, sample.row_group, layout.stats if layout is not None else CommStats(), name)
+    sums = _over_groups(sums, sample.layout, sample.row_group, name)
     return (sums[0] / sums[1]).tolist()
 
 
