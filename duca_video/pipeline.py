@@ -60,7 +60,7 @@ from duca_video.metrics.flops import SamplingFlops
 from duca_video.models import STDiT3, STDiT3Config
 from duca_video.models.checkpoint import read_config
 from duca_video.models.text_encoder import null_caption
-from duca_video.parallel.group_work import TextShape, decode_across, encode_text
+from duca_video.parallel.group_work import GroupRunner, TextShape
 from duca_video.parallel.launch import ParallelContext, init_parallel
 from duca_video.parallel.sequence import SequenceParallel, check_sp_size, enable_sequence_parallel
 from duca_video.sampling.rflow import RFlowSampler
@@ -89,6 +89,11 @@ class Models:
     flops: SamplingFlops | None = None  # counts each batch's FLOPs on a meta copy, outside the timed window
     ctx: ParallelContext = dataclasses.field(default_factory=ParallelContext)
     sp: SequenceParallel | None = None
+
+    @property
+    def group(self) -> GroupRunner:
+        """The batch's parallel work (text once per group, the CFG exchange, gathering, decoding across)."""
+        return GroupRunner(self.ctx, self.sp, self.device)
 
 
 def _text_encoder(cfg: InferenceConfig, path: str | None, device: torch.device, ctx: ParallelContext) -> Any:
@@ -125,6 +130,10 @@ def load_models(
         method_config = dataclasses.asdict(controller.config)
         for name, value in controller.config.sampler_settings().items():  # e.g. `steps`: fewer sampler steps
             setattr(sampler, name, value)
+    if cfg.compile:  # after the cache and SP wrap the model: the cache's Python stays out of the graphs
+        from duca_video.cache import compile_blocks
+
+        compile_blocks(model)
     names = {"model": source, "vae": weights["vae"] or cfg.vae.type, "text_encoder": weights["text_encoder"]}
     names["text_encoder"] = names["text_encoder"] or f"{cfg.text_encoder.type} (random init, seed {cfg.seed})"
     counted_by = ("FlopCounterMode over a meta-device replay of the batch's sampling loop after the timed run "
@@ -219,19 +228,19 @@ def generate(models: Models, cfg: InferenceConfig, jobs: list[VideoJob], progres
         c = sample_conditioned(m, cfg, jobs, sizes, progress)
         latents, video, calls, cache_bytes = c.latents, c.video, c.calls, c.cache_bytes
     else:
-        y, mask = encode_text(m.text_encoder, [j.text for j in jobs], m.ctx, m.device)
+        group = m.group
+        y, mask = group.encode(m.text_encoder, [j.text for j in jobs])
         y_null = null_caption(m.model, n).to(m.device)  # the model's own buffer: every rank has it
         noise = [torch.randn(m.latent_shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs]
         # Upstream draws the noise and builds these inputs in the model dtype (bf16 turns width 854 into 856).
         z = torch.stack(noise).to(device=m.device, dtype=m.dtype)
-        latents = m.sampler.sample(m.model, z, y, y_null, mask, model_kwargs=sizes(n), progress=progress,
-                                   seed=[j.seed for j in jobs], cfg_group=m.ctx.cfg_group)  # fmt: skip
+        latents = group.sample(m.sampler, m.model, z, y, y_null, mask, model_kwargs=sizes(n), progress=progress,
+                               seed=[j.seed for j in jobs])  # fmt: skip
         cache_bytes = int(m.controller.cache_bytes) if m.controller is not None else 0
         kinds = [h["kind"] for h in m.controller.history] if m.controller is not None else None
         calls = [(n, kinds, m.sampler.last_text_tokens)]
-        if m.sp is not None:
-            latents = m.sp.gather_latents(latents, m.model.config.patch_size)
-        video = decode_across(m.vae, latents.to(m.dtype), cfg.num_frames, m.ctx, m.sp.stats if m.sp else None)
+        latents = group.gather(latents, m.model.config.patch_size)
+        video = group.decode(m.vae, latents.to(m.dtype), cfg.num_frames)
     frames = [] if video is None else [to_uint8_frames(v) for v in video]
     _sync(m.device)
     latency = time.perf_counter() - start
@@ -260,7 +269,8 @@ def make_record(
         "dit_tflops": None if g.dit_flops is None else g.dit_flops / n / 1e12,
         "dit_tflops_counted_by": m.flops_counted_by if g.dit_flops is not None else "not counted (--no-count-flops)",
         "peak_memory_bytes": g.peak_memory_bytes, "peak_memory_kind": g.peak_memory_kind,
-        "cache_bytes": g.cache_bytes, "cache_offload": cfg.cache.offload, "world_size": m.ctx.world_size,
+        "cache_bytes": g.cache_bytes, "cache_offload": cfg.cache.offload, "compile": cfg.compile,
+        "world_size": m.ctx.world_size,
         "rank": m.ctx.rank, "sp_size": m.ctx.sp_size, "cfg_size": m.ctx.cfg_size, "dp_size": m.ctx.dp_size,
         "weights": m.weights, "sampler": dataclasses.asdict(m.sampler),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

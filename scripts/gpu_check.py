@@ -86,10 +86,13 @@ def sample(model: STDiT3, setup: BenchSetup, method: str, inputs: dict[str, Any]
                                         model_kwargs=inputs["model_kwargs"], progress=False, seed=0)  # fmt: skip
 
 
-def time_method(model: STDiT3, setup: BenchSetup, method: str, inputs: dict[str, Any]) -> dict[str, Any]:
-    """One timed loop: per-step times by kind, peak memory, cache bytes."""
+def time_method(
+    model: STDiT3, setup: BenchSetup, method: str, inputs: dict[str, Any], offload: bool = False
+) -> dict[str, Any]:
+    """One timed loop: per-step times by kind, peak memory, cache bytes (with `offload`: the cache in pinned host
+    memory, each block's share prefetched on a side stream while the block before it runs)."""
     device = inputs["z"].device
-    controller = cache_lib.enable(model, method)
+    controller = cache_lib.enable(model, method, offload=offload)
     clock = StepClock(device)
     register_listener(model, clock)
     try:
@@ -98,7 +101,7 @@ def time_method(model: STDiT3, setup: BenchSetup, method: str, inputs: dict[str,
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         with torch.no_grad():
-            sample(model, setup, method, inputs)
+            latent = sample(model, setup, method, inputs)
         per_step = clock.step_ms()
         total = time.perf_counter() - start
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
@@ -109,9 +112,38 @@ def time_method(model: STDiT3, setup: BenchSetup, method: str, inputs: dict[str,
     by_kind: dict[str, list[float]] = {}
     for kind, ms in zip(kinds, per_step, strict=True):
         by_kind.setdefault(kind, []).append(ms)
+    store = controller.last.store if controller.last is not None else None
     return {"total_s": total, "step_ms": {k: statistics.mean(v) for k, v in by_kind.items()},
             "step_counts": {k: len(v) for k, v in by_kind.items()}, "steps_ms": per_step, "kinds": kinds,
-            "peak_memory_bytes": peak, "cache_bytes": controller.cache_bytes}  # fmt: skip
+            "peak_memory_bytes": peak, "cache_bytes": controller.cache_bytes,
+            "device_cache_bytes": controller.device_cache_bytes, "offload": offload,
+            "offload_reads": getattr(store, "reads", None), "latent": latent.float().cpu()}  # fmt: skip
+
+
+def offload_check(model: STDiT3, setup: BenchSetup, inputs: dict[str, Any], resident: dict[str, Any],
+                  method: str) -> dict[str, Any]:  # fmt: skip
+    """The method again with its cache offloaded: time per step kind, peak memory, and the same latent."""
+    r = time_method(model, setup, method, inputs, offload=True)
+    r["max_abs_diff_to_resident"] = float((r.pop("latent") - resident["latent"]).abs().max())
+    return r
+
+
+def compile_check(model: STDiT3, setup: BenchSetup, inputs: dict[str, Any], eager: dict[str, dict[str, Any]],
+                  methods: list[str]) -> dict[str, Any]:  # fmt: skip
+    """`cache.compile_blocks` (inductor): the first loop (compiling), then a timed one per method, and the
+    difference to the eager latent. Leaves the model's blocks compiled."""
+    start = time.perf_counter()
+    cache_lib.compile_blocks(model)
+    out: dict[str, Any] = {"compiled": "cache.compile_blocks (attn, cross_attn, mlp; inductor, dynamic=False)"}
+    for method in methods:
+        first = time.perf_counter()
+        time_method(model, setup, method, inputs)  # compiles this method's shapes
+        r = time_method(model, setup, method, inputs)
+        r["first_loop_s"] = time.perf_counter() - first - r["total_s"]
+        r["max_abs_diff_to_eager"] = float((r.pop("latent") - eager[method]["latent"]).abs().max())
+        out[method] = r
+    out["total_s"] = time.perf_counter() - start
+    return out
 
 
 def sdpa_ops(model: STDiT3, setup: BenchSetup, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -138,25 +170,27 @@ def sdpa_ops(model: STDiT3, setup: BenchSetup, inputs: dict[str, Any]) -> dict[s
 
 
 def sync_check(model: STDiT3, setup: BenchSetup, inputs: dict[str, Any], method: str = "duca") -> dict[str, Any]:
-    """`set_sync_debug_mode("error")` around a cached loop: from step 0, and from step 1 (after sample start)."""
+    """`set_sync_debug_mode("error")` around a cached loop: from step 0, from step 1 (after sample start), and
+    from step 1 with the cache offloaded (pinned host memory, side-stream copies)."""
     if inputs["z"].device.type != "cuda":
         return {"skipped": "CUDA absent: torch.cuda.set_sync_debug_mode only checks CUDA streams"}
     out = {}
-    for first in (0, 1):
+    for first, offload in ((0, False), (1, False), (1, True)):
+        key = f"{'offloaded_' if offload else ''}from_step_{first}"
         arm = _SyncArm(first)
-        cache_lib.enable(model, method)
+        cache_lib.enable(model, method, offload=offload)
         register_listener(model, arm)
         try:
             with torch.no_grad():
                 sample(model, setup, method, inputs)
             torch.cuda.set_sync_debug_mode(0)
-            out[f"from_step_{first}"] = {"passed": True}
+            out[key] = {"passed": True}
         except RuntimeError as exc:
             torch.cuda.set_sync_debug_mode(0)
             frames = [f for f in traceback.extract_tb(exc.__traceback__) if "duca_video" in f.filename]
             where = f"{frames[-1].filename}:{frames[-1].lineno} {frames[-1].name}" if frames else "outside duca_video"
-            out[f"from_step_{first}"] = {"passed": False, "error": str(exc).splitlines()[0], "where": where,
-                                         "line": frames[-1].line if frames else None}  # fmt: skip
+            out[key] = {"passed": False, "error": str(exc).splitlines()[0], "where": where,
+                        "line": frames[-1].line if frames else None}  # fmt: skip
         finally:
             torch.cuda.set_sync_debug_mode(0)
             unregister_listener(model, arm)
@@ -199,6 +233,14 @@ def precision_check(model: STDiT3, setup: BenchSetup, device: torch.device) -> d
             "rel_l2": float((low - high).norm() / high.norm())}  # fmt: skip
 
 
+def report(name: str, r: dict[str, Any]) -> None:
+    peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f} GiB"
+    kinds = "  ".join(f"{k} {v:.1f} ms x{r['step_counts'][k]}" for k, v in r["step_ms"].items())
+    extra = "".join(f"  {k} {r[k]:.2g}" for k in ("max_abs_diff_to_resident", "max_abs_diff_to_eager") if k in r)
+    print(f"{name:<11} {r['total_s']:7.2f} s  {kinds}  peak {peak}  cache {r['cache_bytes'] / 2**20:.1f} MiB "
+          f"(device {r['device_cache_bytes'] / 2**20:.1f} MiB){extra}")
+
+
 def write(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2))
@@ -227,11 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="sampling steps (default 30; tiny 10)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--text-tokens", type=int, default=60, help="valid caption tokens of the random prompt")
+    p.add_argument("--offload", default="duca", help="methods to time again with the cache offloaded ('' for none)")
+    p.add_argument("--compile", default="", help="methods to time again with compiled blocks, e.g. none,duca")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        p.error(f"--methods: {bad} not allowed; allowed: {', '.join(METHODS)}")
+    offloaded, compiled = [m for m in args.offload.split(",") if m], [m for m in args.compile.split(",") if m]
+    for flag, names in (("--methods", methods), ("--offload", offloaded), ("--compile", compiled)):
+        bad = [m for m in names if m not in METHODS]
+        if bad:
+            p.error(f"{flag}: {bad} not allowed; allowed: {', '.join(METHODS)}")
+        if flag != "--methods" and set(names) - set(methods):
+            p.error(f"{flag}: {sorted(set(names) - set(methods))} must be in --methods too (the eager reference)")
     if not torch.cuda.is_available() and not args.tiny:
         print("error: gpu_check needs CUDA (none found); run with --tiny for the CPU self-test", file=sys.stderr)
         return 2
@@ -250,11 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(dtype)
     inputs = make_inputs(setup, device, dtype)
     time_method(model, BenchSetup(**{**setup.__dict__, "num_steps": 2}), "none", inputs)  # warm-up
+    timed: dict[str, dict[str, Any]] = {}
     for method in methods:
-        summary["methods"][method] = r = time_method(model, setup, method, inputs)
-        peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f} GiB"
-        kinds = "  ".join(f"{k} {v:.1f} ms x{r['step_counts'][k]}" for k, v in r["step_ms"].items())
-        print(f"{method:<11} {r['total_s']:7.2f} s  {kinds}  peak {peak}  cache {r['cache_bytes'] / 2**20:.1f} MiB")
+        timed[method] = r = time_method(model, setup, method, inputs)
+        summary["methods"][method] = {k: v for k, v in r.items() if k != "latent"}
+        report(method, r)
+        write(out, summary)
+    summary["offloaded"] = {}
+    for method in offloaded:
+        summary["offloaded"][method] = r = offload_check(model, setup, inputs, timed[method], method)
+        report(f"{method} offloaded", r)
         write(out, summary)
     summary["sdpa_ops"] = sdpa_ops(model, setup, inputs)
     summary["sdpa_probe"] = probe_table(setup, device, dtype, args.text_tokens)
@@ -263,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     summary["sync_check"] = sync_check(model, setup, inputs)
     print("sync check:", summary["sync_check"])
     write(out, summary)
+    if compiled:
+        summary["compiled"] = compile_check(model, setup, inputs, timed, compiled)
+        for method in compiled:
+            report(f"{method} compiled", summary["compiled"][method])
+        write(out, summary)
     summary["bf16_vs_fp32"] = precision_check(model, setup, device)
     print("bf16 vs fp32:", summary["bf16_vs_fp32"])
     write(out, summary)

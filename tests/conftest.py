@@ -30,3 +30,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def float64_default():
+    """float64 as the default dtype for the test (its inputs are drawn with it), restored after: for comparisons
+    of whole sampling loops, where this tiny random model amplifies float32 rounding by CPU kernel."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(before)

@@ -1,5 +1,5 @@
-"""The cache in host memory (`enable(..., offload=True)`): the same result as the resident cache, with about one
-block's worth on the device at any time."""
+"""The cache in host memory (`enable(..., offload=True)`): the same result as the resident cache, with about two
+blocks' worth on the device at any time (the running block's and the next one's, prefetched)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from tests.test_stdit3 import tiny_model
 
 @pytest.mark.parametrize("method, extra", [("duca", {}), ("toca", {}), ("fora", {}), ("taylorseer", {"interval": 3}),
                                            ("toca", {"selector": "random", "age_bonus": 0.5}), ("pab", {})])
-def test_offloaded_cache_gives_the_resident_result_with_one_block_on_the_device(method, extra):
+def test_offloaded_cache_gives_the_resident_result_with_two_blocks_on_the_device(method, extra):
     model = tiny_model()
     resident = cache.enable(model, method, **extra)
     expected = sample(model, steps=9)
@@ -21,9 +21,13 @@ def test_offloaded_cache_gives_the_resident_result_with_one_block_on_the_device(
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
     assert offloaded.cache_bytes == held > 0  # the same cache, now in host memory
     blocks = len(cache.find_blocks(model))
-    # On the device: at most the running block's share (the stack tensors stay, and are small here).
+    # On the device: at most the running block's share and the next one's, prefetched while it runs (the stack
+    # tensors stay, and are small here).
     assert 0 < offloaded.device_cache_bytes <= 2 * held / blocks + 4 * 3 * 20 * 64 * 4, (method, held)
     assert offloaded.device_cache_bytes < held
+    store = offloaded.last.store
+    # Every block after the first found its cache prefetched: the copy ran while the block before it computed.
+    assert store.reads["prefetched"] > 0 and store.on_demand_blocks <= {0}, (store.reads, store.on_demand_blocks)
 
 
 def test_cli_cache_offload_writes_the_same_video(tmp_path):

@@ -9,9 +9,13 @@ Our sampler announces its samples and steps. For upstream Open-Sora's `RFLOW.sam
 give the cache the sampler's settings and it follows the model's forward calls:
 controller = duca_video.cache.enable(upstream_stdit3, "duca", scheduler=rflow)   # or num_sampling_steps=30
 
+`compile_blocks(model)` compiles the blocks' modules for torch.compile (static shapes per step kind; the cache's
+Python stays outside the graphs).
+
 Each method is one module of `methods/` (config dataclass + policy); `registry.METHODS` lists them all.
 """
 
+from .compile import compile_blocks
 from .config import CacheConfig, make_config
 from .methods.none import NoneConfig, StepsConfig
 from .methods.pab import PABConfig
@@ -51,6 +55,7 @@ __all__ = [
     "ToCaConfig",
     "TokenCacheConfig",
     "build_schedule",
+    "compile_blocks",
     "controller_of",
     "disable",
     "enable",

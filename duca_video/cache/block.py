@@ -14,7 +14,10 @@ state and the selection / folding mixins).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,21 +27,37 @@ from . import selection as sel
 from .folding import rows_param, write_rows
 from .schedule import Action
 
-
-@contextmanager
-def _capture_output(module: nn.Module, sink: dict[str, torch.Tensor], key: str, enabled: bool):
-    """Keep `module`'s output (e.g. the qkv projection) while a full step computes it anyway."""
-    if not enabled:
-        yield
-        return
-    handle = module.register_forward_hook(lambda _m, _i, out: sink.__setitem__(key, out))
-    try:
-        yield
-    finally:
-        handle.remove()
+# The projections whose outputs a selector reads (by Open-Sora's attribute names, ours and upstream's alike).
+_CAPTURED = (("attn", "qkv", "qkv"), ("cross_attn", "q_linear", "q"), ("cross_attn", "kv_linear", "kv"))
 
 
 class BlockMixin:
+    _grab: dict[str, torch.Tensor] | None = None  # where the capture hooks write, while a full step captures
+    _grab_keys: tuple[str, ...] = ()
+
+    def _install_capture(self) -> list[Any]:
+        """Forward hooks, registered once at install (not per call: a compiled module would recompile), that keep
+        a projection's output while a full step computes it anyway, for the selector's statistic. They store
+        only inside `_capturing`."""
+        handles = []
+        for block in self.blocks:
+            for parent, name, key in _CAPTURED:
+                module = getattr(getattr(block, parent), name)
+                handles.append(module.register_forward_hook(functools.partial(self._grab_output, key)))
+        return handles
+
+    def _grab_output(self, key: str, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        if self._grab is not None and key in self._grab_keys:
+            self._grab[key] = output
+
+    @contextmanager
+    def _capturing(self, sink: dict[str, torch.Tensor], *keys: str) -> Iterator[None]:
+        self._grab, self._grab_keys = sink, keys
+        try:
+            yield
+        finally:
+            self._grab, self._grab_keys = None, ()
+
     def _needs_scores(self, kind: str) -> str | None:
         """Which selector statistic this full step must capture for later conservative steps."""
         selector = getattr(self.config, "selector", None)
@@ -90,7 +109,7 @@ class BlockMixin:
         # A partial recompute needs every token's keys and values, so it runs in full; the selected rows refresh.
         if act is Action.REUSE:
             return self.sample.policy.approximate(index, "attn")
-        with _capture_output(block.attn.qkv, grabbed, "qkv", capture == "qkv"):
+        with self._capturing(grabbed, *(("qkv",) if capture == "qkv" else ())):
             attn = block_self_attention(block, modulate_tokens(block.norm1(x), mod[0], mod[1]), T, S)
         if act is Action.PARTIAL:
             idx, pad = rows
@@ -104,10 +123,7 @@ class BlockMixin:
             idx, pad = rows
             return write_rows(self.state.get(index, "cross"), idx, pad, block.cross_attn(sel.gather_tokens(x, idx),
                                                                                          y, mask))  # fmt: skip
-        with (
-            _capture_output(block.cross_attn.q_linear, grabbed, "q", capture == "cross"),
-            _capture_output(block.cross_attn.kv_linear, grabbed, "kv", capture == "cross"),
-        ):
+        with self._capturing(grabbed, *(("q", "kv") if capture == "cross" else ())):
             return block.cross_attn(x, y, mask)
 
     def _mlp(self, index, block, x, mod, act, rows, S) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 STEP_KINDS = ("full", "conservative", "aggressive")
 MODULES = ("attn", "cross", "mlp")
 SELECTORS = ("random", "random_frame", "k_norm", "v_norm", "cross_entropy", "min_similarity", "max_similarity")
+SCORED_SELECTORS = ("k_norm", "v_norm", "cross_entropy")  # scored from projections a full step computes anyway
 
 
 def check_field(cond: bool, method: str, name: str, allowed: str, value: Any) -> None:
@@ -134,5 +135,4 @@ def make_config(method: str | CacheConfig, **overrides: Any) -> CacheConfig:
     return config
 
 
-
-__all__ = ["MODULES", "SELECTORS", "STEP_KINDS", "CacheConfig", "check_field", "make_config"]
+__all__ = ["MODULES", "SCORED_SELECTORS", "SELECTORS", "STEP_KINDS", "CacheConfig", "check_field", "make_config"]

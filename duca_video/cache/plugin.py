@@ -20,12 +20,12 @@ from torch import nn
 
 from ..sampling.events import SampleStart, StepStart, register_listener, unregister_listener
 from .block import BlockMixin
-from .config import CacheConfig, make_config
+from .config import SCORED_SELECTORS, CacheConfig, make_config
 from .folding import FoldingMixin
 from .follow import SampleFollower, SamplingSettings, settings_from
 from .methods.none import NoneConfig
 from .policy import Sample
-from .schedule import StepPlan, build_schedule, schedule_table
+from .schedule import Action, StepPlan, build_schedule, schedule_table
 from .state import CacheState, OffloadedState
 from .tokens import SelectionMixin
 from .upstream import UpstreamLayout, localize_cross_attention, restore_cross_attention, upstream_sp_group
@@ -63,7 +63,7 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
     ) -> None:
         self.model = model
         self.config = config
-        self.offload = offload  # keep the cache in host memory, one block's worth on the device
+        self.offload = offload  # keep the cache in host memory, about two blocks' worth on the device
         self.follower = SampleFollower(self, settings, seed)
         self.announced = False  # a sampler announced the sample in progress
         self._layout: UpstreamLayout | None = None  # upstream's sequence parallelism, when the model uses it
@@ -83,16 +83,22 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
 
     # -- installation ---------------------------------------------------------------------------------
     def install(self) -> None:
+        # The cache's Python (the schedule, the policy's decisions, the store) runs outside torch.compile's
+        # graphs: traced, its per-step state would become guards and recompile the model at every step. The
+        # blocks' modules compile on their own (`compile_blocks`), with one static shape per step kind.
+        block_forward = _eager(self._block_forward)
         for index, block in enumerate(self.blocks):
-            block.forward = functools.partial(self._block_forward, index, block)
+            block.forward = functools.partial(block_forward, index, block)
         register_listener(self.model, self)
         self.model.__dict__[_ATTR] = self
-        self._hooks.append(self.model.register_forward_pre_hook(self.follower.before, with_kwargs=True))
-        self._hooks.append(self.model.register_forward_hook(self.follower.after, with_kwargs=True))
+        self._hooks.append(self.model.register_forward_pre_hook(_eager(self.follower.before), with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(_eager(self.follower.after), with_kwargs=True))
         self._find_layout()
         if self.fold:  # the fps embedding of this forward, to compute the next step's modulation
-            hook = self.model.fps_embedder.register_forward_hook(lambda _m, _i, out: setattr(self, "_fps_emb", out))
+            hook = self.model.fps_embedder.register_forward_hook(_eager(self._keep_fps_embedding))
             self._hooks.append(hook)
+        if getattr(self.config, "selector", None) in SCORED_SELECTORS:
+            self._hooks += self._install_capture()
         if self.config.wraps_model_forward:  # the policy sees the whole model call (e.g. a CFG cache)
             forward = self.model.forward
             self.model.forward = functools.wraps(forward)(functools.partial(self._model_forward, forward))
@@ -110,6 +116,9 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         if self.sample is not None:
             self.sample.store.reset()
         self.sample = None
+
+    def _keep_fps_embedding(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        self._fps_emb = output
 
     def _find_layout(self) -> None:
         group = upstream_sp_group(self.model)
@@ -209,7 +218,7 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         if self.sample is None:
             return
         self.cache_bytes = self.sample.store.peak_bytes
-        # What the device held of it: all of it, or with offload about one block's worth (and the stack tensors).
+        # What the device held of it: all of it, or with offload about two blocks' worth (and the stack tensors).
         self.device_cache_bytes = getattr(self.sample.store, "resident_peak_bytes", self.cache_bytes)
         self.sample.store.reset()
         self.sample.stack_in, self.sample.drawn, self.sample.plan, self.sample.policy = None, None, None, None
@@ -245,14 +254,26 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         return out
 
     def _run_held(self, store: CacheState, index: int, block: nn.Module, *args: Any) -> torch.Tensor:
-        """The block, with an offloaded cache's share of it on the device only while it runs."""
+        """The block, with an offloaded cache's share of it on the device only while it runs; the next block's
+        share is prefetched meanwhile, when this step reads it (the static plan says so)."""
         if not isinstance(store, OffloadedState):
             return self._run_block(index, block, *args)
         store.enter(index)
+        following = index + 1
+        if following < len(self.blocks) and self._reads_cache(store, following):
+            store.prefetch(following)
         try:
             return self._run_block(index, block, *args)
         finally:
             store.release(index)
+
+    def _reads_cache(self, store: CacheState, index: int) -> bool:
+        """Whether block `index` reads its cache at this step: a reused or partly recomputed module, the folded
+        tensor, or a policy whose update reads older values; a block that computes every module only drops."""
+        kind = "temporal" if self.blocks[index].temporal else "spatial"
+        if any(a is not Action.COMPUTE for a in self.sample.plan.actions[kind].values()):
+            return True
+        return store.has(index, "folded") or (self.sample.policy.reads_on_update and bool(store.names(index)))
 
     def _replayed(self, sample: Sample, after_first: bool = False) -> bool | list[bool] | None:
         """On a FLOP replay, the real run's decision for this step (meta tensors carry no signal): True (compute),
@@ -274,6 +295,8 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
             self._predraw(x, T)
         sample.stack_in = sample.pass_x = x
         sample.compute_rows = None
+        if isinstance(sample.store, OffloadedState):
+            sample.store.release_all()
         # Per-video decisions need the captions row by row: ours are, upstream packs them into one sequence and
         # passes each row's length (which is enough to cut them apart).
         packed = isinstance(y, torch.Tensor) and y.shape[0] == 1 and isinstance(mask, (list, tuple))
@@ -350,8 +373,9 @@ def enable(
     `RFLOW.sample`), pass its settings: `scheduler=` the sampler object (or Open-Sora's scheduler dict), or
     `num_sampling_steps=N` for Open-Sora 1.2's inference sampler; `seed=` seeds the token selection then (one
     int, or one per video; default 0). `fold=False` keeps every module output separately (more memory, same
-    result up to rounding). `offload=True` keeps the cache in host memory and brings each block's share to the
-    device only while that block runs (same result; device cache memory bounded by about one block's)."""
+    result up to rounding). `offload=True` keeps the cache in host memory (pinned on CUDA) and brings each block's
+    share to the device while the block before it runs, on a side stream (same result; device cache memory
+    bounded by about two blocks')."""
     config = make_config(method, **overrides)
     settings = settings_from(scheduler, num_sampling_steps)
     wanted = config.sampler_settings().get("num_sampling_steps")
@@ -375,6 +399,12 @@ def disable(model: nn.Module) -> None:
 
 def controller_of(model: nn.Module) -> CacheController | None:
     return model.__dict__.get(_ATTR)
+
+
+def _eager(fn: Any) -> Any:
+    """`fn` kept out of torch.compile's tracing (it runs as Python between the compiled graphs)."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return fn if disable is None else disable(fn)
 
 
 def _caption_rows(sample: Sample, y: torch.Tensor, mask: Any) -> tuple[torch.Tensor, Any]:

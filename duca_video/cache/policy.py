@@ -86,6 +86,9 @@ class CachePolicy:
 
     # The plan's module outputs are plain stored tensors, so a full step may fold them (see folding.py).
     fold_ok: ClassVar[bool] = False
+    # `update` reads the stored values on a full step too (TaylorSeer's differences): an offloaded cache
+    # prefetches them for every step (see plugin._reads_cache).
+    reads_on_update: ClassVar[bool] = False
 
     def __init__(self, config: Any, sample: Sample) -> None:
         self.config = config

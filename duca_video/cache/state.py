@@ -7,6 +7,8 @@ model dtype, exactly as the blocks produce them; `live_bytes` / `peak_bytes` cou
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 STACK = -1  # pseudo block index for the output (or residual) of the whole block stack
@@ -56,28 +58,70 @@ class CacheState:
         return out
 
 
-class OffloadedState(CacheState):
-    """The cache in host memory: a block's tensors are brought to the device when the block reads them and
-    released when it is done, so the device holds about one block's cache at a time (plus the small stack
-    tensors, which stay), at any video length. Host memory is the source of truth: every store goes to it (the
-    engine stores again after any in-place change), a read copies to the device.
+class _Copier:
+    """Host <-> device copies for `OffloadedState`. On CUDA: pinned host memory and one side stream, so a copy
+    neither blocks the host nor waits behind the compute queue, and hides under the running block; in-order on
+    that one stream, so a store's copy to the host and a later prefetch of it cannot overtake each other.
+    Elsewhere (CPU runs: "the device" is host memory too) plain copies, kept apart from the host's values."""
 
-    `live_bytes` / `peak_bytes` count the host-held cache (what `cache_bytes` reports); `resident_bytes` /
-    `resident_peak_bytes` what the device holds. Copies are synchronous: prefetching the next block on a side
-    stream from pinned memory (so the copy hides under compute) is the planned next step, to be measured on a GPU.
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.is_meta:  # FLOP / memory counting on meta: nothing moves
+            return tensor
+        if self.stream is None or tensor.device.type != "cuda":
+            return tensor.detach().to("cpu", copy=True)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the value is computed
+        with torch.cuda.stream(self.stream):
+            host.copy_(tensor.detach(), non_blocking=True)
+        tensor.record_stream(self.stream)  # its memory is not reused before the copy has read it
+        return host
+
+    def to_device(self, host: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """A device copy of `host` and the event to wait for before reading it (None: ready now)."""
+        if host.is_meta:
+            return host, None
+        if self.stream is None:
+            return (host.clone() if self.device.type == "cpu" else host.to(self.device)), None
+        with torch.cuda.stream(self.stream):
+            out = host.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        out.record_stream(torch.cuda.current_stream(self.device))  # freed while the compute stream may read it
+        return out, ready
+
+
+class OffloadedState(CacheState):
+    """The cache in host memory: a block's tensors are brought to the device while the block before it runs
+    (`prefetch`) and released when the block is done, so the device holds about two blocks' cache at a time
+    (the running one and the next, plus the small stack tensors, which stay), at any video length. Host memory
+    is the source of truth: every store goes to it (the engine stores again after any in-place change).
+
+    On CUDA the host copies are pinned and every copy runs on one side stream (`_Copier`): no copy blocks the
+    host, and a prefetch overlaps the previous block's compute. `reads` counts reads served by a prefetch and
+    reads that had to fetch on demand (kept across samples). `live_bytes` / `peak_bytes` count the host-held
+    cache (what `cache_bytes` reports); `resident_bytes` / `resident_peak_bytes` what the device holds.
     """
 
     def __init__(self, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.device = None if device is None else torch.device(device)
+        self._copier: _Copier | None = None
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
+        self._pending: dict[tuple[int, str], Any] = {}  # (block, name) -> copy event not yet waited for
         self.resident_bytes = 0
         self.resident_peak_bytes = 0
+        self.reads = {"prefetched": 0, "on_demand": 0}
+        self.on_demand_blocks: set[int] = set()  # blocks whose reads were not prefetched (the first, normally)
 
-    def _host(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.is_meta:  # FLOP / memory counting on meta: nothing moves
-            return tensor
-        return tensor.detach().to("cpu", copy=True)
+    @property
+    def copier(self) -> _Copier:
+        if self._copier is None:
+            self._copier = _Copier(self.device or torch.device("cpu"))
+        return self._copier
 
     def _hold(self, block: int, name: str, tensor: torch.Tensor) -> None:
         slot = self._resident.setdefault(block, {})
@@ -85,19 +129,32 @@ class OffloadedState(CacheState):
         slot[name] = tensor
         self.resident_peak_bytes = max(self.resident_peak_bytes, self.resident_bytes)
 
+    def _fetch(self, block: int, name: str, host: torch.Tensor) -> torch.Tensor:
+        device, ready = self.copier.to_device(host)
+        self._hold(block, name, device)
+        if ready is not None:
+            self._pending[(block, name)] = ready
+        return device
+
     def get(self, block: int, name: str) -> torch.Tensor | None:
         if block == STACK:
             return super().get(block, name)
         held = self._resident.get(block, {}).get(name)
         if held is not None:
+            ready = self._pending.pop((block, name), None)
+            if ready is not None:  # the compute stream waits for the copy; the host does not
+                torch.cuda.current_stream(self.device).wait_event(ready)
+            self.reads["prefetched"] += 1
             return held
         host = super().get(block, name)
         if host is None:
             return None
-        device = host if self.device is None or host.is_meta else host.to(self.device)
-        if device is host and not host.is_meta:
-            device = host.clone()  # on a CPU run "the device" is host memory too: keep the two apart
-        self._hold(block, name, device)
+        self.reads["on_demand"] += 1
+        self.on_demand_blocks.add(block)
+        device = self._fetch(block, name, host)
+        ready = self._pending.pop((block, name), None)
+        if ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(ready)
         return device
 
     def put(self, block: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -105,14 +162,16 @@ class OffloadedState(CacheState):
             return super().put(block, name, tensor)
         if self.device is None and not tensor.is_meta:
             self.device = tensor.device
-        super().put(block, name, self._host(tensor))
-        if block in self._resident:  # the block is running: later reads in it see this value
+        super().put(block, name, self.copier.to_host(tensor))
+        if block in self._resident:  # the block is running (or prefetched): later reads in it see this value
+            self._pending.pop((block, name), None)
             self._hold(block, name, tensor)
         return tensor
 
     def drop(self, block: int, name: str) -> None:
         super().drop(block, name)
         slot = self._resident.get(block, {})
+        self._pending.pop((block, name), None)
         if name in slot:
             self.resident_bytes -= _nbytes(slot.pop(name))
 
@@ -120,13 +179,27 @@ class OffloadedState(CacheState):
         """`block` starts running: its reads and stores are held on the device until `release`."""
         self._resident.setdefault(block, {})
 
+    def prefetch(self, block: int) -> None:
+        """Start copying `block`'s cache to the device now (the running block's compute hides the copy)."""
+        slot = self._resident.setdefault(block, {})
+        for name, host in self._store.get(block, {}).items():
+            if name not in slot:
+                self._fetch(block, name, host)
+
     def release(self, block: int) -> None:
         """`block` is done: free its device copies (the host has every value)."""
-        for tensor in self._resident.pop(block, {}).values():
+        for name, tensor in self._resident.pop(block, {}).items():
+            self._pending.pop((block, name), None)
             self.resident_bytes -= _nbytes(tensor)
+
+    def release_all(self) -> None:
+        """A step starts: nothing is running, and a prefetch that a skipped block never read is dropped."""
+        for block in list(self._resident):
+            self.release(block)
 
     def reset(self) -> None:
         super().reset()
         self._resident.clear()
+        self._pending.clear()
         self.resident_bytes = 0
         self.resident_peak_bytes = 0

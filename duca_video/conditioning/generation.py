@@ -21,7 +21,6 @@ import torch
 
 from duca_video.io.media import read_media
 from duca_video.models.text_encoder import null_caption
-from duca_video.parallel.group_work import broadcast_from_writer, decode_across, encode_text
 
 from .latents import condition_latents
 from .setup import FrameGeometry, loop_groups
@@ -92,35 +91,34 @@ def sample_conditioned(
     generators = [torch.Generator().manual_seed(job.seed) for job in jobs]
     refs = _user_references(m, cfg, jobs)
     y_null = null_caption(m.model, n).to(m.device)
+    group = m.group
     out = ConditionedBatch(torch.empty(0), None)
     latent_parts: list[torch.Tensor] = []
     video_parts: list[torch.Tensor] = []
     for loop in range(cfg.loop):
         texts = [job.texts[loop] if job.texts else job.text for job in jobs]
-        y, mask = encode_text(m.text_encoder, texts, m.ctx, m.device)
+        y, mask = group.encode(m.text_encoder, texts)
         noise = torch.stack([torch.randn(m.latent_shape, generator=g) for g in generators])
         plans = _plans(jobs, refs, loop, cfg, frames)
         z, frame_mask = condition_latents(noise.to(device=m.device, dtype=m.dtype), refs, plans)
         rows_out: dict[int, torch.Tensor] = {}
         for rows, masked in _row_groups(plans):
-            result = m.sampler.sample(
-                m.model, z[rows], y[rows], y_null[rows], mask[rows], model_kwargs=model_kwargs(len(rows)),
+            result = group.sample(
+                m.sampler, m.model, z[rows], y[rows], y_null[rows], mask[rows], model_kwargs=model_kwargs(len(rows)),
                 frame_mask=frame_mask[rows] if masked else None, progress=progress, seed=[jobs[b].seed for b in rows],
-                cfg_group=m.ctx.cfg_group,
             )  # fmt: skip
             kinds = None if m.controller is None else [h["kind"] for h in m.controller.history]
             out.calls.append((len(rows), kinds, m.sampler.last_text_tokens))
             out.cache_bytes = max(out.cache_bytes, int(m.controller.cache_bytes) if m.controller is not None else 0)
             rows_out.update({b: result[k] for k, b in enumerate(rows)})
         latents = torch.stack([rows_out[b] for b in range(n)])
-        if m.sp is not None:
-            latents = m.sp.gather_latents(latents, m.model.config.patch_size)
-        video = decode_across(m.vae, latents.to(m.dtype), cfg.num_frames, m.ctx, m.sp.stats if m.sp else None)
+        latents = group.gather(latents, m.model.config.patch_size)
+        video = group.decode(m.vae, latents.to(m.dtype), cfg.num_frames)
         latent_parts.append(latents if loop == 0 else latents[:, :, keep:])
         if video is not None:
             video_parts.append(video if loop == 0 else video[:, :, drop_pixels:])
         if loop + 1 < cfg.loop:  # every rank needs the clip it conditions the next loop on
-            clip = broadcast_from_writer(video, m.ctx, m.device)
+            clip = group.share(video)
             for b, job in enumerate(jobs):
                 refs[b].append(encode_reference(m.vae, clip[b], job.seed))
     out.latents = torch.cat(latent_parts, dim=2)

@@ -180,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache", choices=CACHE_METHODS, help="caching method; the config's cache settings apply to its method only"
     )
     g.add_argument("--cache-offload", action="store_true", default=None,
-                   help="keep the cache in host memory, one block's share on the device at a time")  # fmt: skip
+                   help="keep the cache in host memory, each block's share prefetched to the device while "
+                        "the block before it runs")  # fmt: skip
+    g.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the blocks' attention, cross-attention and MLP (the first batch compiles)")
     g.add_argument("--cache-opt", action="append", metavar="KEY=VALUE",
                    help="cache setting, typed by the setting (lists: recompute=attn,mlp); repeatable")  # fmt: skip
     g = p.add_argument_group("weights")

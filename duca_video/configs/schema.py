@@ -222,6 +222,9 @@ class InferenceConfig:
     sp_size: int | None = None  # ranks per sequence-parallel group under torchrun (None: all of them)
     # The two classifier-free-guidance halves on two ranks (mesh dp x cfg x sp), one exchange per step.
     cfg_parallel: bool = False
+    # torch.compile each block's attention, cross-attention and MLP (duca_video.cache.compile_blocks): the first
+    # batch compiles (one graph per step kind's shapes), later ones run the compiled kernels; rounding may differ.
+    compile: bool = False
     # Image / video conditioning, Open-Sora 1.2's names (duca_video.conditioning): one value for every prompt
     # or one per prompt; paths separated by ";"; a prompt's inline JSON overrides both for that prompt.
     reference_path: list[str] | None = None

@@ -18,8 +18,8 @@ RECORD_FIELDS = (
     "cfg_scale", "resolution", "aspect_ratio", "image_size", "video_size", "frames", "fps", "save_fps",
     "latent_shape", "dtype", "device", "batch_size", "latency_s", "batch_latency_s", "latency_scope",
     "dit_tflops", "dit_tflops_counted_by", "peak_memory_bytes", "peak_memory_kind", "cache_bytes", "cache_offload",
-    "world_size", "rank", "sp_size", "cfg_size", "dp_size", "weights", "sampler", "video_codec", "files", "created",
-    "versions", "identity", "video_bytes", "video_sha256",
+    "compile", "world_size", "rank", "sp_size", "cfg_size", "dp_size", "weights", "sampler", "video_codec", "files",
+    "created", "versions", "identity", "video_bytes", "video_sha256",
 )  # fmt: skip
 
 

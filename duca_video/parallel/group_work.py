@@ -1,4 +1,5 @@
-"""Work a video group (its SP ranks, and both CFG halves under CFG parallelism) shares instead of repeating it.
+"""Work a video group (its SP ranks, and both CFG halves under CFG parallelism) shares instead of repeating it,
+and `GroupRunner`, the one object through which the pipeline does a batch's parallel work.
 
 - Text: the group's writer runs the text encoder; a broadcast (shape and dtype, then the data) gives every
   rank of the group the embeddings. Other ranks never load the encoder (T5-XXL is ~19 GB in fp32).
@@ -9,11 +10,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.distributed as dist
 
 from .comm import CommStats, all_gather_tokens
 from .launch import ParallelContext
+
+if TYPE_CHECKING:
+    from .sequence import SequenceParallel
 
 # The dtypes a broadcast header can name, by index. The header travels as a small long tensor that every rank
 # can allocate without knowing anything about the payload.
@@ -118,3 +125,31 @@ def decode_across(vae, z: torch.Tensor, num_frames: int, ctx: ParallelContext, s
         return None
     parts = [gathered[j % p, j // p][:, :, :n] for j, (_, n) in enumerate(chunks)]
     return torch.cat(parts, dim=2)
+
+
+@dataclass
+class GroupRunner:
+    """A batch's work in the places where parallelism shows, so the pipeline has no parallel branches of its own:
+    `encode` (the writer runs the text encoder, the group receives), `sample` (the CFG pair exchanges each step's
+    prediction), `gather` (the latent from its SP shards), `decode` (chunks over the SP ranks, the video on the
+    writer, None elsewhere) and `share` (a writer's tensor to the whole group). On one process each is the plain
+    single-device call."""
+
+    ctx: ParallelContext
+    sp: SequenceParallel | None = None
+    device: torch.device | None = None
+
+    def encode(self, encoder: Any, texts: list[str]) -> tuple[torch.Tensor, ...]:
+        return encode_text(encoder, texts, self.ctx, self.device)
+
+    def sample(self, sampler: Any, model: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return sampler.sample(model, *args, cfg_group=self.ctx.cfg_group, **kwargs)
+
+    def gather(self, latents: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
+        return latents if self.sp is None else self.sp.gather_latents(latents, patch_size)
+
+    def decode(self, vae: Any, latents: torch.Tensor, num_frames: int) -> torch.Tensor | None:
+        return decode_across(vae, latents, num_frames, self.ctx, None if self.sp is None else self.sp.stats)
+
+    def share(self, tensor: torch.Tensor | None) -> torch.Tensor:
+        return broadcast_from_writer(tensor, self.ctx, self.device)

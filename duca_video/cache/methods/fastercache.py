@@ -101,6 +101,8 @@ def _slot(module: str, prev: bool) -> str:
 
 
 class FasterCachePolicy(CachePolicy):
+    reads_on_update = True  # a full step's update reads the older values
+
     def __init__(self, config: FasterCacheConfig, sample: Sample) -> None:
         super().__init__(config, sample)
         n = len(sample.timesteps)

@@ -44,6 +44,8 @@ def _slot(module: str, order: int) -> str:
 
 
 class TaylorSeerPolicy(CachePolicy):
+    reads_on_update = True  # a full step's update reads the older values
+
     def __init__(self, config: TaylorSeerConfig, sample: Sample) -> None:
         super().__init__(config, sample)
         self.t_full: dict[tuple[int, str], float] = {}  # t of the full step the differences were taken at

@@ -1,0 +1,48 @@
+"""torch.compile with the cache: compile the blocks' modules, keep the cache's Python outside the graphs.
+
+    controller = duca_video.cache.enable(model, "duca")
+    duca_video.cache.compile_blocks(model)          # each block's attention, cross-attention and MLP, in place
+
+Why this split: a cached step runs the same modules as a full step on fewer tokens (a conservative step's
+selected rows) or not at all (a reused module). So each module sees one static shape per step kind, and its
+compiled graphs are made once and reused by every later step of that kind. The cache's own code (the schedule,
+a method's decisions, the store) is kept out of tracing (`plugin._eager`): traced, its per-step state would
+become guards and recompile the model at every step. `torch.compile(model)` on top (for the embedding and the
+output layer) is safe: the blocks are graph breaks in it.
+
+Works on our STDiT3 and on upstream's (the same attribute names), with or without the cache (call it before or
+after `enable`). Attention modules that sequence parallelism wrapped (their `forward` replaced by the
+all-to-all wrapper of `parallel.sequence`) are left eager: tracing the collectives is not supported here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .plugin import find_blocks
+
+COMPILED_MODULES = ("attn", "cross_attn", "mlp")
+
+
+def compile_blocks(model: nn.Module, **options: Any) -> list[str]:
+    """Compile every block's `attn`, `cross_attn` and `mlp` in place (`nn.Module.compile`); `options` go to
+    `torch.compile` (default `dynamic=False`: one graph per shape, and the shapes are static per step kind).
+    Returns the names of the modules compiled."""
+    if not hasattr(nn.Module, "compile"):
+        raise RuntimeError("compile_blocks needs torch >= 2.2 (nn.Module.compile)")
+    options = {"dynamic": False, **options}
+    names = {id(m): n for n, m in model.named_modules()}
+    compiled = []
+    for block in find_blocks(model):
+        for attr in COMPILED_MODULES:
+            module = getattr(block, attr)
+            if "forward" in module.__dict__:  # wrapped by sequence parallelism: stays eager
+                continue
+            module.compile(**options)
+            compiled.append(names.get(id(module), attr))
+    return compiled
+
+
+__all__ = ["COMPILED_MODULES", "compile_blocks"]

@@ -1,0 +1,106 @@
+"""torch.compile with the cache on (CPU inductor): the eager result, and no recompiling from step to step (the
+blocks' modules see one static shape per step kind; the cache's Python stays out of the graphs)."""
+
+import pytest
+import torch
+
+from duca_video import cache
+from tests.test_cache import sample
+from tests.test_stdit3 import tiny_model
+
+pytestmark = pytest.mark.skipif(not hasattr(torch.nn.Module, "compile"), reason="needs torch >= 2.2")
+
+
+def _graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _kinds(controller) -> list[str]:
+    return [h["kind"] for h in controller.history]
+
+
+@pytest.mark.parametrize("method, extra", [("duca", {}), ("toca", {"selector": "cross_entropy"})])
+def test_compiled_blocks_give_the_eager_cached_result_without_recompiling_per_step(
+    one_thread, float64_default, method, extra
+):
+    torch._dynamo.reset()
+    model = tiny_model().double()
+    controller = cache.enable(model, method, **extra)
+    with torch.no_grad():
+        eager = sample(model, steps=9)
+    eager_kinds = _kinds(controller)
+    assert {"full", "conservative"} <= {k.partition(":")[0] for k in eager_kinds}
+
+    compiled = cache.compile_blocks(model)
+    assert len(compiled) == 3 * len(cache.find_blocks(model))
+    with torch.no_grad():
+        got = sample(model, steps=9)
+    assert _kinds(controller) == eager_kinds
+    # float64, but the RMS norms compute in float32 (as upstream's): inductor fuses their casts, 4e-8 of the scale
+    # measured; a cache that went wrong under compile would differ at the scale itself.
+    assert float((got - eager).abs().max()) <= 1e-6 * float(eager.abs().max())
+    graphs = _graphs()
+    assert graphs > 0  # inductor really ran
+    with torch.no_grad():
+        sample(model, steps=12, seed=1)  # more steps, other token draws: the same step kinds and shapes
+    assert _graphs() == graphs, "a later step recompiled a block module"
+
+
+def test_torch_compile_of_the_cached_model_traces_none_of_the_cache(one_thread, float64_default):
+    """`torch.compile(model)` with the cache enabled: the embedding and output layer compile (inductor), the
+    cached blocks are graph breaks that run the cache's Python eagerly, so the graphs are made once."""
+    torch._dynamo.reset()
+    model = tiny_model().double()
+    controller = cache.enable(model, "duca")
+    with torch.no_grad():
+        eager = sample(model, steps=9)
+    eager_kinds = _kinds(controller)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        got = sample(compiled, steps=9)
+    assert _kinds(controller) == eager_kinds
+    graphs = _graphs()
+    with torch.no_grad():
+        sample(compiled, steps=12, seed=1)
+    assert _graphs() == graphs, "the compiled model recompiled from one step to the next"
+    # Inductor rounds differently (the float32 RMS norms, the timestep embedding): the uncached model moves a
+    # little too; the cache adds no more than that.
+    cache.disable(model)
+    with torch.no_grad():
+        eager_none = sample(model, steps=9)
+        got_none = sample(compiled, steps=9)
+    uncached = float((got_none - eager_none).abs().max())
+    assert float((got - eager).abs().max()) <= max(4 * uncached, 1e-6 * float(eager.abs().max()))
+
+
+def test_cli_compile_writes_the_eager_video_and_resumes_it(tmp_path, one_thread):
+    """`--compile` on the user's path (the shipped model, DuCa, a batch of 2): the eager job's video up to
+    inductor's rounding, `compile` in the record, and an eager job's videos count as complete for it."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    from inference import main
+
+    torch._dynamo.reset()
+    base = ["--config", str(root / "configs" / "tiny.py"), "--prompt", "a large red circle moving left on a dark "
+            "background", "a small blue square moving up on a light background", "--batch-size", "2",
+            "--num-sampling-steps", "9", "--save-latents", "--quiet"]  # fmt: skip
+    assert main([*base, "--save-dir", str(tmp_path / "eager")]) == 0
+    assert main([*base, "--save-dir", str(tmp_path / "compiled"), "--compile"]) == 0
+    for name in ("sample_0000", "sample_0001"):
+        a = load_file(str(tmp_path / "eager" / f"{name}.latent.safetensors"))["latent"]
+        b = load_file(str(tmp_path / "compiled" / f"{name}.latent.safetensors"))["latent"]
+        # float32, the user's path: inductor's rounding, 2.7e-6 of the scale measured (a wrong cache: the scale)
+        assert float((b - a).abs().max()) <= 1e-4 * float(a.abs().max())
+        record = json.loads((tmp_path / "compiled" / f"{name}.json").read_text())
+        assert record["compile"] is True and record["method"] == "duca"
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "eager").glob("*.mp4")}
+    assert main([*base, "--save-dir", str(tmp_path / "eager"), "--compile"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "eager").glob("*.mp4")} == before
