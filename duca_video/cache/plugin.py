@@ -25,6 +25,7 @@ from .folding import FoldingMixin
 from .follow import SampleFollower, SamplingSettings, settings_from
 from .methods.none import NoneConfig
 from .policy import Sample
+from .report import summary_text
 from .schedule import Action, StepPlan, build_schedule, schedule_table
 from .state import CacheState, OffloadedState
 from .tokens import SelectionMixin
@@ -330,27 +331,8 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
 
     # -- reporting -------------------------------------------------------------------------------------
     def summary(self) -> str:
-        """What each step did (C = computed, R = reused, P = partly recomputed; for attn / cross / mlp of the
-        spatial and temporal blocks) and the share of tokens recomputed per module."""
-        header = f"{'step':>4} {'t':>8}  {'kind':<12} {'spatial':<8} {'temporal':<8} recomputed (attn/cross/mlp)"
-        lines = [f"cache method {self.config.method}: {self.config.to_dict()}", header]
-        counts: dict[str, int] = {}
-        for h in self.history:
-            family = h["kind"].partition(":")[0]
-            counts[family] = counts.get(family, 0) + 1
-            share = "/".join(
-                f"{100 * h['recomputed'].get(m, 0) / h['tokens'][m]:.1f}%" if h["tokens"].get(m) else "-"
-                for m in ("attn", "cross", "mlp")
-            )
-            kind, _, bits = h["kind"].partition(":")
-            if kind in ("aggressive", "first_block", "mixed"):
-                share = {"aggressive": "stack reused", "first_block": "first block computed, rest reused",
-                         "mixed": "stack reused"}[kind]  # fmt: skip
-                if bits:
-                    share += f" for {bits.count('0')} of {len(bits)} videos (the others computed)"
-            lines.append(f"{h['step']:>4} {h['t']:>8.2f}  {h['kind']:<12} {h['spatial']:<8} {h['temporal']:<8} {share}")
-        lines.append(f"steps: {counts}; peak cache {self.cache_bytes / 2**20:.1f} MiB")
-        return "\n".join(lines)
+        """What each step did and the share of tokens recomputed per module (see `report.summary_text`)."""
+        return summary_text(self.config, self.history, self.cache_bytes)
 
     def schedule(self, timesteps: tuple[float, ...]) -> list[dict[str, str]]:
         return schedule_table(build_schedule(self.config, tuple(timesteps)))
