@@ -123,33 +123,47 @@ def claim_batch(
     cfg: InferenceConfig, save_dir: Path, batch: list[VideoJob], identity: VideoIdentity, summary: RunSummary,
     ctx: ParallelContext, device: torch.device,
 ) -> tuple[list[VideoJob], list[VideoLock]]:  # fmt: skip
-    """Lock the batch's videos (writer only) and keep those still to do; returns (jobs, held locks)."""
-    flags, locks = [], []
-    for job in batch:
-        if not ctx.is_writer:
-            flags.append(True)
-            continue
-        lock = VideoLock(save_dir, job.name)
-        if not lock.acquire():
-            summary.busy.append((job.name, lock.describe_holder()))
-            flags.append(False)
-            continue
-        out = OutputPaths(save_dir, job.name)
-        status = check_output(out, identity(job), cfg.save_latents)  # another job may have written it meanwhile
-        if status.complete or (status.state == "differs" and not cfg.overwrite):
+    """Lock the batch's videos (writer only) and keep those still to do; returns (jobs, held locks). A stop while
+    claiming (SIGTERM, Ctrl-C) releases every lock taken so far."""
+    flags: list[bool] = []
+    locks: list[VideoLock] = []
+    try:
+        for job in batch:
+            flags.append(_claim(cfg, save_dir, job, identity, summary, ctx, locks))
+    except BaseException:
+        for lock in locks:
             lock.release()
-            if status.complete:
-                summary.skipped.append(job.name)
-            else:
-                summary.failed.append((job.name, "another job wrote it meanwhile with other settings: "
-                                       + ", ".join(status.detail)))  # fmt: skip
-            flags.append(False)
-            continue
-        out.record.unlink(missing_ok=True)  # the record marks a finished video: none while it is redone
-        locks.append(lock)
-        flags.append(True)
+        raise
     flags = _agree(flags, ctx, device)
     return [job for job, keep in zip(batch, flags, strict=True) if keep], locks
+
+
+def _claim(
+    cfg: InferenceConfig, save_dir: Path, job: VideoJob, identity: VideoIdentity, summary: RunSummary,
+    ctx: ParallelContext, locks: list[VideoLock],
+) -> bool:  # fmt: skip
+    """Whether `job` is this group's to make; its lock joins `locks` as soon as it is taken."""
+    if not ctx.is_writer:
+        return True
+    lock = VideoLock(save_dir, job.name)
+    locks.append(lock)
+    if not lock.acquire():
+        locks.remove(lock)
+        summary.busy.append((job.name, lock.describe_holder()))
+        return False
+    out = OutputPaths(save_dir, job.name)
+    status = check_output(out, identity(job), cfg.save_latents)  # another job may have written it meanwhile
+    if status.complete or (status.state == "differs" and not cfg.overwrite):
+        locks.remove(lock)
+        lock.release()
+        if status.complete:
+            summary.skipped.append(job.name)
+        else:
+            summary.failed.append((job.name, "another job wrote it meanwhile with other settings: "
+                                   + ", ".join(status.detail)))  # fmt: skip
+        return False
+    out.record.unlink(missing_ok=True)  # the record marks a finished video: none while it is redone
+    return True
 
 
 def finish_summary(

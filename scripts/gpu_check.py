@@ -129,12 +129,12 @@ def offload_check(model: STDiT3, setup: BenchSetup, inputs: dict[str, Any], resi
 
 
 def compile_check(model: STDiT3, setup: BenchSetup, inputs: dict[str, Any], eager: dict[str, dict[str, Any]],
-                  methods: list[str]) -> dict[str, Any]:  # fmt: skip
-    """`cache.compile_blocks` (inductor): the first loop (compiling), then a timed one per method, and the
-    difference to the eager latent. Leaves the model's blocks compiled."""
+                  methods: list[str], backend: str = "inductor") -> dict[str, Any]:  # fmt: skip
+    """`cache.compile_blocks`: the first loop (compiling), then a timed one per method, and the difference to the
+    eager latent. Leaves the model's blocks compiled."""
     start = time.perf_counter()
-    cache_lib.compile_blocks(model)
-    out: dict[str, Any] = {"compiled": "cache.compile_blocks (attn, cross_attn, mlp; inductor, dynamic=False)"}
+    cache_lib.compile_blocks(model, backend=backend)
+    out: dict[str, Any] = {"compiled": f"cache.compile_blocks (attn, cross_attn, mlp; {backend}, dynamic=False)"}
     for method in methods:
         first = time.perf_counter()
         time_method(model, setup, method, inputs)  # compiles this method's shapes
@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-tokens", type=int, default=60, help="valid caption tokens of the random prompt")
     p.add_argument("--offload", default="duca", help="methods to time again with the cache offloaded ('' for none)")
     p.add_argument("--compile", default="", help="methods to time again with compiled blocks, e.g. none,duca")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     args = p.parse_args(argv)
     methods = args.methods.split(",")
     offloaded, compiled = [m for m in args.offload.split(",") if m], [m for m in args.compile.split(",") if m]
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     print("sync check:", summary["sync_check"])
     write(out, summary)
     if compiled:
-        summary["compiled"] = compile_check(model, setup, inputs, timed, compiled)
+        summary["compiled"] = compile_check(model, setup, inputs, timed, compiled, args.compile_backend)
         for method in compiled:
             report(f"{method} compiled", summary["compiled"][method])
         write(out, summary)

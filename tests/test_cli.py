@@ -156,6 +156,27 @@ def test_a_killed_job_leaves_no_partial_file_and_resumes(tmp_path, capsys):
     )
 
 
+def test_a_stop_while_claiming_a_batch_leaves_no_lock(tmp_path, monkeypatch, capsys):
+    """A SIGTERM / Ctrl-C that lands while a batch's videos are being locked (here: while the second one's files
+    are checked) releases the locks already taken: none is left for the next job to wait on."""
+    from duca_video import job as job_module
+
+    real, calls = job_module.check_output, []
+
+    def stop_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job_module, "check_output", stop_at_the_second)
+    out = tmp_path / "out"
+    code = main(["--config", str(TINY), "--prompt", *PROMPTS[:3], "--batch-size", "3", "--save-dir", str(out),
+                 "--num-sampling-steps", "2", "--quiet", "--no-count-flops"])  # fmt: skip
+    assert code == 130 and len(calls) == 2
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
 def test_sigterm_stops_cleanly(tmp_path):
     out = tmp_path / "out"
     proc = cli("--prompt", *PROMPTS, "--batch-size", "1", "--save-dir", str(out), "--num-sampling-steps", "12",

@@ -49,30 +49,27 @@ def test_compiled_blocks_give_the_eager_cached_result_without_recompiling_per_st
 
 
 def test_torch_compile_of_the_cached_model_traces_none_of_the_cache(one_thread, float64_default):
-    """`torch.compile(model)` with the cache enabled: the embedding and output layer compile (inductor), the
-    cached blocks are graph breaks that run the cache's Python eagerly, so the graphs are made once."""
+    """`torch.compile(model)` with the cache enabled: dynamo captures the embedding and output layer, the cached
+    blocks are graph breaks that run the cache's Python eagerly, so the graphs are made once. (Dynamo's capture
+    is what this is about: the eager backend keeps the test fast; inductor's numerics are the test above.)"""
     torch._dynamo.reset()
     model = tiny_model().double()
     controller = cache.enable(model, "duca")
     with torch.no_grad():
         eager = sample(model, steps=9)
     eager_kinds = _kinds(controller)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend="eager")
     with torch.no_grad():
         got = sample(compiled, steps=9)
     assert _kinds(controller) == eager_kinds
     graphs = _graphs()
+    assert graphs > 0  # dynamo captured the model around the blocks
     with torch.no_grad():
         sample(compiled, steps=12, seed=1)
     assert _graphs() == graphs, "the compiled model recompiled from one step to the next"
-    # Inductor rounds differently (the float32 RMS norms, the timestep embedding): the uncached model moves a
-    # little too; the cache adds no more than that.
-    cache.disable(model)
-    with torch.no_grad():
-        eager_none = sample(model, steps=9)
-        got_none = sample(compiled, steps=9)
-    uncached = float((got_none - eager_none).abs().max())
-    assert float((got - eager).abs().max()) <= max(4 * uncached, 1e-6 * float(eager.abs().max()))
+    # The captured graphs run eager's operations; only the position table differs in rounding (eager reads an
+    # lru-cached table that an earlier test may have made in float32, dynamo computes it afresh): 1e-7 of the scale.
+    assert float((got - eager).abs().max()) <= 1e-6 * float(eager.abs().max())
 
 
 def test_cli_compile_writes_the_eager_video_and_resumes_it(tmp_path, one_thread):

@@ -48,14 +48,15 @@ class VideoLock:
                 with contextlib.suppress(FileNotFoundError):
                     self.path.unlink()
                 continue
+            self.held, self.holder = True, None  # ours from here: a stop while writing still releases it
             with os.fdopen(fd, "w") as f:
                 json.dump(self.me, f)
-            self.held, self.holder = True, None
             return True
         return False
 
     def release(self) -> None:
-        if self.held and (self._read() or {}).get("pid") == self.me["pid"]:
+        # Ours when it names this process, or is still empty (created with O_EXCL, stopped before written).
+        if self.held and (self._read() or {"pid": self.me["pid"]}).get("pid") == self.me["pid"]:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
         self.held = False
