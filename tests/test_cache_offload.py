@@ -7,6 +7,7 @@ import torch
 from duca_video import cache
 from tests.test_cache import sample
 from tests.test_stdit3 import tiny_model
+from tests.tiny_cli import NAMES, latent, mp4_times, record, run_tiny
 
 
 @pytest.mark.parametrize("method, extra", [("duca", {}), ("toca", {}), ("fora", {}), ("taylorseer", {"interval": 3}),
@@ -31,28 +32,14 @@ def test_offloaded_cache_gives_the_resident_result_with_two_blocks_on_the_device
 
 
 def test_cli_cache_offload_writes_the_same_video(tmp_path):
-    import json
-    import sys
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "scripts"))
-    from inference import main
-
-    base = ["--config", str(root / "configs" / "tiny.py"), "--prompt", "a large red circle moving left on a dark "
-            "background", "a small blue square moving up on a light background", "--batch-size", "2",
-            "--num-sampling-steps", "9", "--save-latents", "--quiet"]  # fmt: skip
-    assert main([*base, "--save-dir", str(tmp_path / "resident")]) == 0
-    assert main([*base, "--save-dir", str(tmp_path / "offloaded"), "--cache-offload"]) == 0
-    for name in ("sample_0000", "sample_0001"):
-        a = load_file(str(tmp_path / "resident" / f"{name}.latent.safetensors"))["latent"]
-        b = load_file(str(tmp_path / "offloaded" / f"{name}.latent.safetensors"))["latent"]
-        torch.testing.assert_close(b, a, atol=0, rtol=0)
-        record = json.loads((tmp_path / "offloaded" / f"{name}.json").read_text())
-        assert record["cache_offload"] is True and record["cache_bytes"] > 0
+    resident, offloaded = tmp_path / "resident", tmp_path / "offloaded"
+    assert run_tiny(resident) == 0
+    assert run_tiny(offloaded, "--cache-offload") == 0
+    for name in NAMES:
+        torch.testing.assert_close(latent(offloaded, name), latent(resident, name), atol=0, rtol=0)
+        r = record(offloaded, name)
+        assert r["cache_offload"] is True and r["cache_bytes"] > 0
     # Offloading changes no pixel: the resident job's videos count as complete for it (nothing regenerated).
-    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resident").glob("*.mp4")}
-    assert main([*base, "--save-dir", str(tmp_path / "resident"), "--cache-offload"]) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "resident").glob("*.mp4")} == before
+    before = mp4_times(resident)
+    assert run_tiny(resident, "--cache-offload") == 0
+    assert mp4_times(resident) == before

@@ -7,6 +7,7 @@ import torch
 from duca_video import cache
 from tests.test_cache import sample
 from tests.test_stdit3 import tiny_model
+from tests.tiny_cli import NAMES, latent, mp4_times, record, run_tiny
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.nn.Module, "compile"), reason="needs torch >= 2.2")
 
@@ -75,29 +76,16 @@ def test_torch_compile_of_the_cached_model_traces_none_of_the_cache(one_thread, 
 def test_cli_compile_writes_the_eager_video_and_resumes_it(tmp_path, one_thread):
     """`--compile` on the user's path (the shipped model, DuCa, a batch of 2): the eager job's video up to
     inductor's rounding, `compile` in the record, and an eager job's videos count as complete for it."""
-    import json
-    import sys
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "scripts"))
-    from inference import main
-
     torch._dynamo.reset()
-    base = ["--config", str(root / "configs" / "tiny.py"), "--prompt", "a large red circle moving left on a dark "
-            "background", "a small blue square moving up on a light background", "--batch-size", "2",
-            "--num-sampling-steps", "9", "--save-latents", "--quiet"]  # fmt: skip
-    assert main([*base, "--save-dir", str(tmp_path / "eager")]) == 0
-    assert main([*base, "--save-dir", str(tmp_path / "compiled"), "--compile"]) == 0
-    for name in ("sample_0000", "sample_0001"):
-        a = load_file(str(tmp_path / "eager" / f"{name}.latent.safetensors"))["latent"]
-        b = load_file(str(tmp_path / "compiled" / f"{name}.latent.safetensors"))["latent"]
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert run_tiny(eager) == 0
+    assert run_tiny(compiled, "--compile") == 0
+    for name in NAMES:
+        a, b = latent(eager, name), latent(compiled, name)
         # float32, the user's path: inductor's rounding, 2.7e-6 of the scale measured (a wrong cache: the scale)
         assert float((b - a).abs().max()) <= 1e-4 * float(a.abs().max())
-        record = json.loads((tmp_path / "compiled" / f"{name}.json").read_text())
-        assert record["compile"] is True and record["method"] == "duca"
-    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "eager").glob("*.mp4")}
-    assert main([*base, "--save-dir", str(tmp_path / "eager"), "--compile"]) == 0
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "eager").glob("*.mp4")} == before
+        r = record(compiled, name)
+        assert r["compile"] is True and r["method"] == "duca"
+    before = mp4_times(eager)
+    assert run_tiny(eager, "--compile") == 0
+    assert mp4_times(eager) == before

@@ -141,21 +141,18 @@ class OffloadedState(CacheState):
             return super().get(block, name)
         held = self._resident.get(block, {}).get(name)
         if held is not None:
-            ready = self._pending.pop((block, name), None)
-            if ready is not None:  # the compute stream waits for the copy; the host does not
-                torch.cuda.current_stream(self.device).wait_event(ready)
             self.reads["prefetched"] += 1
-            return held
-        host = super().get(block, name)
-        if host is None:
-            return None
-        self.reads["on_demand"] += 1
-        self.on_demand_blocks.add(block)
-        device = self._fetch(block, name, host)
+        else:
+            host = super().get(block, name)
+            if host is None:
+                return None
+            self.reads["on_demand"] += 1
+            self.on_demand_blocks.add(block)
+            held = self._fetch(block, name, host)
         ready = self._pending.pop((block, name), None)
-        if ready is not None:
+        if ready is not None:  # the compute stream waits for the copy; the host does not
             torch.cuda.current_stream(self.device).wait_event(ready)
-        return device
+        return held
 
     def put(self, block: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if block == STACK:
