@@ -116,7 +116,7 @@ def scan_outputs(
             log.warning("%s: %s; generating it again", job.name, "; ".join(status.detail))
         flags.append(not status.complete)
     flags = _agree(flags, ctx, device)
-    return [job for job, todo in zip(unique, flags, strict=True) if todo]
+    return [job for job, todo in zip(unique, flags) if todo]
 
 
 def claim_batch(
@@ -135,7 +135,7 @@ def claim_batch(
             lock.release()
         raise
     flags = _agree(flags, ctx, device)
-    return [job for job, keep in zip(batch, flags, strict=True) if keep], locks
+    return [job for job, keep in zip(batch, flags) if keep], locks
 
 
 def _claim(

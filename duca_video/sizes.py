@@ -39,7 +39,7 @@ _SIZES: dict[str, tuple[tuple[int, int], ...]] = {
 }  # fmt: skip
 
 RESOLUTION_TABLES: dict[str, dict[str, tuple[int, int]]] = {
-    res: dict(zip(ASPECT_RATIOS, sizes, strict=True)) for res, sizes in _SIZES.items()
+    res: dict(zip(ASPECT_RATIOS, sizes)) for res, sizes in _SIZES.items()
 }
 RESOLUTIONS: tuple[str, ...] = tuple(RESOLUTION_TABLES)
 

@@ -67,8 +67,8 @@ class StepClock:
     def step_ms(self) -> list[float]:
         if self.cuda:
             torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:], strict=False)]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:], strict=False)]
+            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
+        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
 def build_setup(tiny: bool, steps: int | None, text_tokens: int) -> BenchSetup:
@@ -110,7 +110,7 @@ def time_method(
         cache_lib.disable(model)
     kinds = [h["kind"] for h in controller.history] or ["full"] * len(per_step)
     by_kind: dict[str, list[float]] = {}
-    for kind, ms in zip(kinds, per_step, strict=True):
+    for kind, ms in zip(kinds, per_step):
         by_kind.setdefault(kind, []).append(ms)
     store = controller.last.store if controller.last is not None else None
     return {"total_s": total, "step_ms": {k: statistics.mean(v) for k, v in by_kind.items()},

@@ -294,7 +294,7 @@ def _identity(i, **changed):
 
 def _records(folder, latencies, tflops, changed=None):
     folder.mkdir()
-    for i, (lat, fl) in enumerate(zip(latencies, tflops, strict=True)):
+    for i, (lat, fl) in enumerate(zip(latencies, tflops)):
         (folder / f"v{i}.mp4").write_bytes(b"")
         record = {**_identity(i, **(changed or {}).get(i, {})), "latency_s": lat, "dit_tflops": fl,
                   "cache_bytes": 2**20}  # fmt: skip

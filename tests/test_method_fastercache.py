@@ -138,7 +138,7 @@ def test_cli_runs_fastercache_close_to_none(tmp_path, capsys):
 
         latents[method] = [load_file(out / f"sample_000{i}.latent.safetensors")["latent"] for i in (0, 1)]
     assert record["method_config"]["cfg_start"] == 4 and record["cache_bytes"] > 0
-    for cached, plain in zip(latents["fastercache"], latents["none"], strict=True):
+    for cached, plain in zip(latents["fastercache"], latents["none"]):
         mse = (cached.clamp(-1, 1) - plain.clamp(-1, 1)).pow(2).mean().item()
         assert 0 < mse and 10 * np.log10(4 / mse) > 25  # PSNR (dB) of the trained testbed model's output
 

@@ -139,6 +139,6 @@ def test_two_sequence_parallel_ranks_decide_as_one_process(tmp_path):
     for report in reports:
         assert report["kinds_sp"] == report["kinds_single"] == single
         assert report["max_diff"] <= 1e-5
-        pairs = [(a, b) for sp, one in zip(report["signals_sp"], report["signals_single"], strict=True)
-                 if sp is not None for a, b in zip(sp, one, strict=True)]  # one signal per video and step
+        pairs = [(a, b) for sp, one in zip(report["signals_sp"], report["signals_single"])
+                 if sp is not None for a, b in zip(sp, one)]  # one signal per video and step
         assert pairs and all(abs(a - b) < 1e-6 and abs(a - threshold) > 1e-3 for a, b in pairs)

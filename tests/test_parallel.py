@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from duca_video.parallel.comm import CommStats, SimulatedGroup, heads_to_seq, seq_to_heads
+from duca_video.parallel.launch import ParallelDims
 from duca_video.parallel.sequence import SequenceParallel, check_sp_size, enable_sequence_parallel
 from tests.test_stdit3 import tiny_model
 from tests.torchrun import ROOT, TORCHRUN, run_workers
@@ -97,3 +98,27 @@ def test_cli_data_parallel_writes_each_prompt_once_and_sequence_parallel_matches
         for other in others:  # the same seed gives the same video whatever the world size and the batch
             theirs = load_file(str(tmp_path / other / f"{name}.latent.safetensors"))["latent"]
             torch.testing.assert_close(theirs, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("world, sp, cfg", [(8, 2, 2), (4, 4, 1), (6, 3, 2), (2, 1, 2)])
+def test_parallel_dims_lay_out_video_groups_on_consecutive_ranks(world, sp, cfg):
+    # Our own mesh (no ColossalAI API, so 0.3.7 and 0.5.0 build the same groups): row-major (dp, cfg, sp).
+    dims = ParallelDims(world, sp, cfg)
+    assert dims.shape == (world // (sp * cfg), cfg, sp)
+    assert [dims.coordinate(r) for r in range(world)] == [
+        (d, c, s) for d in range(dims.dp) for c in range(cfg) for s in range(sp)]  # fmt: skip
+    video_groups = dims.groups_along((1, 2))
+    assert video_groups == [list(range(i, i + sp * cfg)) for i in range(0, world, sp * cfg)]
+    for axes in [(0,), (1,), (2,)]:
+        groups = dims.groups_along(axes)
+        assert sorted(r for g in groups for r in g) == list(range(world))  # a partition of the ranks
+        assert all(len(g) == dims.shape[axes[0]] for g in groups)
+
+
+def test_parallel_dims_refuse_a_layout_that_does_not_fit_the_world():
+    with pytest.raises(ValueError, match=r"--sp-size 3 does not divide the world size 4; allowed: \[1, 2, 4\]"):
+        ParallelDims(4, 3)
+    with pytest.raises(ValueError, match="world size 3 must be even"):
+        ParallelDims(3, 1, 2)
+    with pytest.raises(ValueError, match=r"4 / 2 \(CFG halves\); allowed: \[1, 2\]"):
+        ParallelDims(4, 4, 2)

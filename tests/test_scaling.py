@@ -32,7 +32,7 @@ def test_cached_steps_send_nothing_and_full_steps_send_the_forward_bytes():
     for s in steps:
         assert s.bytes_sent == (full_bytes if s.kind == "full" else 0)
     one_rank = loop_steps(setup, "fora")
-    assert all(a.flops > b.flops for a, b in zip(one_rank, steps, strict=True) if a.kind == "full")
+    assert all(a.flops > b.flops for a, b in zip(one_rank, steps) if a.kind == "full")
 
 
 def _profile(flops_per_step=1e15, steps=10, comm=None):

@@ -107,7 +107,7 @@ def test_deepfloyd_layout_loads_offline_with_t5_token_ids(t5_dir):
     assert encoder.output_dim == D_MODEL
     sp = spm.SentencePieceProcessor(model_file=str(t5_dir / "spiece.model"))
     tokens = encoder.tokenizer(PROMPTS, max_length=MAX_LEN, padding="max_length", truncation=True)["input_ids"]
-    for prompt, ids in zip(PROMPTS, tokens, strict=True):
+    for prompt, ids in zip(PROMPTS, tokens):
         # The original T5 tokenizer: the SentencePiece ids, </s> (1), truncated to the length, padded with 0.
         want = (sp.encode(prompt)[: MAX_LEN - 1] + [1] + [0] * MAX_LEN)[:MAX_LEN]
         assert ids == want, (prompt, ids, want)

@@ -155,7 +155,11 @@ def test_followed_timesteps_are_upstreams_in_its_dtype(up):
 
 
 def test_upstream_sequence_parallel_on_two_ranks_equals_one_process(up, tmp_path):
-    reports = run_workers("upstream_sp_worker.py", 2, tmp_path, env=worker_env(OPEN_SORA_ROOT=str(up.root)))
+    # Upstream's SP exchanges tokens with dist.all_to_all, which torch 2.3's gloo lacks (newer gloo has it).
+    no_gloo = {"Backend gloo does not support alltoall": f"torch {torch.__version__}'s gloo backend has no all_to_all, "
+               "which upstream's sequence parallelism uses: it runs on NCCL (a GPU) or on newer torch's gloo"}
+    reports = run_workers("upstream_sp_worker.py", 2, tmp_path, env=worker_env(OPEN_SORA_ROOT=str(up.root)),
+                          skip_if=no_gloo)
     for rank, report in enumerate(reports):
         for method, result in report["methods"].items():
             print(f"rank {rank} {method}: max |2 ranks - 1 process| = {result['max_diff']:.2e}")

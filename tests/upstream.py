@@ -14,6 +14,7 @@ and are replaced by a module whose `load_checkpoint` refuses: the tests build th
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 import sys
 import types
@@ -85,14 +86,28 @@ def _refuse_checkpoint(*_args, **_kwargs):
     raise RuntimeError("tests/upstream.py: upstream's checkpoint loading is not available in the tests")
 
 
+def _package_dir(root: Path, top: types.ModuleType) -> Path:
+    """Where `opensora` was imported from: the checkout itself (`pip install -e .`, or nothing installed), or
+    the copy that Open-Sora's README install (`pip install -v .`) put in site-packages, which must be v1.2.0."""
+    package = Path(top.__file__).resolve().parent
+    if package == root / "opensora":
+        return package
+    try:
+        version = importlib.metadata.version("opensora")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    if version != RELEASE.lstrip("v"):
+        raise RuntimeError(f"`opensora` resolves to {top.__file__} (installed version {version}), neither "
+                           f"OPEN_SORA_ROOT={root} nor an installed Open-Sora {RELEASE}")  # fmt: skip
+    return package
+
+
 def import_upstream(root: Path) -> Upstream:
     if str(root) not in sys.path:
         sys.path.append(str(root))  # appended: this repo's own `tests` package stays first
-    top = importlib.import_module("opensora")
-    if Path(top.__file__).resolve().parent != root / "opensora":
-        raise RuntimeError(f"`opensora` resolves to {top.__file__}, not to OPEN_SORA_ROOT={root}")
-    _namespace("opensora.models", root / "opensora" / "models")
-    _namespace("opensora.models.stdit", root / "opensora" / "models" / "stdit")
+    package = _package_dir(root, importlib.import_module("opensora"))
+    _namespace("opensora.models", package / "models")
+    _namespace("opensora.models.stdit", package / "models" / "stdit")
     if "opensora.utils.ckpt_utils" not in sys.modules:
         importlib.import_module("opensora.utils")
         ckpt = types.ModuleType("opensora.utils.ckpt_utils")

@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from duca_video.compat import type_hints
+
 STEP_KINDS = ("full", "conservative", "aggressive")
 MODULES = ("attn", "cross", "mlp")
 SELECTORS = ("random", "random_frame", "k_norm", "v_norm", "cross_entropy", "min_similarity", "max_similarity")
@@ -73,7 +75,7 @@ def _describe(name: str, hint: Any) -> str:
 
 def _check_types(config: CacheConfig) -> None:
     """Every field of `config` has its declared type (converted where that loses nothing, e.g. 1 -> 1.0)."""
-    hints = typing.get_type_hints(type(config))
+    hints = type_hints(type(config))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         try:

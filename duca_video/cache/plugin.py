@@ -38,7 +38,7 @@ _ATTR = "_duca_cache_controller"
 def find_blocks(model: nn.Module) -> list[nn.Module]:
     """STDiT3 blocks in execution order (spatial 0, temporal 0, spatial 1, ...)."""
     if hasattr(model, "spatial_blocks") and hasattr(model, "temporal_blocks"):
-        pairs = zip(model.spatial_blocks, model.temporal_blocks, strict=True)
+        pairs = zip(model.spatial_blocks, model.temporal_blocks)
         blocks = [b for pair in pairs for b in pair]
     else:
         blocks = [m for m in model.modules() if all(hasattr(m, a) for a in BLOCK_ATTRS)]

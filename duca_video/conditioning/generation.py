@@ -54,7 +54,7 @@ def encode_reference(vae: Any, pixels: torch.Tensor, seed: int) -> torch.Tensor:
 
 def _plans(jobs: list[Any], refs: list[list[torch.Tensor]], loop: int, cfg: Any, frames: int) -> list[FramePlan]:
     plans = []
-    for job, job_refs in zip(jobs, refs, strict=True):
+    for job, job_refs in zip(jobs, refs):
         groups = () if job.condition is None else loop_groups(job.condition, loop, cfg)
         lengths = [int(r.shape[1]) for r in job_refs]
         plans.append(plan_frames(groups, frames, lengths, loop, cfg.align, f"{job.name}: mask strategy"))

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from typing import Any, Literal
+
+from duca_video.compat import UNION_TYPES, type_hints
 
 
 class ConfigError(ValueError):
@@ -18,7 +19,7 @@ def _describe(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
-    if origin in (typing.Union, types.UnionType):
+    if origin in UNION_TYPES:
         return " or ".join(_describe(a) for a in typing.get_args(hint))
     if hint is type(None):
         return "None"
@@ -38,7 +39,7 @@ def _coerce(value: Any, hint: Any) -> Any:
     if origin is Literal:
         if value in typing.get_args(hint):
             return value
-    elif origin in (typing.Union, types.UnionType):
+    elif origin in UNION_TYPES:
         for arg in typing.get_args(hint):
             try:
                 return _coerce(value, arg)
@@ -77,7 +78,7 @@ def _build(cls: type, values: Any, where: str, extra_ok: bool = False) -> Any:
     fields go to the `extra` field (the section checks them against what its model accepts)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a dict, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "extra"]
     unknown = sorted(k for k in values if k not in names)
     if unknown and not extra_ok:

@@ -96,10 +96,28 @@ class LiveBytes(TorchDispatchMode):
 
 def _fused_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_):
     """What the CUDA kernels allocate: flash without a mask, memory-efficient with one (out + fp32 lse)."""
-    if attn_mask is None:
-        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[0]
-    bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).expand(*q.shape[:-1], k.shape[-2])
-    return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[0]
+    try:
+        if attn_mask is None:
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, scale=scale)[0]
+        bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).expand(*q.shape[:-1], k.shape[-2])
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, scale=scale)[0]
+    except NotImplementedError:  # torch < 2.4 has no meta kernels for them
+        return _fused_sdpa_allocations(q, v, attn_mask)
+
+
+def _fused_sdpa_allocations(q: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    """The tensors the two kernels return (shapes of torch's own meta kernels), allocated together as the
+    kernels allocate them; the caller keeps the output only."""
+    rows = tuple(q.shape[:-1])  # (B, H, L)
+    out = q.new_empty(*rows, v.shape[-1])
+    if attn_mask is None:  # flash: log-sum-exp per row in fp32, an RNG state of two 64-bit words
+        side = [q.new_empty(rows, dtype=torch.float32), q.new_empty(2, dtype=torch.int64)]
+    else:  # memory-efficient: the dense bias, log-sum-exp padded to 32 rows in fp32, seed and offset
+        bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device)
+        lse = q.new_empty(*rows[:-1], -(-rows[-1] // 32) * 32, dtype=torch.float32)
+        side = [bias, lse, q.new_empty((), dtype=torch.int64), q.new_empty((), dtype=torch.int64)]
+    del side
+    return out
 
 
 @dataclass

@@ -22,7 +22,7 @@ def speedup_fidelity_plot(
     fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.6), squeeze=False, sharex=True)
     colors = plt.get_cmap("tab20")
     families = list(dict.fromkeys(_family(p["method"]) for p in points))  # one colour per method, in order
-    for ax, (key, label) in zip(axes[0], panels, strict=True):
+    for ax, (key, label) in zip(axes[0], panels):
         identical, shown = [], set()
         for p in points:
             x, y = p.get("speedup"), p.get(key)

@@ -22,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
+from duca_video.compat import is_truncated_pickle
+
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Wrappers that training scripts put around a state dict.
 _NESTED_KEYS = ("state_dict", "model", "module", "ema")
@@ -131,6 +133,8 @@ def _read_one(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]
     try:
         obj = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as exc:  # what weights_only=True raises for anything but tensors and containers
+        if is_truncated_pickle(exc):  # torch 2.3 reports a cut file this way too
+            raise CheckpointError(_unreadable(path, exc)) from None
         raise CheckpointError(f"{path} is not a plain tensor checkpoint (read with weights_only=True, which refuses "
                               f"pickled objects): {exc}") from None  # fmt: skip
     except Exception as exc:  # noqa: BLE001 - a truncated zip, a cut pickle: re-raised naming the file

@@ -126,7 +126,7 @@ def block_modulation(
         return tuple(p[:, :, None] for p in params)
     params0 = (block.scale_shift_table[None] + t0.reshape(b, 6, -1)).chunk(6, dim=1)
     keep = x_mask[:, :, None]  # (B, T, 1): True = noisy frame (uses t), False = clean frame (uses t0)
-    return tuple(torch.where(keep, p, p0)[:, :, None] for p, p0 in zip(params, params0, strict=True))
+    return tuple(torch.where(keep, p, p0)[:, :, None] for p, p0 in zip(params, params0))
 
 
 def modulate_tokens(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -252,7 +252,7 @@ class STDiT3(nn.Module):
     @property
     def blocks(self) -> list[nn.Module]:
         """Blocks in execution order: spatial 0, temporal 0, spatial 1, ..."""
-        return [b for pair in zip(self.spatial_blocks, self.temporal_blocks, strict=True) for b in pair]
+        return [b for pair in zip(self.spatial_blocks, self.temporal_blocks) for b in pair]
 
     # -- input checks -----------------------------------------------------------------------------------
     def _check_inputs(self, x, timestep, y, mask, x_mask) -> None:

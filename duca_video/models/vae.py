@@ -148,7 +148,7 @@ class SpatialVAE(nn.Module):
         return self._frames(z, lambda f: self.module.decode(f / self.scaling_factor).sample)
 
     def get_latent_size(self, input_size: Sequence[int | None]) -> tuple[int | None, ...]:
-        return tuple(None if s is None else s // p for s, p in zip(input_size[:3], self.patch_size, strict=True))
+        return tuple(None if s is None else s // p for s, p in zip(input_size[:3], self.patch_size))
 
 
 class OpenSoraVAE(nn.Module):

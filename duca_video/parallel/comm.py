@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,7 @@ class SimulatedGroup:
     rank: int = 0
 
 
-Group = dist.ProcessGroup | SimulatedGroup | None
+Group = Union[dist.ProcessGroup, SimulatedGroup, None]
 
 
 def group_size(group: Group) -> int:

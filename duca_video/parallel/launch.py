@@ -1,4 +1,4 @@
-"""Process groups for multi-GPU inference: `torchrun` + ColossalAI's launch and a (data x cfg x sequence) mesh.
+"""Process groups for multi-GPU inference: `torchrun` + a (data x cfg x sequence) mesh of our own groups.
 
 With W processes, an SP size p (default: all of them, as Open-Sora) and CFG parallelism c (1, or 2 with
 `--cfg-parallel`), there are W / (c p) data-parallel groups of c p ranks each: the *video group*. Within it, the
@@ -9,7 +9,9 @@ groups generate different prompts. Without torchrun everything degrades to one p
 
 from __future__ import annotations
 
+import inspect
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +57,73 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+@dataclass(frozen=True)
+class ParallelDims:
+    """The (data x cfg x sequence) layout of `world` ranks, validated on construction. Rank r sits at the
+    row-major coordinate (dp, cfg, sp) of the shape (dp, cfg, sp): a video group's ranks are consecutive."""
+
+    world: int
+    sp: int
+    cfg: int = 1
+
+    def __post_init__(self) -> None:
+        if self.cfg not in (1, 2):
+            raise ValueError(f"cfg size must be 1 or 2, got {self.cfg}")
+        if self.world % self.cfg:
+            raise ValueError(f"--cfg-parallel puts the two CFG halves on two ranks: the world size {self.world} "
+                             "must be even")  # fmt: skip
+        per_half = self.world // self.cfg
+        if self.sp < 1 or per_half % self.sp:
+            allowed = [d for d in range(1, per_half + 1) if per_half % d == 0]
+            what = f"{self.world} / 2 (CFG halves)" if self.cfg > 1 else f"the world size {self.world}"
+            raise ValueError(f"--sp-size {self.sp} does not divide {what}; allowed: {allowed}")
+
+    @property
+    def dp(self) -> int:
+        return self.world // (self.cfg * self.sp)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.dp, self.cfg, self.sp)
+
+    def coordinate(self, rank: int) -> tuple[int, int, int]:
+        return (rank // (self.cfg * self.sp), rank // self.sp % self.cfg, rank % self.sp)
+
+    def groups_along(self, axes: tuple[int, ...]) -> list[list[int]]:
+        """Every group of ranks that differ only along `axes` (0: data, 1: cfg, 2: sequence), in rank order."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for rank in range(self.world):
+            fixed = tuple(c for axis, c in enumerate(self.coordinate(rank)) if axis not in axes)
+            groups.setdefault(fixed, []).append(rank)
+        return list(groups.values())
+
+
+def _new_group_along(dims: ParallelDims, axes: tuple[int, ...], rank: int) -> Any:
+    """torch.distributed groups along `axes`; every rank creates all of them in one order (new_group is
+    collective), and keeps its own."""
+    mine = None
+    for ranks in dims.groups_along(axes):
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            mine = group
+    return mine
+
+
+def _launch(backend: str) -> None:
+    """Join torchrun's processes: through ColossalAI's launcher where the installed version can (0.3.7 needs a
+    `config` and builds a `tcp://[host]:port` address that Python 3.11+ refuses for a host name), else with
+    torch's own env:// rendezvous, which is what both launchers do underneath."""
+    try:
+        import colossalai  # imported here: single-process runs never need it
+    except ImportError:
+        colossalai = None
+    params = inspect.signature(colossalai.launch_from_torch).parameters if colossalai else {}
+    if colossalai is not None and ("config" not in params or sys.version_info < (3, 11)):
+        colossalai.launch_from_torch(backend=backend, verbose=False, **({"config": {}} if "config" in params else {}))
+    else:
+        dist.init_process_group(backend=backend, init_method="env://")
+
+
 def init_parallel(
     sp_size: int | None = None, backend: str | None = None, cfg_parallel: bool = False
 ) -> ParallelContext:
@@ -67,34 +136,22 @@ def init_parallel(
                              "processes: launch with torchrun --nproc_per_node")  # fmt: skip
         return ParallelContext()
     world = int(os.environ["WORLD_SIZE"])
-    if world % cfg:
-        raise ValueError(f"--cfg-parallel puts the two CFG halves on two ranks: the world size {world} must be even")
-    sp = world // cfg if sp_size is None else sp_size
-    if sp < 1 or world % (sp * cfg):
-        allowed = [d for d in range(1, world // cfg + 1) if (world // cfg) % d == 0]
-        what = f"{world} / 2 (CFG halves)" if cfg > 1 else f"the world size {world}"
-        raise ValueError(f"--sp-size {sp} does not divide {what}; allowed: {allowed}")
+    dims = ParallelDims(world, sp_size if sp_size is not None else max(1, world // cfg), cfg)
     if not dist.is_initialized():
-        import colossalai  # imported here: single-process runs never need it
-
-        colossalai.launch_from_torch(backend=backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+        _launch(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    from colossalai.cluster import ProcessGroupMesh
-
     rank = dist.get_rank()
+    dp_rank, cfg_rank, sp_rank = dims.coordinate(rank)
+    sp_group = _new_group_along(dims, (2,), rank)
+    dp_group = _new_group_along(dims, (0,), rank)
     if cfg == 1:
-        mesh = ProcessGroupMesh(world // sp, sp)  # axis 0: data parallel, axis 1: sequence parallel
-        dp_rank, sp_rank = (int(c) for c in mesh.coordinate())
-        return ParallelContext(world_size=world, rank=rank, sp_size=sp, sp_rank=sp_rank, dp_size=world // sp,
-                               dp_rank=dp_rank, sp_group=mesh.get_group_along_axis(1),
-                               dp_group=mesh.get_group_along_axis(0))  # fmt: skip
-    mesh = ProcessGroupMesh(world // (cfg * sp), cfg, sp)  # axes: data parallel, CFG half, sequence parallel
-    dp_rank, cfg_rank, sp_rank = (int(c) for c in mesh.coordinate())  # numpy ints otherwise
-    return ParallelContext(world_size=world, rank=rank, sp_size=sp, sp_rank=sp_rank, dp_size=world // (cfg * sp),
-                           dp_rank=dp_rank, sp_group=mesh.get_group_along_axis(2),
-                           dp_group=mesh.get_group_along_axis(0), cfg_size=cfg, cfg_rank=cfg_rank,
-                           cfg_group=mesh.get_group_along_axis(1), video_group=mesh.get_group_along_axis([1, 2]))
+        return ParallelContext(world_size=world, rank=rank, sp_size=dims.sp, sp_rank=sp_rank, dp_size=dims.dp,
+                               dp_rank=dp_rank, sp_group=sp_group, dp_group=dp_group)  # fmt: skip
+    return ParallelContext(world_size=world, rank=rank, sp_size=dims.sp, sp_rank=sp_rank, dp_size=dims.dp,
+                           dp_rank=dp_rank, sp_group=sp_group, dp_group=dp_group, cfg_size=cfg, cfg_rank=cfg_rank,
+                           cfg_group=_new_group_along(dims, (1,), rank),
+                           video_group=_new_group_along(dims, (1, 2), rank))
 
 
 def close_parallel(exit_code: int = 0) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -23,7 +23,7 @@ __all__ = ["RFlowSampler", "add_noise", "describe", "timestep_transform"]
 
 # The sampler owns these model arguments; a caller passing them in model_kwargs would be silently overridden.
 _RESERVED_KWARGS = ("y", "mask", "x_mask")
-Number = int | float
+Number = Union[int, float]
 
 
 def _as_f32(value: Number | torch.Tensor, device: torch.device | None = None) -> torch.Tensor:

@@ -183,7 +183,7 @@ def read_clips(video: torch.Tensor, config: DataConfig | None = None) -> list[Cl
 def _accuracy(readings: list[ClipReading], captions: list[str], key: str) -> float:
     if len(readings) != len(captions):
         raise ValueError(f"{len(readings)} clips but {len(captions)} captions")
-    hits = [getattr(r, key) == parse_caption(c)[key] for r, c in zip(readings, captions, strict=True)]
+    hits = [getattr(r, key) == parse_caption(c)[key] for r, c in zip(readings, captions)]
     return sum(hits) / max(1, len(hits))
 
 
@@ -211,12 +211,12 @@ def adherence(video: torch.Tensor, captions: list[str], config: DataConfig | Non
         raise ValueError(f"{len(readings)} clips but {len(captions)} captions")
     out: dict[str, Any] = {"n": len(readings)}
     for key in ("colour", "direction", "shape", "background"):
-        out[key] = sum(getattr(r, key) == p[key] for r, p in zip(readings, parsed, strict=True)) / max(1, len(parsed))
-    sized = [(r, p) for r, p in zip(readings, parsed, strict=True) if p["size"] is not None]
+        out[key] = sum(getattr(r, key) == p[key] for r, p in zip(readings, parsed)) / max(1, len(parsed))
+    sized = [(r, p) for r, p in zip(readings, parsed) if p["size"] is not None]
     out["size"] = sum(r.size == p["size"] for r, p in sized) / len(sized) if sized else None
     out["all_correct"] = sum(
         all(getattr(r, k) == p[k] for k in ("colour", "direction", "shape", "background"))
-        for r, p in zip(readings, parsed, strict=True)
+        for r, p in zip(readings, parsed)
     ) / max(1, len(parsed))
     out["consistency"] = sum(r.consistency for r in readings) / max(1, len(readings))
     return out

@@ -155,7 +155,7 @@ class SyntheticVideos:
              (len(colours), len(SHAPES), len(directions), len(backgrounds), len(SIZES), len(SPEEDS))], 1
         ).tolist()  # fmt: skip
         clips = []
-        for (ci, si, di, bi, zi, vi), (ur, uv, ua, ub, _, _) in zip(idx, u, strict=True):
+        for (ci, si, di, bi, zi, vi), (ur, uv, ua, ub, _, _) in zip(idx, u):
             size, speed_word = SIZES[zi], SPEEDS[vi]
             r_lo, r_hi = cfg.radius[size]
             v_lo, v_hi = cfg.speed[speed_word]

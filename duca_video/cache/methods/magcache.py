@@ -84,7 +84,7 @@ def resample_ratios(ratios: tuple[float, ...], num_steps: int) -> tuple[float, .
         return logs[i] + (x - i) * (logs[i + 1] - logs[i])
 
     points = [at(j / (num_steps - 1)) for j in range(num_steps)]
-    return (1.0, *(math.exp(b - a) for a, b in zip(points, points[1:], strict=False)))
+    return (1.0, *(math.exp(b - a) for a, b in zip(points, points[1:])))
 
 
 def skip_decisions(ratios: tuple[float, ...], threshold: float, max_skips: int, retention_ratio: float) -> list[bool]:

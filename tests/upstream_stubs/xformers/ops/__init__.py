@@ -14,6 +14,6 @@ def memory_efficient_attention(q, k, v, attn_bias=None, p=0.0, scale=None):
     if attn_bias is None:
         return F.scaled_dot_product_attention(qh, kh, vh, scale=scale).transpose(1, 2).contiguous()
     outs = []
-    for (q0, q1), (k0, k1) in zip(attn_bias.q_ranges(), attn_bias.k_ranges(), strict=True):
+    for (q0, q1), (k0, k1) in zip(attn_bias.q_ranges(), attn_bias.k_ranges()):
         outs.append(F.scaled_dot_product_attention(qh[:, :, q0:q1], kh[:, :, k0:k1], vh[:, :, k0:k1], scale=scale))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
