@@ -65,6 +65,11 @@ class VideoIdentity:
             "image_size": list(cfg.size), "num_frames": cfg.num_frames, "fps": cfg.fps, "save_fps": cfg.video_fps,
             "dtype": cfg.dtype, "init_seed": cfg.seed if random_init else None,
         })  # fmt: skip
+        # A method whose video depends on the parallel layout says how (absent for every other method, so
+        # their records stay valid on any number of GPUs).
+        layout = config.layout_identity(cfg_parallel=cfg.cfg_parallel)
+        if layout:
+            self.common["layout"] = canonical(layout)
 
     def __call__(self, job: VideoJob) -> dict[str, Any]:
         out = {"prompt": job.prompt, "text": job.text, "seed": job.seed, **self.common}

@@ -43,6 +43,20 @@ def refused(tmp_path, capsys, *argv, config=TINY, checked_before_start=True):
     return err
 
 
+# ------------------------------------------------------------------------------- contradicting or empty settings
+def test_an_empty_save_dir_is_refused_not_the_working_directory(tmp_path, capsys, no_models, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["--config", str(TINY), "--save-dir", "", "--quiet", "--prompt", PROMPT])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: save_dir='' is not allowed: it is empty"), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_step_variant_longer_than_the_job_is_refused(tmp_path, capsys, no_models):
+    err = refused(tmp_path, capsys, "--prompt", PROMPT, "--cache", "steps", "--cache-opt", "num_steps=50")
+    assert "steps.num_steps=50 is more than the job's num_sampling_steps (1); allowed: 1..1" in err
+
+
 # ------------------------------------------------------------------------------------------ names and prompts
 @pytest.mark.parametrize(
     "argv, message",

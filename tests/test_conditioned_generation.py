@@ -193,7 +193,11 @@ def test_same_on_the_tiny_model_whose_temporal_patch_is_4():
     (["--reference-path", "{bad}", "--mask-strategy", "0"], "cannot be read as an image"),
     (["--reference-path", "{image}", "{image}", "--mask-strategy", "0"], "--reference-path / reference_path: 2 "
      "values for 1 prompt(s)"),
-    (["--loop", "2", "--condition-frame-length", "9"], "--condition-frame-length 9 is more than the video's 8"),
+    (["--loop", "2", "--condition-frame-length", "9"], "--condition-frame-length 9 leaves no new frame for a loop"),
+    # A loop whose condition covers the whole clip adds no frame at twice the cost.
+    (["--loop", "2", "--condition-frame-length", "8"], "it must be less than the clip's 8 latent frames; "
+     "allowed: 1..7"),
+    (["--loop", "1001"], "loop=1001 is not allowed: at most 1000 clips per video"),
     (["--condition-frame-edit", "1.5"], "condition_frame_edit=1.5 is not allowed"),
 ])  # fmt: skip
 def test_bad_conditioning_input_is_named_before_any_model_loads(tmp_path, refs, capsys, monkeypatch, flags, message):

@@ -295,3 +295,32 @@ def test_prompts_equal_upstream(upstream):
     ours = parse_conditioned_prompt(plain, reference_path="a.png;b.mp4", mask_strategy="0")
     assert (ours.text, ";".join(ours.references)) == (texts[0], refs[0])
     assert ours.strategy == parse_mask_strategy(strategies[0])
+
+
+@pytest.mark.parametrize("bits, mode", [(16, "I;16"), (8, "L")])  # (older Pillow opens 16-bit PNGs as "I")
+def test_a_reference_image_keeps_its_tone_at_any_bit_depth(tmp_path, bits, mode):
+    # 50% grey: PIL's convert("RGB") clips a 16-bit value at 255, which made this a white frame.
+    import numpy as np
+    from PIL import Image
+
+    from duca_video.io.media import read_media
+
+    top = 2**bits - 1
+    values = np.full((8, 8), (top + 1) // 2, dtype=np.uint16 if bits == 16 else np.uint8)
+    image = Image.fromarray(values)
+    assert image.mode == mode
+    image.save(tmp_path / "grey.png")
+    frames = read_media(str(tmp_path / "grey.png"), (8, 8))  # (3, 1, H, W) in [-1, 1]: 50% grey is 0
+    assert frames.shape == (3, 1, 8, 8)
+    assert frames.abs().max() <= 2 / 255, frames.unique()
+
+
+def test_a_floating_point_reference_image_is_refused_with_the_reason(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from duca_video.io.media import MediaError, read_media
+
+    Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)).save(tmp_path / "grey.tif")
+    with pytest.raises(MediaError, match="32-bit floating-point image, whose value range is not known"):
+        read_media(str(tmp_path / "grey.tif"), (8, 8))

@@ -104,6 +104,11 @@ class CacheConfig:
         """Sampler settings this variant implies (fewer steps is a sampler setting, not caching); usually none."""
         return {}
 
+    def layout_identity(self, cfg_parallel: bool) -> dict[str, Any]:
+        """What of the parallel layout changes this method's video beyond floating-point rounding (recorded in
+        the video's identity); empty for a method that computes the same video on any layout."""
+        return {}
+
     def make_policy(self, sample: Any) -> Any:
         """The per-sample policy that carries this method out (see `duca_video.cache.policy`)."""
         raise NotImplementedError(f"cache method {self.method!r} has no policy")

@@ -113,9 +113,10 @@ def loop_groups(cond: ConditionedPrompt, loop: int, cfg: Any) -> tuple[MaskGroup
 def _check_loops(cond: ConditionedPrompt, infos: list[MediaInfo], cfg: Any, geo: FrameGeometry, where: str) -> None:
     video = geo.latent_of(cfg.num_frames)
     lengths = [geo.latent_of(info.frames) for info in infos]
-    if cfg.loop > 1 and cfg.condition_frame_length > video:
-        raise ConditioningError(f"{where}: --condition-frame-length {cfg.condition_frame_length} is more than the "
-                                f"video's {video} latent frames")  # fmt: skip
+    if cfg.loop > 1 and cfg.condition_frame_length >= video:  # each later clip adds video - length new frames
+        raise ConditioningError(f"{where}: --condition-frame-length {cfg.condition_frame_length} leaves no new "
+                                f"frame for a loop to add: it must be less than the clip's {video} latent frames; "
+                                f"allowed: 1..{video - 1}")  # fmt: skip
     if cfg.loop > 1:
         geo.pixels_of(cfg.condition_frame_length)  # the frames each later clip drops must be whole frames
     for loop in range(cfg.loop):

@@ -219,9 +219,19 @@ def check_cache_settings(cfg: InferenceConfig) -> None:
     make_config = getattr(cache_lib, "make_config", None)
     if make_config is not None:  # validates before the models load; enable() validates again anyway
         try:
-            make_config(cfg.cache.method, **cfg.cache.overrides)
+            config = make_config(cfg.cache.method, **cfg.cache.overrides)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"cache: {exc}") from None
+        _check_fewer_steps(cfg, config.sampler_settings().get("num_sampling_steps"))
+
+
+def _check_fewer_steps(cfg: InferenceConfig, steps: int | None) -> None:
+    """A variant that sets the step count runs fewer steps than the job's loop, never more (a contradiction:
+    `--cache steps --cache-opt num_steps=50` on a 6-step job would run 50)."""
+    base = cfg.scheduler.num_sampling_steps
+    if steps is not None and steps > base:
+        raise ConfigError(f"cache: {cfg.cache.method}.num_steps={steps} is more than the job's "
+                          f"num_sampling_steps ({base}); allowed: 1..{base}")  # fmt: skip
 
 
 def resolve_device(name: str) -> torch.device:

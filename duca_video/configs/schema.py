@@ -49,6 +49,7 @@ MAX_SEED = 2**63 - 1
 # An mp4 frame rate is a fraction of 32-bit ints; ffmpeg refuses frames with (W + 128) * (H + 128) >= 2**28.
 MAX_FPS = 2**31 - 1
 _MAX_FRAME_AREA = 2**28
+MAX_LOOP = 1000
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -253,6 +254,9 @@ class InferenceConfig:
             raise ConfigError(f"start_index={self.start_index} is not allowed: it must be >= 0")
         if self.end_index is not None and self.end_index <= self.start_index:
             raise ConfigError(f"end_index={self.end_index} must be greater than start_index={self.start_index}")
+        if not str(self.save_dir).strip():  # "" would write into the working directory
+            raise ConfigError(f"save_dir={self.save_dir!r} is not allowed: it is empty (give a folder; '.' is the "
+                              "working directory)")  # fmt: skip
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"device={self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N (N = 0, 1, ..)")
         self._check_limits()
@@ -281,6 +285,8 @@ class InferenceConfig:
 
     def _check_conditioning(self) -> None:
         _positive("config", loop=self.loop, condition_frame_length=self.condition_frame_length, align=self.align)
+        if self.loop > MAX_LOOP:  # each loop is a whole clip; the pre-load check alone grows with loop**2
+            raise ConfigError(f"loop={self.loop} is not allowed: at most {MAX_LOOP} clips per video")
         if not 0.0 <= self.condition_frame_edit <= 1.0:
             raise ConfigError(f"condition_frame_edit={self.condition_frame_edit} is not allowed: it must be in "
                               "[0, 1] (0 keeps the frames, 1 regenerates them)")  # fmt: skip

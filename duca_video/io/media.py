@@ -123,12 +123,33 @@ def _cover(h: int, w: int, th: int, tw: int, round_offset: bool) -> tuple[int, i
     return sh, tw, half(sh - th), 0
 
 
+_WIDE_INT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # PIL's modes for 16-bit (and 32-bit int) images
+
+
+def _rgb8(img: Any, p: Path) -> Any:
+    """The image as 8-bit RGB, as torchvision's pil_loader (`convert("RGB")`) for 8-bit modes. PIL's conversion
+    of a 16-bit grey image clips each value at 255 (a 50% grey becomes white): those are scaled from 16 bits."""
+    import numpy as np
+
+    if img.mode == "F":
+        raise MediaError(f"reference {str(p)!r} is a 32-bit floating-point image, whose value range is not known; "
+                         "save it with 8 or 16 bits per channel")  # fmt: skip
+    if img.mode not in _WIDE_INT_MODES:
+        return img.convert("RGB")
+    values = np.asarray(img).astype(np.int64)
+    if values.min() < 0 or values.max() > 65535:
+        raise MediaError(f"reference {str(p)!r} has values outside 0..65535 (mode {img.mode}); save it with 8 or 16 "
+                         "bits per channel")  # fmt: skip
+    grey = np.round(values * (255.0 / 65535.0)).astype(np.uint8)
+    return _pil().fromarray(grey).convert("RGB")  # uint8 (H, W): mode L
+
+
 def _read_image(p: Path, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
     import numpy as np
 
     Image = _pil()
     with Image.open(p) as img:
-        img = img.convert("RGB")  # as torchvision's pil_loader
+        img = _rgb8(img, p)
         w, h = img.size
         th, tw = size
         sh, sw, i, j = _cover(h, w, th, tw, round_offset=True)

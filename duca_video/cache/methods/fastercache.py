@@ -76,6 +76,11 @@ class FasterCacheConfig(CacheConfig):
         check_field(len(self.modules) > 0 and set(self.modules) <= set(EXTRAPOLATED), self.method, "modules",
                     f"a non-empty subset of {EXTRAPOLATED}", self.modules)  # fmt: skip
 
+    def layout_identity(self, cfg_parallel: bool) -> dict[str, Any]:
+        # With the two CFG halves on two ranks no rank holds both halves, so CFG-Cache cannot run: every step
+        # computes the unconditional rows, a different video from one process's.
+        return {"cfg_cache_off": "cfg_parallel"} if cfg_parallel and self.cfg_cache else {}
+
     def make_policy(self, sample: Sample) -> FasterCachePolicy:
         return FasterCachePolicy(self, sample)
 
