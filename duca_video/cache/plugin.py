@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..sampling.events import SampleStart, StepStart, register_listener, unregister_listener
+from ..seeds import check_seed
 from .block import BlockMixin
 from .config import SCORED_SELECTORS, CacheConfig, make_config
 from .folding import FoldingMixin
@@ -83,6 +84,11 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         self.replay_kinds: list[str] | None = None
 
     # -- installation ---------------------------------------------------------------------------------
+    def __deepcopy__(self, memo: dict) -> Any:
+        # The copy's blocks and hooks would still call this controller (bound to the original model's blocks).
+        raise TypeError("copy.deepcopy of a model with the cache enabled: the cache belongs to the original model. "
+                        "Call duca_video.cache.disable(model) before copying it, then enable the cache on each copy")
+
     def install(self) -> None:
         # The cache's Python (the schedule, the policy's decisions, the store) runs outside torch.compile's
         # graphs: traced, its per-step state would become guards and recompile the model at every step. The
@@ -358,6 +364,8 @@ def enable(
     result up to rounding). `offload=True` keeps the cache in host memory (pinned on CUDA) and brings each block's
     share to the device while the block before it runs, on a side stream (same result; device cache memory
     bounded by about two blocks')."""
+    _check_model(model)
+    seed = check_seed(seed, "cache.enable")
     config = make_config(method, **overrides)
     settings = settings_from(scheduler, num_sampling_steps)
     wanted = config.sampler_settings().get("num_sampling_steps")
@@ -370,6 +378,11 @@ def enable(
     controller = CacheController(model, config, fold=fold, settings=settings, seed=seed, offload=offload)
     controller.install()
     return controller
+
+
+def _check_model(model: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"cache.enable: model must be an STDiT3 (torch.nn.Module), got {type(model).__name__}")
 
 
 def disable(model: nn.Module) -> None:

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from duca_video.models.attention import cut_text_keys
 from duca_video.parallel.comm import CommStats, all_gather_tokens, group_rank, group_size
+from duca_video.seeds import check_seed
 
 from .events import SampleStart, SamplingListener, StepStart, listeners_of
 
@@ -294,6 +295,8 @@ class RFlowSampler:
         if y.dim() != 4 or y.shape[1] != 1:
             raise ValueError(f"y must be (B, 1, L, C), got shape {tuple(y.shape)}")
         batch = z.shape[0]
+        if batch < 1:
+            raise ValueError(f"z has batch {batch}: give at least one video, shape (B >= 1, C, T, H, W)")
         if y.shape[0] != batch:
             raise ValueError(f"y has batch {y.shape[0]} but z has batch {batch}")
         if cfg:
@@ -378,9 +381,10 @@ def _cfg_half(cfg_group: Any) -> int | None:
 
 def _video_seeds(seed: int | Sequence[int] | None, batch: int) -> tuple[int, ...] | None:
     """Per-video seeds as a tuple (None for a single run seed)."""
+    seed = check_seed(seed, "sample")
     if seed is None or isinstance(seed, int):
         return None
-    seeds = tuple(int(s) for s in seed)
+    seeds = tuple(seed)
     if len(seeds) != batch:
         raise ValueError(f"sample: {len(seeds)} seeds for a batch of {batch} videos (pass one per video)")
     return seeds
