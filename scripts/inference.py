@@ -2,12 +2,14 @@
 (or under `torchrun --nproc_per_node 1`). Flags are Open-Sora 1.2's; `--help` lists them.
 
 Exit status: 0 every video is written (or was already complete), 1 some videos failed (listed in the
-summary), 2 bad input (nothing generated), 130 interrupted.
+summary), 2 bad input (nothing generated), 130 interrupted. Under torchrun these are each worker's codes; the
+launcher itself exits 0 when every worker did, else 1 (and prints its own failure report).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -34,12 +36,19 @@ def _interrupt(signum: int, frame: object) -> None:
 _INPUT_ERRORS = (ConfigError, InputError, PromptError, CheckpointError, CheckpointMismatchError, FileNotFoundError)
 
 
+def _refuse(exc: BaseException) -> int:
+    """Bad input: one `error:` line. Under torchrun every rank finds the same fault in the same input: rank 0
+    alone says it, so the launcher's output holds one message, not one per rank interleaved."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {exc}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, _ = config_from_args(argv)
     except _INPUT_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(exc)
     except KeyboardInterrupt:  # Ctrl-C while a config file runs: nothing was started
         print("interrupted", file=sys.stderr)
         return 130
@@ -53,8 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with logging_redirect_tqdm():
             summary = run(cfg)
     except _INPUT_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(exc)
     except KeyboardInterrupt:  # while the models were loading (later, run() stops cleanly itself)
         print("interrupted", file=sys.stderr)
         return 130

@@ -132,7 +132,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the CLI's error format: one `error: ...` line (exit 2), the usage only on --help."""
 
     def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        # Under torchrun every rank parses the same flags: rank 0 alone reports them (one line, not one per rank).
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n" if os.environ.get("RANK", "0") == "0" else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
