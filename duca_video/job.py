@@ -91,12 +91,25 @@ def _agree(flags: list[bool], ctx: ParallelContext, device: torch.device) -> lis
     return [bool(v) for v in broadcast_from_writer(tensor, ctx).tolist()]
 
 
+def _check_no_folder_in_the_way(cfg: InferenceConfig, save_dir: Path, planned: list[VideoJob]) -> None:
+    """A folder (or anything but a file) where a video, its record or its latent goes could never be replaced:
+    named before any work."""
+    for job in planned:
+        out = OutputPaths(save_dir, job.name)
+        for path in (out.video, out.record, *([out.latent] if cfg.save_latents else [])):
+            if path.exists() and not path.is_file():
+                kind = "a folder" if path.is_dir() else "not a regular file"
+                raise InputError(f"{path} is {kind}, where {job.name}'s output file goes: move it away, or use "
+                                 "another --save-dir")  # fmt: skip
+
+
 def scan_outputs(
     cfg: InferenceConfig, save_dir: Path, planned: list[VideoJob], mine: list[VideoJob], identity: VideoIdentity,
     summary: RunSummary, ctx: ParallelContext, device: torch.device,
 ) -> list[VideoJob]:  # fmt: skip
     """The videos of this group's share still to generate. Refuses (InputError) when any video of the whole
     job has a record with other settings, unless cfg.overwrite; every rank checks the same, so all refuse."""
+    _check_no_folder_in_the_way(cfg, save_dir, planned)
     differs = []
     for job in planned:  # records only (cheap): the same verdict on every rank
         status = check_output(OutputPaths(save_dir, job.name), identity(job), cfg.save_latents, hashes=False)

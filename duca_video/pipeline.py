@@ -49,6 +49,7 @@ from duca_video.io import (
     RunSummary,
     atomic_write_json,
     check_writable,
+    is_storage_full,
     remove_stale_temps,
     save_latent,
     to_uint8_frames,
@@ -240,17 +241,24 @@ def write_outputs(
 ) -> None:
     """Latent, then video, then the record last: a record on disk means the video is complete, and the sizes and
     hashes in it tell a whole file from a truncated or replaced one."""
-    files = {"video": out.video.name}
-    if cfg.save_latents:
-        save_latent(out.latent, latent, metadata={"prompt": record["prompt"], "seed": str(record["seed"])})
-        files["latent"] = out.latent.name
-        digest = file_digest(out.latent)
-        record["latent_bytes"], record["latent_sha256"] = digest["bytes"], digest["sha256"]
-    record["video_codec"] = write_video(out.video, frames, cfg.video_fps)
-    digest = file_digest(out.video)
-    record["video_bytes"], record["video_sha256"] = digest["bytes"], digest["sha256"]
-    record["files"] = files
-    atomic_write_json(out.record, record)
+    files, written = {"video": out.video.name}, []
+    try:  # each file appears whole (atomic writes); a failure removes this video's files written before it
+        if cfg.save_latents:
+            save_latent(out.latent, latent, metadata={"prompt": record["prompt"], "seed": str(record["seed"])})
+            written.append(out.latent)
+            files["latent"] = out.latent.name
+            digest = file_digest(out.latent)
+            record["latent_bytes"], record["latent_sha256"] = digest["bytes"], digest["sha256"]
+        record["video_codec"] = write_video(out.video, frames, cfg.video_fps)
+        written.append(out.video)
+        digest = file_digest(out.video)
+        record["video_bytes"], record["video_sha256"] = digest["bytes"], digest["sha256"]
+        record["files"] = files
+        atomic_write_json(out.record, record)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------- the job
@@ -270,15 +278,20 @@ def run(cfg: InferenceConfig, jobs: list[VideoJob] | None = None) -> RunSummary:
     _check_sp_size(cfg, weights, ctx)
     check_cache_settings(cfg)
     device = resolve_device(cfg.device)
-    try:  # last of the checks, so that a run refused for another reason creates no folder
-        save_dir = check_writable(cfg.save_dir)
-    except OSError as exc:
-        raise InputError(f"save directory {cfg.save_dir!r} is not writable: {exc}") from None
-    if ctx.is_writer:
-        remove_stale_temps(save_dir)
+    save_dir = Path(cfg.save_dir)
     identity = VideoIdentity(cfg, weights)
     summary = RunSummary(str(save_dir), writer=ctx.is_writer)
-    todo = scan_outputs(cfg, save_dir, planned, mine, identity, summary, ctx, device)
+    # Reading the folder needs no write access: a complete job on a read-only mount is reported complete.
+    todo = scan_outputs(cfg, save_dir, planned, mine, identity, summary, ctx, device) if save_dir.is_dir() else None
+    if todo is None or todo:
+        try:  # the last check, so that a run refused for another reason creates no folder
+            save_dir = check_writable(cfg.save_dir)
+        except OSError as exc:
+            raise InputError(f"save directory {cfg.save_dir!r} is not writable: {exc}") from None
+        if ctx.is_writer:
+            remove_stale_temps(save_dir)
+        if todo is None:
+            todo = scan_outputs(cfg, save_dir, planned, mine, identity, summary, ctx, device)
     if todo:
         models = load_models(cfg, weights, device, ctx)
         try:
@@ -311,14 +324,22 @@ def _generate_all(
     """Every batch in turn: claim (lock) its videos, generate, write; one failed batch does not end the job."""
     bar = tqdm(total=sum(map(len, batches)), unit="video", desc="videos", disable=True if cfg.quiet else None)
     try:
-        for batch in batches:
-            jobs, locks = claim_batch(cfg, save_dir, batch, identity, summary, models.ctx, models.device)
+        for k, batch in enumerate(batches):
             try:
-                if jobs:
-                    _generate_batch(cfg, models, save_dir, jobs, identity, summary)
-            finally:
-                for lock in locks:
-                    lock.release()
+                jobs, locks = claim_batch(cfg, save_dir, batch, identity, summary, models.ctx, models.device)
+                try:
+                    if jobs:
+                        _generate_batch(cfg, models, save_dir, jobs, identity, summary)
+                finally:
+                    for lock in locks:
+                        lock.release()
+            except OSError as exc:  # a lock or a file could not be written (disk full, folder gone, ...)
+                if not is_storage_full(exc):
+                    raise
+                log.error("stopping: %s is full (%s)", save_dir, exc.strerror)
+                left = [j.name for b in batches[k:] for j in b if j.name not in summary.written]
+                summary.failed += [(name, f"not written: the disk is full ({exc.strerror})") for name in left]
+                return
             bar.update(len(batch))
     finally:
         bar.close()
@@ -355,7 +376,13 @@ def _generate_batch(
         record = make_record(cfg, m, job, g, len(jobs), identity(job))
         try:
             write_outputs(cfg, OutputPaths(save_dir, job.name), g.frames[i], g.latents[i], record)
-        except Exception as exc:  # noqa: BLE001 - e.g. disk full: report it, try the next video
+        except OSError as exc:  # nothing half-written is left (atomic writes); a full disk stops the job
+            if is_storage_full(exc):
+                raise
+            log.error("writing %s failed: %s", job.name, exc)
+            summary.failed.append((job.name, f"{type(exc).__name__}: {exc}"))
+            continue
+        except Exception as exc:  # noqa: BLE001 - not the disk: report it with its traceback, try the next video
             log.exception("writing %s failed", job.name)
             summary.failed.append((job.name, f"{type(exc).__name__}: {exc}"))
             continue

@@ -77,7 +77,7 @@ def test_a_step_variant_longer_than_the_job_is_refused(tmp_path, capsys, no_mode
         (["--prompt", "a\ud800b"], "prompt 1 (--prompt) cannot be encoded as UTF-8 (surrogates not allowed"),
         (["--prompt-path", "{tmp}/nul.txt"], "prompt 1 (prompt file '{tmp}/nul.txt', line 3) contains a NUL"),
         (["--prompt-path", "{tmp}/latin1.txt"], "prompt file '{tmp}/latin1.txt' is not UTF-8 text (a binary"),
-        (["--prompt-path", "{tmp}"], "prompt file '{tmp}' does not exist (it is a folder)"),
+        (["--prompt-path", "{tmp}"], "prompt file '{tmp}' is a folder, not a file"),
     ],
 )
 def test_bad_names_and_prompts(tmp_path, capsys, no_models, argv, message):

@@ -150,9 +150,9 @@ def test_mp4_round_trip(tmp_path, size):
 
 # ------------------------------------------------------------------------------------------- the pipeline
 def test_steps_method_sets_the_sampler_steps(tmp_path):
-    summary = pipeline.run(tiny(tmp_path, "--prompt", PROMPTS[0], "--cache", "steps", "--cache-opt", "num_steps=3"))
+    summary = pipeline.run(tiny(tmp_path, "--prompt", PROMPTS[0], "--cache", "steps", "--cache-opt", "num_steps=1"))
     record = json.loads((tmp_path / "out" / "sample_0000.json").read_text())
-    assert summary.exit_code == 0 and record["steps"] == 3 and record["method_config"] == {"num_steps": 3}
+    assert summary.exit_code == 0 and record["steps"] == 1 and record["method_config"] == {"num_steps": 1}
     assert record["cache_bytes"] == 0 and record["method"] == "steps"
 
 

@@ -1,6 +1,13 @@
 """Inputs and outputs of inference runs: prompts, crash-safe files, mp4 videos."""
 
-from .files import atomic_path, atomic_write_json, check_writable, remove_stale_temps, save_latent
+from .files import (
+    atomic_path,
+    atomic_write_json,
+    check_writable,
+    is_storage_full,
+    remove_stale_temps,
+    save_latent,
+)
 from .prompts import PromptError, append_scores, load_prompt_file, select_prompts, video_name
 from .records import RECORD_FIELDS, OutputPaths, RunSummary
 from .video import choose_codec, to_uint8_frames, write_video
@@ -14,6 +21,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_json",
     "check_writable",
+    "is_storage_full",
     "choose_codec",
     "load_prompt_file",
     "remove_stale_temps",

@@ -8,6 +8,7 @@ processes that no longer exist without touching the ones a live job is still wri
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -92,6 +93,11 @@ def remove_stale_temps(folder: str | os.PathLike, alive: Callable[[int], bool] =
                 path.unlink()
                 removed.append(path)
     return removed
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    """A write that failed because the disk (or the user's quota) is full: every later write fails too."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def check_writable(folder: str | os.PathLike) -> Path:

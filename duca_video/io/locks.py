@@ -49,8 +49,12 @@ class VideoLock:
                     self.path.unlink()
                 continue
             self.held, self.holder = True, None  # ours from here: a stop while writing still releases it
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.me, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self.me, f)
+            except OSError:  # e.g. a full disk: leave no empty lock behind
+                self.release()
+                raise
             return True
         return False
 

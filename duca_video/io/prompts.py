@@ -35,16 +35,40 @@ class PromptError(ValueError):
     """Prompts, or the names made from them, are unusable; the message says which input and why."""
 
 
+# Pipes and devices (`--prompt-path /dev/stdin`, a FIFO, `<(...)`) are read once per process: a second open
+# would wait for a new writer that never comes.
+_STREAMS: dict[str, list[tuple[int, str]]] = {}
+
+
 def load_prompt_lines(path: str | os.PathLike) -> list[tuple[int, str]]:
     """(line number from 1, prompt) for every non-blank line, surrounding whitespace stripped. Lines end at
     "\n" only (as upstream's readlines), so line numbers are an editor's; a UTF-8 byte-order mark is dropped."""
     path = Path(path)
-    if not path.is_file():
-        raise PromptError(f"prompt file {str(path)!r} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    if not path.exists():
+        raise PromptError(f"prompt file {str(path)!r} does not exist")
+    if path.is_dir():
+        raise PromptError(f"prompt file {str(path)!r} is a folder, not a file")
+    stream = not path.is_file()
+    if stream and str(path) in _STREAMS:
+        return _STREAMS[str(path)]
+    lines = _parse_prompt_bytes(path, _read_prompt_bytes(path, stream))
+    if stream:
+        _STREAMS[str(path)] = lines
+    return lines
+
+
+def _read_prompt_bytes(path: Path, stream: bool) -> bytes:
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            if stream and os.isatty(f.fileno()):  # reading would wait for someone to type
+                raise PromptError(f"prompt file {str(path)!r} is a terminal: pipe the prompts in "
+                                  f"(e.g. `... --prompt-path {path} < prompts.txt`) or give a file")  # fmt: skip
+            return f.read()
     except OSError as exc:
         raise PromptError(f"prompt file {str(path)!r} cannot be read: {exc}") from None
+
+
+def _parse_prompt_bytes(path: Path, data: bytes) -> list[tuple[int, str]]:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
