@@ -1,6 +1,10 @@
 """torch.compile with the cache on (CPU inductor): the eager result, and no recompiling from step to step (the
 blocks' modules see one static shape per step kind; the cache's Python stays out of the graphs)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +12,8 @@ from duca_video import cache
 from tests.test_cache import sample
 from tests.test_stdit3 import tiny_model
 from tests.tiny_cli import NAMES, latent, mp4_times, record, run_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(not hasattr(torch.nn.Module, "compile"), reason="needs torch >= 2.2")
 
@@ -89,3 +95,24 @@ def test_cli_compile_writes_the_eager_video_and_resumes_it(tmp_path, one_thread)
     before = mp4_times(eager)
     assert run_tiny(eager, "--compile") == 0
     assert mp4_times(eager) == before
+
+
+def test_enabling_the_cache_loads_no_compiler():
+    # torch._dynamo costs ~70 MiB and ~1 s to import: a run that never compiles must not pay for it.
+    code = ("import sys; from duca_video import cache; from tests.test_stdit3 import tiny_model; "
+            "cache.enable(tiny_model(), 'duca'); print('torch._dynamo' in sys.modules)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_prepare_compile_keeps_a_cache_enabled_before_the_compiler_out_of_tracing(monkeypatch):
+    model = tiny_model()
+    with monkeypatch.context() as m:  # as in a process where nothing imported the compiler yet
+        m.delitem(sys.modules, "torch._dynamo", raising=False)
+        cache.enable(model, "duca")
+    block = model.spatial_blocks[0]
+    assert not getattr(block.forward.func, "_torchdynamo_disable", False)
+    cache.prepare_compile(model)
+    block = model.spatial_blocks[0]
+    assert getattr(block.forward.func, "_torchdynamo_disable", False)
+    cache.disable(model)

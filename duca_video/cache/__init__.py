@@ -15,7 +15,7 @@ Python stays outside the graphs).
 Each method is one module of `methods/` (config dataclass + policy); `registry.METHODS` lists them all.
 """
 
-from .compile import compile_blocks
+from .compile import compile_blocks, prepare_compile
 from .config import CacheConfig, make_config
 from .methods.none import NoneConfig, StepsConfig
 from .methods.pab import PABConfig
@@ -56,6 +56,7 @@ __all__ = [
     "TokenCacheConfig",
     "build_schedule",
     "compile_blocks",
+    "prepare_compile",
     "controller_of",
     "disable",
     "enable",

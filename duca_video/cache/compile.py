@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from .plugin import find_blocks
+from .plugin import find_blocks, prepare_compile
 
 COMPILED_MODULES = ("attn", "cross_attn", "mlp")
 
@@ -42,7 +42,8 @@ def compile_blocks(model: nn.Module, **options: Any) -> list[str]:
                 continue
             module.compile(**options)
             compiled.append(names.get(id(module), attr))
+    prepare_compile(model)  # an installed cache's Python stays out of the traced graphs
     return compiled
 
 
-__all__ = ["COMPILED_MODULES", "compile_blocks"]
+__all__ = ["COMPILED_MODULES", "compile_blocks", "prepare_compile"]

@@ -13,6 +13,7 @@ parallelism it reads upstream's group (`upstream.py`).
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import torch
@@ -397,9 +398,22 @@ def controller_of(model: nn.Module) -> CacheController | None:
 
 
 def _eager(fn: Any) -> Any:
-    """`fn` kept out of torch.compile's tracing (it runs as Python between the compiled graphs)."""
+    """`fn` kept out of torch.compile's tracing (it runs as Python between the compiled graphs), when compiling
+    is in use in this process (torch._dynamo imported). Marking needs torch._dynamo, whose import costs ~70 MiB
+    and ~1 s: a run that never compiles does not pay it (`prepare_compile` marks an installed cache later)."""
     disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return fn if disable is None else disable(fn)
+    return fn if disable is None or "torch._dynamo" not in sys.modules else disable(fn)
+
+
+def prepare_compile(model: nn.Module) -> None:
+    """Keep the cache enabled on `model` out of torch.compile's tracing: call it before `torch.compile(model)`
+    when the cache was enabled before torch._dynamo was imported (`compile_blocks` calls it)."""
+    import torch._dynamo  # noqa: F401 - what marking a function as eager needs
+
+    controller = controller_of(model)
+    if controller is not None:
+        controller.remove()
+        controller.install()
 
 
 def _caption_rows(sample: Sample, y: torch.Tensor, mask: Any) -> tuple[torch.Tensor, Any]:
