@@ -133,7 +133,7 @@ def test_bad_settings_are_clear_errors(tmp_path, capsys):
 def test_two_sequence_parallel_ranks_decide_as_one_process(tmp_path):
     pytest.importorskip("colossalai")
     threshold = 0.13  # on this model and input the signals stay >= 5e-3 away from it (rounding is ~1e-8)
-    reports = run_workers("fbcache_worker.py", 2, tmp_path, str(threshold))
+    reports = run_workers("decisions_worker.py", 2, tmp_path, "fbcache", str(threshold))
     single = reports[0]["kinds_single"]
     assert "full" in single[1:-1] and "first_block" in single  # the threshold splits the steps
     for report in reports:

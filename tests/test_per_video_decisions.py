@@ -1,4 +1,4 @@
-"""TeaCache and First-Block Cache decide per video: a video's result does not depend on its batch-mates.
+"""TeaCache, First-Block Cache and EasyCache decide per video: a video's result does not depend on its batch-mates.
 
 On the trained testbed model, four prompts in one batch give steps where some videos compute and others skip
 ("mixed:..." / "first_block:..." in the history); each video must equal the same video sampled alone, and the
@@ -15,7 +15,8 @@ from duca_video.testbed.tiny import load_tiny
 PROMPTS = ["a large red circle moving left on a dark background", "a small blue square moving up on a light background",
            "a large green circle moving right on a dark background",
            "a small yellow square moving down on a dark background"]  # fmt: skip
-CASES = [("teacache", {"threshold": 0.6}, "mixed"), ("fbcache", {"threshold": 0.2}, "first_block")]
+CASES = [("teacache", {"threshold": 0.6}, "mixed"), ("fbcache", {"threshold": 0.2}, "first_block"),
+         ("easycache", {"threshold": 0.2, "warmup_steps": 2}, "mixed")]
 
 
 @pytest.fixture(scope="module")

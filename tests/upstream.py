@@ -142,7 +142,8 @@ TINY = dict(depth=2, hidden_size=64, num_heads=4, patch_size=(1, 2, 2), in_chann
 METHODS = {"none": {}, "duca": {}, "toca": {}, "fora": {}, "aggressive": {}, "conservative": {},
            "pab": {"threshold": (0.0, 2000.0)}, "teacache": {"threshold": 0.3}, "duca_forecast": {},
            "taylorseer": {"interval": 3, "warmup_steps": 1}, "magcache": {"retention_ratio": 0.1},
-           "fbcache": {"threshold": 0.3}, "fastercache": {"attn_start": 2, "cfg_start": 3}}  # fmt: skip
+           "fbcache": {"threshold": 0.3}, "fastercache": {"attn_start": 2, "cfg_start": 3},
+           "easycache": {"threshold": 0.05, "warmup_steps": 2}}  # fmt: skip
 
 
 def tiny_upstream_model(up: Upstream, seed: int = 0, **config) -> torch.nn.Module:

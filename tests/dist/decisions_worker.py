@@ -1,4 +1,5 @@
-"""Run under torchrun: First-Block Cache on the tiny model, one process vs sequence parallel over the group.
+"""Run under torchrun: a method that decides from the data (First-Block Cache, EasyCache, ...) on the tiny model,
+one process vs sequence parallel over the group: `decisions_worker.py OUT_DIR METHOD THRESHOLD [KEY=INT ...]`.
 
 Writes one JSON per rank: each run's step kinds and signals, and max |SP - single| of the final latent. 15
 spatial tokens, so the SP split pads (the signal must leave the padding out).
@@ -37,14 +38,14 @@ def sample(model: STDiT3) -> torch.Tensor:
     return sampler.sample(model, z, y, y_null, mask, model_kwargs=kwargs, progress=False, seed=3)
 
 
-def main(out_dir: str, threshold: float) -> None:
+def main(out_dir: str, method: str, threshold: float, **options: int) -> None:
     ctx = init_parallel()
     model = tiny_model()
     runs = {}
     for name in ("single", "sp"):
         disable_sequence_parallel(model)
         sp = enable_sequence_parallel(model, ctx.sp_group, gather_output=False) if name == "sp" else None
-        controller = cache.enable(model, "fbcache", threshold=threshold)
+        controller = cache.enable(model, method, threshold=threshold, **options)
         out = sample(model)
         if sp is not None:
             out = sp.gather_latents(out, model.config.patch_size)
@@ -59,4 +60,4 @@ def main(out_dir: str, threshold: float) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], float(sys.argv[2]))
+    main(sys.argv[1], sys.argv[2], float(sys.argv[3]), **{k: int(v) for k, v in (a.split("=") for a in sys.argv[4:])})
