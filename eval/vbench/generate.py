@@ -23,7 +23,6 @@ Exit status: 0 all planned videos are complete, 1 some failed, 2 bad input, 130 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import signal
 import sys
@@ -41,6 +40,7 @@ if __package__ in (None, ""):  # run as a file: import `eval.` from the reposito
     sys.path[0] = str(Path(__file__).resolve().parents[2])
 
 from eval.common import EvalError, atomic_write_json, mean, read_record
+from eval.vbench.cli import Parser, check_output_file, nonempty, positive_int, run_script, say
 from eval.vbench.protocol import (
     NUM_SAMPLES,
     Shard,
@@ -63,18 +63,20 @@ SEED_RULE = "seed = base_seed + k for sample k (0-based) of every prompt"
 SHARD_RULE = "I-th of N contiguous blocks of the suite-ordered list of distinct files, sizes differing by <= 1"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     # allow_abbrev=False: inference's --num-sample must not silently match our --num-samples.
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="eval/vbench/generate.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
         epilog="All other flags are scripts/inference.py's and override the config (see its --help).",
     )  # fmt: skip
-    p.add_argument("--config", help="inference config (Python file); required unless --list")
-    p.add_argument("--full-info", help="VBench_full_info.json (default: the one inside the installed vbench)")
-    p.add_argument("--num-samples", type=int, default=NUM_SAMPLES, help="videos per prompt (VBench: 5)")
+    p.add_argument("--config", type=nonempty, help="inference config (Python file); required unless --list")
+    p.add_argument("--full-info", type=nonempty,
+                   help="VBench_full_info.json (default: the one inside the installed vbench)")
+    p.add_argument("--num-samples", type=positive_int, default=NUM_SAMPLES, help="videos per prompt (VBench: 5)")
     p.add_argument("--shard", default="0/1", help="I/N: this job's share of the files (0-based), default 0/1")
     p.add_argument("--list", action="store_true", help="print the planned file names and exit (loads no model)")
-    p.add_argument("--manifest", help="manifest path (default: SAVE_DIR/manifest.json or manifest.shard-I-of-N.json)")
+    p.add_argument("--manifest", type=nonempty,
+                   help="manifest path (default: SAVE_DIR/manifest.json or manifest.shard-I-of-N.json)")
     return p
 
 
@@ -126,6 +128,20 @@ def build_manifest(
     return {**header, "summary": summary, "videos": rows}
 
 
+def manifest_header(
+    full_info: Path, suite: Sequence[Any], num_samples: int, files: int, cfg: InferenceConfig, shard: Shard, own: int
+) -> dict[str, Any]:
+    """The manifest's description of the run: the suite, the seed and shard rules, the config."""
+    return {
+        "suite": {"full_info": str(full_info), "sha256": suite_digest(full_info), "entries": len(suite),
+                  "distinct_prompts": len({e.prompt for e in suite}), "num_samples": num_samples, "files": files},
+        "seed_rule": SEED_RULE, "base_seed": cfg.seed,
+        "shard": {"index": shard.index, "count": shard.count, "rule": SHARD_RULE, "files": own},
+        "config": {k: v for k, v in cfg.to_dict().items() if k not in SUITE_FLAGS},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+
+
 def manifest_path(save_dir: Path, shard: Shard, given: str | None) -> Path:
     if given:
         return Path(given)
@@ -162,10 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         full_info = Path(args.full_info) if args.full_info else find_full_info()
         if args.list:  # before anything heavy is imported: names only
             for v in plan(full_info, args.num_samples, shard):
-                print(f"{v.name}.mp4")
+                say(f"{v.name}.mp4")
             return 0
         if not args.config:
             raise EvalError("--config FILE is required to generate (or pass --list to print the names)")
+        if not Path(args.config).is_file():
+            raise EvalError(f"--config {args.config!r} is not a file")
+        if args.manifest:  # written at the end: refused now rather than after the videos
+            check_output_file(args.manifest, "--manifest")
         suite = load_suite(full_info)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -200,25 +220,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
-    header = {
-        "suite": {"full_info": str(full_info), "sha256": suite_digest(full_info), "entries": len(suite),
-                  "distinct_prompts": len({e.prompt for e in suite}), "num_samples": args.num_samples,
-                  "files": len(everything)},
-        "seed_rule": SEED_RULE, "base_seed": cfg.seed,
-        "shard": {"index": shard.index, "count": shard.count, "rule": SHARD_RULE, "files": len(videos)},
-        "config": {k: v for k, v in cfg.to_dict().items() if k not in SUITE_FLAGS},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    header = manifest_header(full_info, suite, args.num_samples, len(everything), cfg, shard, len(videos))
     save_dir.mkdir(parents=True, exist_ok=True)
     path = manifest_path(save_dir, shard, args.manifest)
     atomic_write_json(path, build_manifest(videos, save_dir, dict(summary.failed), header))
-    print(summary.format())
-    print(f"manifest: {path}")
+    say(summary.format())
+    say(f"manifest: {path}")
     return summary.exit_code
 
 
 if __name__ == "__main__":
-    code = main()
+    code = run_script(main)
     if "torch.distributed" in sys.modules:  # a job ran (--list never imports torch): end its process groups
         from duca_video.parallel.launch import close_parallel
 

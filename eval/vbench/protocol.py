@@ -31,6 +31,7 @@ __all__ = [
     "SEMANTIC_WEIGHT",
     "Shard",
     "SuiteVideo",
+    "dimension_videos",
     "find_full_info",
     "load_suite",
     "parse_shard",
@@ -80,7 +81,7 @@ RELATIVE_COST = {
 
 # Files VBench 0.1.5 reads from $VBENCH_CACHE_DIR per dimension in local mode (vbench/utils.py init_submodules,
 # aesthetic_quality.py, third_party/ViCLIP/simple_tokenizer.py); it would try to download any that is missing.
-# scene (Tag2Text) also loads bert-base-uncased through transformers, from the Hugging Face cache.
+# Two more caches are read (eval/vbench/offline.py checks them): see TORCH_HUB_FILES and HF_MODELS.
 _GRIT = ("grit_model/grit_b_densecap_objectdet.pth",)
 _VICLIP = ("ViCLIP/ViClip-InternVid-10M-FLT.pth", "ViCLIP/bpe_simple_vocab_16e6.txt.gz")
 LOCAL_FILES: dict[str, tuple[str, ...]] = {
@@ -101,6 +102,28 @@ LOCAL_FILES: dict[str, tuple[str, ...]] = {
     "temporal_style": _VICLIP,
     "overall_consistency": _VICLIP,
 }
+
+# subject_consistency: VBench passes `path=` to DINO's hubconf, which ignores it and loads the weights with
+# torch.hub.load_state_dict_from_url, i.e. from $TORCH_HOME/hub/checkpoints (default ~/.cache/torch).
+TORCH_HUB_FILES: dict[str, tuple[str, ...]] = {"subject_consistency": ("dino_vitbase16_pretrain.pth",)}
+# bert-base-uncased from the Hugging Face cache: GRiT's text decoder (the four detectron2 dimensions) loads its
+# tokenizer (grit_roi_heads.py), Tag2Text (scene) its tokenizer and weights (tag2text.py).
+HF_MODELS: dict[str, tuple[str, ...]] = {
+    "object_class": ("bert-base-uncased",), "multiple_objects": ("bert-base-uncased",),
+    "color": ("bert-base-uncased",), "spatial_relationship": ("bert-base-uncased",),
+    "scene": ("bert-base-uncased",),
+}  # fmt: skip
+
+# Dimensions whose VBench 0.1.5 code runs on torch.device("cpu"): nothing on their path calls CUDA (GRiT sets
+# MODEL.DEVICE from the device; RAFT's torch.cuda.amp.autocast is disabled; motion_smoothness has a CPU branch)
+# and their checkpoints are loaded with map_location="cpu". Not aesthetic_quality: it loads its linear head with
+# torch.load and no map_location (VBench added map_location="cpu" only after 0.1.5).
+CPU_DIMENSIONS = tuple(d for d in DIMENSIONS if d != "aesthetic_quality")
+
+# The per-dimension field of auxiliary_info VBench reads (object_class.py, color.py, ...): {dim: {key: value}}.
+AUXILIARY_KEYS = {"object_class": "object", "multiple_objects": "object", "color": "color",
+                  "spatial_relationship": "spatial_relationship", "scene": "scene",
+                  "appearance_style": "appearance_style"}  # fmt: skip
 
 NUM_SAMPLES = 5  # videos per prompt in VBench's standard mode
 FULL_INFO_NAME = "VBench_full_info.json"
@@ -131,8 +154,9 @@ def find_full_info() -> Path:
 
 
 def load_suite(path: str | os.PathLike) -> list[SuiteEntry]:
-    """The entries of a VBench full-info file, checked: a list of objects with a non-empty string `prompt_en`
-    and a non-empty list `dimension` of VBench dimensions."""
+    """The entries of a VBench full-info file, checked: a list of objects with a non-empty string `prompt_en`,
+    a non-empty list `dimension` of VBench dimensions and, for the dimensions VBench reads it for, the field
+    `auxiliary_info.DIMENSION.KEY` (AUXILIARY_KEYS)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -142,22 +166,32 @@ def load_suite(path: str | os.PathLike) -> list[SuiteEntry]:
         raise EvalError(f"full-info file {str(path)!r} cannot be read as JSON: {exc}") from None
     if not isinstance(data, list) or not data:
         raise EvalError(f"full-info file {str(path)!r}: expected a non-empty JSON list of prompt entries")
-    entries = []
-    for i, item in enumerate(data):
-        where = f"full-info file {str(path)!r}, entry {i}"
-        if not isinstance(item, dict):
-            raise EvalError(f"{where}: expected an object, got {type(item).__name__}")
-        prompt = item.get("prompt_en")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise EvalError(f"{where}: field 'prompt_en' must be a non-empty string, got {prompt!r}")
-        dims = item.get("dimension")
-        if not isinstance(dims, list) or not dims:
-            raise EvalError(f"{where}: field 'dimension' must be a non-empty list, got {dims!r}")
-        unknown = [d for d in dims if d not in NORMALIZATION]
-        if unknown:
-            raise EvalError(f"{where}: field 'dimension' has {unknown}; allowed: {', '.join(DIMENSIONS)}")
-        entries.append(SuiteEntry(i, prompt, tuple(dims)))
-    return entries
+    return [_entry(i, item, f"full-info file {str(path)!r}, entry {i}") for i, item in enumerate(data)]
+
+
+def _entry(index: int, item: object, where: str) -> SuiteEntry:
+    if not isinstance(item, dict):
+        raise EvalError(f"{where}: expected an object, got {type(item).__name__}")
+    prompt = item.get("prompt_en")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise EvalError(f"{where}: field 'prompt_en' must be a non-empty string, got {prompt!r}")
+    dims = item.get("dimension")
+    if not isinstance(dims, list) or not dims or not all(isinstance(d, str) for d in dims):
+        raise EvalError(f"{where}: field 'dimension' must be a non-empty list of names, got {dims!r}")
+    unknown = [d for d in dims if d not in NORMALIZATION]
+    if unknown:
+        raise EvalError(f"{where}: field 'dimension' has {unknown}; allowed: {', '.join(DIMENSIONS)}")
+    aux = item.get("auxiliary_info", {})
+    if not isinstance(aux, dict):
+        raise EvalError(f"{where}: field 'auxiliary_info' must be an object, got {aux!r}")
+    for dim in (d for d in dims if d in AUXILIARY_KEYS):
+        key = AUXILIARY_KEYS[dim]
+        value = aux.get(dim)
+        inner = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(inner, (str, dict)) or not inner:
+            raise EvalError(f"{where}: field 'auxiliary_info.{dim}.{key}' must be a non-empty string or object "
+                            f"(VBench's {dim} reads it), got {value!r}")  # fmt: skip
+    return SuiteEntry(index, prompt, tuple(dims))
 
 
 def suite_digest(path: str | os.PathLike) -> str:
@@ -211,6 +245,19 @@ def plan_videos(entries: Sequence[SuiteEntry], num_samples: int, base_seed: int)
         for p in first
         for k in range(num_samples)
     ]
+
+
+def dimension_videos(entries: Sequence[SuiteEntry], num_samples: int) -> dict[str, frozenset[str]]:
+    """{dimension: the names of the videos the suite lists for it}: `{prompt}-{k}` for every entry with the
+    dimension and k < num_samples, exactly the files VBench's standard mode looks for (a prompt listed twice
+    names its files once)."""
+    if num_samples < 1:
+        raise EvalError(f"--num-samples {num_samples}: must be >= 1 (VBench's standard mode uses {NUM_SAMPLES})")
+    names: dict[str, set[str]] = {d: set() for d in DIMENSIONS}
+    for e in entries:
+        for dim in e.dimensions:
+            names[dim].update(video_name(e.prompt, k) for k in range(num_samples))
+    return {d: frozenset(v) for d, v in names.items() if v}
 
 
 # ---------------------------------------------------------------------------------------------------- sharding
