@@ -64,7 +64,7 @@ from duca_video.models.checkpoint import read_config
 from duca_video.models.text_encoder import null_caption
 from duca_video.parallel.group_work import GroupRunner, TextShape
 from duca_video.parallel.launch import ParallelContext, init_parallel
-from duca_video.parallel.sequence import SequenceParallel, check_sp_size, enable_sequence_parallel
+from duca_video.parallel.sequence import SequenceParallel, check_sp_size, parallelize_stdit3
 from duca_video.sampling.rflow import RFlowSampler
 
 __all__ = ["Generated", "InputError", "Models", "VideoJob", "generate", "load_models", "run"]
@@ -119,7 +119,7 @@ def load_models(
                          "which the VAE cannot produce: use a larger image_size")  # fmt: skip
     model, source = build_model(cfg, weights["model"], vae, encoder, device, dtype)
     # Sharded mode: each rank keeps its positions of the latent; gathered once per sample (see parallel/).
-    sp = enable_sequence_parallel(model, ctx.sp_group, gather_output=False) if ctx.sp_size > 1 else None
+    sp = parallelize_stdit3(model, ctx.sp_group, gather_output=False) if ctx.sp_size > 1 else None
     sampler = RFlowSampler(**{k: v for k, v in dataclasses.asdict(cfg.scheduler).items() if k != "type"})
     controller, method_config = None, {}
     if cfg.cache.method != "none":

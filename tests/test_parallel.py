@@ -9,7 +9,7 @@ import torch
 
 from duca_video.parallel.comm import CommStats, SimulatedGroup, heads_to_seq, seq_to_heads
 from duca_video.parallel.launch import ParallelDims
-from duca_video.parallel.sequence import SequenceParallel, check_sp_size, enable_sequence_parallel
+from duca_video.parallel.sequence import SequenceParallel, check_sp_size, parallelize_stdit3
 from tests.test_stdit3 import tiny_model
 from tests.torchrun import ROOT, TORCHRUN, run_workers
 
@@ -54,7 +54,7 @@ def test_head_count_that_the_sp_size_does_not_divide_is_a_clear_error():
     with pytest.raises(ValueError, match="num_heads \\(16\\) divisible.*allowed SP sizes: \\[1, 2, 4, 8, 16\\]"):
         check_sp_size(16, 3)
     with pytest.raises(ValueError, match="divisible"):
-        enable_sequence_parallel(tiny_model(), SimulatedGroup(size=3))
+        parallelize_stdit3(tiny_model(), SimulatedGroup(size=3))
 
 
 def _inference(tmp_path: Path, save: str, nproc: int, *flags: str) -> subprocess.CompletedProcess:

@@ -19,7 +19,7 @@ from .. import cache as cache_lib
 from ..cache.variants import parse_variant
 from ..models.stdit3 import STDiT3, STDiT3Config
 from ..parallel.comm import SimulatedGroup
-from ..parallel.sequence import enable_sequence_parallel
+from ..parallel.sequence import parallelize_stdit3
 from ..sampling.rflow import RFlowSampler
 from .fidelity import latent_fidelity
 from .flops import count_flops
@@ -102,7 +102,7 @@ def loop_flops(
         model = STDiT3(setup.model).eval().to(dtype)
     sp = None
     if sp_size > 1:
-        sp = enable_sequence_parallel(model, SimulatedGroup(size=sp_size), gather_output=False)
+        sp = parallelize_stdit3(model, SimulatedGroup(size=sp_size), gather_output=False)
     inputs = make_inputs(setup, "meta", dtype)
     controller = cache_lib.enable(model, config)
     try:

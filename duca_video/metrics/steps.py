@@ -15,7 +15,7 @@ import torch
 from .. import cache as cache_lib
 from ..models.stdit3 import STDiT3, STDiT3Config
 from ..parallel.comm import SimulatedGroup
-from ..parallel.sequence import enable_sequence_parallel
+from ..parallel.sequence import parallelize_stdit3
 from ..sampling.events import SampleStart, StepStart, register_listener, unregister_listener
 from .benchmark import BenchSetup, make_inputs
 from .flops import count_flops, meta_inputs
@@ -61,7 +61,7 @@ def loop_steps(setup: BenchSetup, method: str, dtype: torch.dtype = torch.bfloat
         raise ValueError(f"cache method {method!r} decides its steps from the data: it has no counted step list")
     with torch.device("meta"):
         model = STDiT3(setup.model).eval().to(dtype)
-    sp = enable_sequence_parallel(model, SimulatedGroup(sp_size), gather_output=False) if sp_size > 1 else None
+    sp = parallelize_stdit3(model, SimulatedGroup(sp_size), gather_output=False) if sp_size > 1 else None
     controller = cache_lib.enable(model, config)
     counter = flop_counter()
     recorder = _StepRecorder(counter, sp)
@@ -93,7 +93,7 @@ def forward_cost(
     """(FLOPs, bytes sent) per rank of one uncached forward of `rows` model rows, SP over `sp_size` ranks."""
     with torch.device("meta"):
         model = STDiT3(config).eval().to(dtype)
-    sp = enable_sequence_parallel(model, SimulatedGroup(sp_size), gather_output=False) if sp_size > 1 else None
+    sp = parallelize_stdit3(model, SimulatedGroup(sp_size), gather_output=False) if sp_size > 1 else None
     inputs = meta_inputs(config, latent_shape, rows, image_size, text_tokens)
     inputs["x"], inputs["y"] = inputs["x"].to(dtype), inputs["y"].to(dtype)
     flops, _ = count_flops(model, **inputs)

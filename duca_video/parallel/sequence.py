@@ -202,7 +202,6 @@ def parallelize_stdit3(model: nn.Module, group: Group, gather_output: bool = Tru
     return sp
 
 
-enable_sequence_parallel = parallelize_stdit3  # the earlier name
 
 
 def disable_sequence_parallel(model: nn.Module) -> None:

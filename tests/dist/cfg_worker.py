@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from duca_video import cache
 from duca_video.parallel.launch import init_parallel
-from duca_video.parallel.sequence import disable_sequence_parallel, enable_sequence_parallel
+from duca_video.parallel.sequence import disable_sequence_parallel, parallelize_stdit3
 from tests.dist.sp_worker import inputs, sample, spy_collectives, tiny_model
 
 METHODS = {"none": {}, "duca": {}, "toca": {}, "teacache": {"threshold": 0.3}, "taylorseer": {"interval": 3}}
@@ -30,7 +30,7 @@ def main(out_dir: str, sp_size: int) -> None:
         controller = cache.enable(model, method, **extra)
         single = sample(model, data)
         single_kinds = [h["kind"] for h in controller.history]
-        sp = enable_sequence_parallel(model, ctx.sp_group, gather_output=False) if ctx.sp_size > 1 else None
+        sp = parallelize_stdit3(model, ctx.sp_group, gather_output=False) if ctx.sp_size > 1 else None
         calls.clear()
         controller = cache.enable(model, method, **extra)
         out = sample(model, data, cfg_group=ctx.cfg_group)

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from duca_video import cache
 from duca_video.models import STDiT3, STDiT3Config
 from duca_video.parallel.launch import init_parallel
-from duca_video.parallel.sequence import disable_sequence_parallel, enable_sequence_parallel
+from duca_video.parallel.sequence import disable_sequence_parallel, parallelize_stdit3
 from duca_video.sampling.rflow import RFlowSampler
 
 
@@ -44,7 +44,7 @@ def main(out_dir: str, method: str, threshold: float, **options: int) -> None:
     runs = {}
     for name in ("single", "sp"):
         disable_sequence_parallel(model)
-        sp = enable_sequence_parallel(model, ctx.sp_group, gather_output=False) if name == "sp" else None
+        sp = parallelize_stdit3(model, ctx.sp_group, gather_output=False) if name == "sp" else None
         controller = cache.enable(model, method, threshold=threshold, **options)
         out = sample(model)
         if sp is not None:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from duca_video import cache
 from duca_video.parallel import comm
 from duca_video.parallel.launch import init_parallel
-from duca_video.parallel.sequence import disable_sequence_parallel, enable_sequence_parallel
+from duca_video.parallel.sequence import disable_sequence_parallel, parallelize_stdit3
 from tests.dist.sp_worker import inputs, sample, tiny_model
 
 SETTINGS = dict(attn_start=3, cfg_start=4, cfg_interval=3, low_boost_until=6, high_boost_from=7)
@@ -42,7 +42,7 @@ def main(out_dir: str) -> None:
         controller = cache.enable(model, "fastercache", **SETTINGS)
         single = sample(model, data)
         single_history = steps(controller)
-        sp = enable_sequence_parallel(model, ctx.sp_group, gather_output=gather)
+        sp = parallelize_stdit3(model, ctx.sp_group, gather_output=gather)
         controller = cache.enable(model, "fastercache", **SETTINGS)
         reduces.clear()
         out = sample(model, data)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from duca_video import cache
 from duca_video.parallel.launch import init_parallel
-from duca_video.parallel.sequence import disable_sequence_parallel, enable_sequence_parallel
+from duca_video.parallel.sequence import disable_sequence_parallel, parallelize_stdit3
 from tests.dist.sp_worker import inputs, sample, tiny_model
 
 RATIOS = (1.0, 0.9, 0.95, 0.99, 0.995, 1.0, 0.99, 0.98, 0.97, 0.85)  # 10 steps, 5 skipped (see the test)
@@ -39,7 +39,7 @@ def main(out_dir: str) -> None:
     disable_sequence_parallel(model)
     single_controller = cache.enable(model, "magcache", ratios=RATIOS)
     single = sample(model, data)
-    sp = enable_sequence_parallel(model, ctx.sp_group, gather_output=False)
+    sp = parallelize_stdit3(model, ctx.sp_group, gather_output=False)
     controller = cache.enable(model, "magcache", ratios=RATIOS)
     out = sp.gather_latents(sample(model, data), model.config.patch_size)
     report = {

@@ -14,12 +14,12 @@ import torch.distributed as dist
 
 from duca_video import cache
 from duca_video.models import STDiT3, STDiT3Config
-from tests.test_vae import TINY_SPATIAL, TINY_TEMPORAL
 from duca_video.models.vae import OpenSoraVAE
 from duca_video.parallel.group_work import decode_across
 from duca_video.parallel.launch import init_parallel
-from duca_video.parallel.sequence import disable_sequence_parallel, enable_sequence_parallel
+from duca_video.parallel.sequence import disable_sequence_parallel, parallelize_stdit3
 from duca_video.sampling.rflow import RFlowSampler
+from tests.test_vae import TINY_SPATIAL, TINY_TEMPORAL
 
 METHODS = {"none": {}, "duca": {}, "toca": {}, "fora": {}, "conservative": {}, "pab": {"threshold": (0.0, 2000.0)},
            "teacache": {"threshold": 0.3}, "taylorseer": {"interval": 3, "warmup_steps": 1, "order": 2},
@@ -82,7 +82,7 @@ def main(out_dir: str) -> None:
         disable_sequence_parallel(model)
         controller = cache.enable(model, method, **extra)
         single = sample(model, data)
-        sp = enable_sequence_parallel(model, ctx.sp_group, gather_output=False)
+        sp = parallelize_stdit3(model, ctx.sp_group, gather_output=False)
         calls.clear()
         controller = cache.enable(model, method, **extra)
         out = sp.gather_latents(sample(model, data), model.config.patch_size)
