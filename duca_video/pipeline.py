@@ -272,6 +272,7 @@ def run(cfg: InferenceConfig, jobs: list[VideoJob] | None = None) -> RunSummary:
     except ValueError as exc:
         raise InputError(str(exc)) from None
     planned = [j for batch in plan_batches(cfg, load_prompts(cfg)) for j in batch] if jobs is None else list(jobs)
+    planned = data_parallel_share(planned, cfg.shard_count, cfg.shard_index)  # a job array's share (all: 0/1)
     # Data parallel: each SP group takes a contiguous share of the videos (seeds do not depend on it).
     mine = data_parallel_share(planned, ctx.dp_size, ctx.dp_rank)
     weights = resolve_weights(cfg)

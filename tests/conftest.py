@@ -40,3 +40,10 @@ def float64_default():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(before)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A multi-process test is also slow: `-m "not slow"` (the fast tier) leaves both out."""
+    for item in items:
+        if item.get_closest_marker("multiprocess") and not item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.slow)

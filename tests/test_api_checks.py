@@ -10,7 +10,7 @@ import torch
 
 from duca_video import cache
 from duca_video.sampling.rflow import RFlowSampler
-from tests.test_stdit3 import tiny_model
+from tests.helpers import tiny_model
 
 
 @pytest.mark.parametrize("seed", ["abc", -1, 2**63, 1.5, True, [], [1, "2"], [1, -2]])

@@ -15,8 +15,7 @@ from duca_video.models.attention import cut_text_keys, fused_attention, text_key
 from duca_video.parallel.comm import SimulatedGroup, heads_to_seq, seq_to_heads
 from duca_video.parallel.sequence import SequenceParallel, ulysses_attention
 from duca_video.sampling import rflow
-from tests.test_cache import sample
-from tests.test_stdit3 import tiny_inputs, tiny_model
+from tests.helpers import sample, tiny_inputs, tiny_model
 
 
 class SdpaCalls(TorchDispatchMode):

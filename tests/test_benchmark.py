@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from duca_video.metrics.benchmark import BenchSetup, compare, format_table
 from duca_video.metrics.fidelity import psnr, ssim
 from duca_video.models import STDiT3Config
@@ -33,6 +35,7 @@ def test_compare_reports_every_field_and_sensible_values():
     assert "duca" in format_table(results)
 
 
+@pytest.mark.slow
 def test_flops_only_cli_writes_contract_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--config", str(ROOT / "configs" / "bench_cpu.py"),
@@ -54,6 +57,7 @@ def test_psnr_and_ssim_known_values():
     assert ssim(a, torch.rand(2, 16, 16), 1.0) < 0.5
 
 
+@pytest.mark.slow
 def test_comm_bytes_counted_on_a_simulated_group_and_cached_methods_send_less():
     results = compare(tiny_setup(steps=10), ["duca", "fora"], flops_only=True, sp_sizes=(2, 4))
     none, duca, fora = (results[m]["comm_bytes"] for m in ("none", "duca", "fora"))
@@ -65,6 +69,7 @@ def test_comm_bytes_counted_on_a_simulated_group_and_cached_methods_send_less():
 TINY_WEIGHTS = ROOT / "weights" / "tiny"
 
 
+@pytest.mark.slow
 def test_testbed_benchmark_reports_adherence_per_method(tmp_path):
     if not (TINY_WEIGHTS / "config.json").is_file():
         import pytest

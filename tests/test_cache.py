@@ -5,25 +5,11 @@ from torch import nn
 from duca_video import cache
 from duca_video.cache import selection as sel
 from duca_video.cache.schedule import schedule_table
-from duca_video.sampling.rflow import RFlowSampler
-from tests.test_stdit3 import tiny_model
+from tests.helpers import sample, tiny_model
 
 ALL_MODULES = ("attn", "cross", "mlp")
 
 
-def sample(model, steps=6, seed=0, prompt_seed=0, lengths=(5, 8), frame_mask=None, t=3, h=8, w=10):
-    g = torch.Generator().manual_seed(prompt_seed)
-    b = len(lengths)
-    mask = torch.zeros(b, 8, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    y = torch.randn(b, 1, 8, 32, generator=g)
-    z = torch.randn(b, 4, t, h, w, generator=g)
-    y_null = model.y_embedder.y_embedding[None, None].expand(b, 1, 8, 32)
-    sampler = RFlowSampler(num_sampling_steps=steps, use_timestep_transform=False, cfg_scale=4.0)
-    kwargs = dict(fps=torch.full((b,), 24.0), height=torch.full((b,), 64.0), width=torch.full((b,), 80.0))
-    return sampler.sample(model, z, y, y_null, mask, model_kwargs=kwargs, frame_mask=frame_mask, progress=False,
-                          seed=seed)  # fmt: skip
 
 
 PUBLISHED = {  # step -> (kind, actions for attn/cross/mlp): the published DuCa Open-Sora schedule

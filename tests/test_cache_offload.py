@@ -5,9 +5,7 @@ import pytest
 import torch
 
 from duca_video import cache
-from tests.test_cache import sample
-from tests.test_stdit3 import tiny_model
-from tests.tiny_cli import NAMES, latent, mp4_times, record, run_tiny
+from tests.helpers import NAMES, latent, mp4_times, record, run_tiny, sample, tiny_model
 
 
 @pytest.mark.parametrize("method, extra", [("duca", {}), ("toca", {}), ("fora", {}), ("taylorseer", {"interval": 3}),
@@ -31,6 +29,7 @@ def test_offloaded_cache_gives_the_resident_result_with_two_blocks_on_the_device
     assert store.reads["prefetched"] > 0 and store.on_demand_blocks <= {0}, (store.reads, store.on_demand_blocks)
 
 
+@pytest.mark.slow
 def test_cli_cache_offload_writes_the_same_video(tmp_path):
     resident, offloaded = tmp_path / "resident", tmp_path / "offloaded"
     assert run_tiny(resident) == 0

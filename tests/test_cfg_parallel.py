@@ -13,6 +13,7 @@ from tests.torchrun import ROOT, TORCHRUN, run_workers, worker_env
 ENV = worker_env()
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("n, sp", [(2, 1), (4, 2)])
 def test_cfg_halves_on_two_ranks_give_the_one_process_video_with_one_exchange_per_step(n, sp, tmp_path):
     pytest.importorskip("colossalai")
@@ -37,6 +38,7 @@ def test_cfg_halves_on_two_ranks_give_the_one_process_video_with_one_exchange_pe
         assert "aggressive" in duca and "conservative" in duca
 
 
+@pytest.mark.multiprocess
 def test_cli_cfg_parallel_writes_the_one_process_latents(tmp_path):
     pytest.importorskip("colossalai")
     flags = ["--config", str(ROOT / "configs" / "tiny.py"), "--prompt", "a large red circle moving left on a dark "

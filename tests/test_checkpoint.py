@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from duca_video.models import CheckpointMismatchError, STDiT3, STDiT3Config, load_checkpoint
 from duca_video.models.checkpoint import CheckpointError, check_checkpoint
-from tests.test_stdit3 import TINY, tiny_inputs, tiny_model
+from tests.helpers import TINY, tiny_inputs, tiny_model
 
 
 def _out(model):

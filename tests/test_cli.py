@@ -47,6 +47,7 @@ def frames_of(path):
         return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
 
 
+@pytest.mark.slow
 def test_end_to_end_then_everything_is_skipped(tmp_path, capsys):
     out = tmp_path / "out"
     # 5 steps: DuCa's default schedule (3 warm-up steps) reads its cache from step 4 on.
@@ -134,6 +135,7 @@ def test_bad_config_and_missing_weights(tmp_path, monkeypatch, capsys):
     assert "num_frames=10 is not valid" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_killed_job_leaves_no_partial_file_and_resumes(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--prompt", *PROMPTS, *PROMPTS, "--batch-size", "1", "--save-dir", str(out), "--quiet",
@@ -177,6 +179,7 @@ def test_a_stop_while_claiming_a_batch_leaves_no_lock(tmp_path, monkeypatch, cap
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_sigterm_stops_cleanly(tmp_path):
     out = tmp_path / "out"
     proc = cli("--prompt", *PROMPTS, "--batch-size", "1", "--save-dir", str(out), "--num-sampling-steps", "12",
@@ -193,3 +196,23 @@ def test_sigterm_stops_cleanly(tmp_path):
     # The summary counts the whole job, not only what this run wrote before the stop.
     done = len(list(out.glob("*.json")))
     assert f"job: {done} of {len(PROMPTS)} video(s) complete on disk" in stdout
+
+
+def test_shards_of_a_job_array_write_disjoint_shares_that_cover_the_job(tmp_path, capsys):
+    # A SLURM array writing into one folder: --shard I/N takes the I-th of N contiguous shares of the videos.
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"a red circle moving {d} on a dark background\n" for d in
+                               ("left", "right", "up", "down", "left")))  # fmt: skip
+    out = tmp_path / "out"
+    flags = ["--config", str(TINY), "--save-dir", str(out), "--prompt-path", str(prompts), "--num-sampling-steps",
+             "1", "--quiet", "--batch-size", "2"]  # fmt: skip
+    written = []
+    for i in range(3):
+        assert main([*flags, "--shard", f"{i}/3"]) == 0
+        written.append(sorted(p.stem for p in out.glob("*.mp4") if p.stem not in sum(written, [])))
+    assert written == [["sample_0000", "sample_0001"], ["sample_0002", "sample_0003"], ["sample_0004"]]
+    assert main([*flags]) == 0  # the whole job: complete
+    assert "summary: 0 written, 5 skipped" in capsys.readouterr().out
+    for bad in ("3/3", "1", "a/b", "0/0", "-1/2"):
+        assert main([*flags, f"--shard={bad}"]) == 2
+        assert f"error: shard={bad!r} is not allowed: expected I/N with 0 <= I < N" in capsys.readouterr().err

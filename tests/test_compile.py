@@ -9,9 +9,7 @@ import pytest
 import torch
 
 from duca_video import cache
-from tests.test_cache import sample
-from tests.test_stdit3 import tiny_model
-from tests.tiny_cli import NAMES, latent, mp4_times, record, run_tiny
+from tests.helpers import NAMES, latent, mp4_times, record, run_tiny, sample, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +26,7 @@ def _kinds(controller) -> list[str]:
     return [h["kind"] for h in controller.history]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, extra", [("duca", {}), ("toca", {"selector": "cross_entropy"})])
 def test_compiled_blocks_give_the_eager_cached_result_without_recompiling_per_step(
     one_thread, float64_default, method, extra
@@ -79,6 +78,7 @@ def test_torch_compile_of_the_cached_model_traces_none_of_the_cache(one_thread, 
     assert float((got - eager).abs().max()) <= 1e-6 * float(eager.abs().max())
 
 
+@pytest.mark.slow
 def test_cli_compile_writes_the_eager_video_and_resumes_it(tmp_path, one_thread):
     """`--compile` on the user's path (the shipped model, DuCa, a batch of 2): the eager job's video up to
     inductor's rounding, `compile` in the record, and an eager job's videos count as complete for it."""
@@ -99,7 +99,7 @@ def test_cli_compile_writes_the_eager_video_and_resumes_it(tmp_path, one_thread)
 
 def test_enabling_the_cache_loads_no_compiler():
     # torch._dynamo costs ~70 MiB and ~1 s to import: a run that never compiles must not pay for it.
-    code = ("import sys; from duca_video import cache; from tests.test_stdit3 import tiny_model; "
+    code = ("import sys; from duca_video import cache; from tests.helpers import tiny_model; "
             "cache.enable(tiny_model(), 'duca'); print('torch._dynamo' in sys.modules)")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]

@@ -79,6 +79,7 @@ def _mp4(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
+@pytest.mark.slow
 def test_image_to_video_keeps_the_reference_with_and_without_caching_in_any_batch(tmp_path, refs):
     ref = read_media(str(refs["image"]), (16, 16))  # (3, 1, 16, 16), as the pipeline reads it
     # One value per prompt: prompt 1 moves the image to the last frame with its own JSON, prompt 2 is plain.
@@ -121,6 +122,7 @@ def test_video_extension_continues_the_given_frames(tmp_path, refs):
     assert psnr(given[:, 7], out[:, 4], 2.0) > psnr(given[:, 0], out[:, 4], 2.0)
 
 
+@pytest.mark.slow
 def test_loop_appends_segments_of_the_requested_length_with_per_segment_prompts(tmp_path):
     prompt = f"|0|{RED}|1|{BLUE}"
     looped = _run(tmp_path, "loop", "--prompt", prompt, "--loop", "3", "--condition-frame-length", "4")
@@ -251,6 +253,7 @@ def _launch(tmp_path: Path, save: str, nproc: int, *flags: str) -> Path:
     return tmp_path / save
 
 
+@pytest.mark.multiprocess
 def test_sequence_and_data_parallel_give_the_one_process_videos(tmp_path, refs):
     pytest.importorskip("colossalai")
     # Image to video with DuCa (tiny.py's method), a loop of 2 (the previous clip is broadcast to the SP group

@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from duca_video.metrics.flops import count_flops, stdit3_forward_flops, video_latent_shape
 from duca_video.models import STDiT3Config
+from tests.helpers import real_and_replayed
 
 
 def test_latent_shape_of_open_sora_sizes():
@@ -25,36 +27,16 @@ def test_flops_scale_with_batch_and_count_a_known_matmul():
     assert flops == 2 * 3 * 5 * 7
 
 
-# The pipeline counts FLOPs after the timed run on a meta copy; the count must equal counting the real loop.
-def _real_and_replayed(method: str, steps: int = 10, **overrides):
-    from duca_video import cache
-    from duca_video.metrics.flops import SamplingFlops, flop_counter
-    from duca_video.sampling.rflow import RFlowSampler
-    from tests.test_stdit3 import tiny_model
-
-    model = tiny_model()
-    controller = None if method == "none" else cache.enable(model, method, **overrides)
-    sampler = RFlowSampler(num_sampling_steps=steps, cfg_scale=3.0, use_timestep_transform=False)
-    g = torch.Generator().manual_seed(0)
-    z, y = torch.randn(2, 4, 3, 8, 10, generator=g), torch.randn(2, 1, 8, 32, generator=g)
-    kw = {"height": torch.full((2,), 64.0), "width": torch.full((2,), 80.0), "fps": torch.full((2,), 8.0)}
-    y_null = model.y_embedder.y_embedding[None, None].expand_as(y)
-    counter = flop_counter()
-    with counter, torch.no_grad():
-        sampler.sample(model, z, y, y_null, torch.ones(2, 8, dtype=torch.long), model_kwargs=kw, progress=False,
-                       seed=[1, 2])  # fmt: skip
-    kinds = None if controller is None else [h["kind"] for h in controller.history]
-    replay = SamplingFlops(model, torch.float32, None if controller is None else controller.config, sampler)
-    return counter.get_total_flops(), replay.count(2, tuple(z.shape[1:]), kw, kinds), kinds
 
 
+@pytest.mark.slow
 def test_meta_replay_counts_the_flops_of_the_real_loop():
     for method in ("none", "duca", "toca", "pab"):
-        real, replayed, _ = _real_and_replayed(method)
+        real, replayed, _ = real_and_replayed(method)
         assert replayed == real > 0, method
 
 
 def test_meta_replay_repeats_teacaches_decisions_from_the_run():
-    real, replayed, kinds = _real_and_replayed("teacache", threshold=100)
+    real, replayed, kinds = real_and_replayed("teacache", threshold=100)
     assert "aggressive" in kinds and "full" in kinds  # the threshold made it skip some steps, not all
     assert replayed == real

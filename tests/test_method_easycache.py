@@ -14,7 +14,7 @@ import torch
 from duca_video.metrics.flops import flop_counter
 from duca_video.models.text_encoder import null_caption
 from duca_video.parallel.group_work import encode_text
-from tests.test_method_fbcache import PROMPTS, STEPS, TINY, generate, load, main
+from tests.helpers import TINY_CONFIG, TINY_STEPS, TWO_PROMPTS, generate_tiny_batch, inference_main, load_tiny_batch
 from tests.torchrun import run_workers
 
 
@@ -25,18 +25,18 @@ def kinds(models) -> str:
 
 @pytest.fixture(scope="module")
 def reference():
-    return generate("none")[0].latents
+    return generate_tiny_batch("none")[0].latents
 
 
 def test_threshold_zero_computes_every_step_and_equals_none_bitwise(reference):
-    out, models = generate("easycache", "threshold=0")
-    assert kinds(models) == "F" * STEPS
+    out, models = generate_tiny_batch("easycache", "threshold=0")
+    assert kinds(models) == "F" * TINY_STEPS
     assert torch.equal(out.latents, reference)
 
 
 def test_a_large_threshold_skips_all_but_the_warm_up_and_the_last_step(reference):
-    out, models = generate("easycache", "threshold=1e9", "warmup_steps=2")
-    assert kinds(models) == "FF" + "A" * (STEPS - 3) + "F"
+    out, models = generate_tiny_batch("easycache", "threshold=1e9", "warmup_steps=2")
+    assert kinds(models) == "FF" + "A" * (TINY_STEPS - 3) + "F"
     assert not torch.equal(out.latents, reference) and torch.isfinite(out.latents).all()
     # Three stack tensors held (the last computed step's input and output, the previous step's input).
     tokens = 2 * (16 // 2) * (16 // 2)  # 8 frames / 4, 16x16 / (2x2)
@@ -49,7 +49,7 @@ def test_a_large_threshold_skips_all_but_the_warm_up_and_the_last_step(reference
 
 
 def test_a_skipped_step_adds_the_last_computed_transformation_to_its_input():
-    cfg, models, jobs = load("easycache", "threshold=1e9", "warmup_steps=2")
+    cfg, models, jobs = load_tiny_batch("easycache", "threshold=1e9", "warmup_steps=2")
     blocks, seen = models.controller.blocks, []
     blocks[0].register_forward_pre_hook(lambda _m, args: seen.append({"in": args[0]}))
     blocks[-1].register_forward_hook(lambda _m, _a, out: seen[-1].__setitem__("out", out))
@@ -62,8 +62,8 @@ def test_a_skipped_step_adds_the_last_computed_transformation_to_its_input():
 
 
 def test_the_flop_count_replays_the_decisions():
-    _, models, _ = load("easycache", "threshold=0.2", "warmup_steps=2", flops=True)
-    y, mask = encode_text(models.text_encoder, PROMPTS, models.ctx, models.device)
+    _, models, _ = load_tiny_batch("easycache", "threshold=0.2", "warmup_steps=2", flops=True)
+    y, mask = encode_text(models.text_encoder, TWO_PROMPTS, models.ctx, models.device)
     z = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
     sizes = {k: torch.full((2,), v) for k, v in (("height", 16.0), ("width", 16.0), ("num_frames", 8.0), ("fps", 8.0))}
     with flop_counter() as counter, torch.no_grad():
@@ -76,8 +76,9 @@ def test_the_flop_count_replays_the_decisions():
 
 def test_cli_generates_with_easycache_and_records_its_settings(tmp_path):
     def cli(name: str, *flags: str) -> int:
-        return main(["--config", str(TINY), "--save-dir", str(tmp_path / name), "--quiet", "--prompt", *PROMPTS,
-                     "--batch-size", "2", "--num-sampling-steps", str(STEPS), *flags])  # fmt: skip
+        return inference_main(["--config", str(TINY_CONFIG), "--save-dir", str(tmp_path / name), "--quiet",
+                               "--prompt", *TWO_PROMPTS, "--batch-size", "2", "--num-sampling-steps", str(TINY_STEPS),
+                               *flags])  # fmt: skip
 
     assert cli("none", "--cache", "none") == 0
     assert cli("ec", "--cache", "easycache", "--cache-opt", "threshold=0.2", "--cache-opt", "warmup_steps=2") == 0
@@ -90,13 +91,14 @@ def test_cli_generates_with_easycache_and_records_its_settings(tmp_path):
 
 @pytest.mark.parametrize("opt, field", [("threshold=-1", "threshold"), ("warmup_steps=1", "warmup_steps")])
 def test_bad_settings_are_clear_errors(tmp_path, capsys, opt, field):
-    argv = ["--config", str(TINY), "--save-dir", str(tmp_path), "--prompt", PROMPTS[0], "--cache", "easycache",
-            "--cache-opt", opt]  # fmt: skip
-    assert main(argv) == 2
+    argv = ["--config", str(TINY_CONFIG), "--save-dir", str(tmp_path), "--prompt", TWO_PROMPTS[0], "--cache",
+            "easycache", "--cache-opt", opt]  # fmt: skip
+    assert inference_main(argv) == 2
     err = capsys.readouterr().err
     assert "easycache" in err and field in err and "allowed" in err, err
 
 
+@pytest.mark.multiprocess
 def test_two_sequence_parallel_ranks_decide_as_one_process(tmp_path):
     threshold = 0.07  # about 0.02 per skipped step here: 3 skips, then a computed step
     reports = run_workers("decisions_worker.py", 2, tmp_path, "easycache", str(threshold), "warmup_steps=2")

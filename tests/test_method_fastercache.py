@@ -11,8 +11,7 @@ import torch
 
 from duca_video import cache
 from duca_video.cache.methods.fastercache import FasterCachePolicy
-from tests.test_cache import sample
-from tests.test_stdit3 import tiny_model
+from tests.helpers import sample, tiny_model
 from tests.torchrun import run_workers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,10 +107,10 @@ def test_cfg_cache_runs_the_conditional_rows_and_rebuilds_the_unconditional_half
 
 def test_flops_replay_equals_the_real_loop_and_cached_steps_cost_less():
     from duca_video.metrics.flops import stdit3_forward_flops
-    from tests.test_flops import _real_and_replayed
+    from tests.helpers import real_and_replayed
 
     none = 8 * stdit3_forward_flops(tiny_model().config, (3, 8, 10), (64, 80), batch=4)  # 8 uncached CFG steps
-    real, replayed, _ = _real_and_replayed("fastercache", steps=8, **SHORT)
+    real, replayed, _ = real_and_replayed("fastercache", steps=8, **SHORT)
     assert replayed == real
     # Steps 4, 6, 7 of 8 run 2 of 4 rows: the loop costs about (8 - 3 / 2) / 8 of none, less the extrapolated
     # attention of steps 3, 5, 7.
@@ -143,6 +142,7 @@ def test_cli_runs_fastercache_close_to_none(tmp_path, capsys):
         assert 0 < mse and 10 * np.log10(4 / mse) > 25  # PSNR (dB) of the trained testbed model's output
 
 
+@pytest.mark.multiprocess
 def test_sequence_parallel_on_2_ranks_equals_one_process(tmp_path):
     pytest.importorskip("colossalai")
     reports = run_workers("fastercache_worker.py", 2, tmp_path)

@@ -2,42 +2,20 @@
 loader and generator, the CLI, the FLOP replay, and 2 sequence-parallel ranks."""
 
 import json
-import runpy
-from pathlib import Path
 
 import pytest
 import torch
 
 from duca_video import pipeline
 from duca_video.cache.state import STACK
-from duca_video.configs import build_parser, load_config
 from duca_video.metrics.flops import flop_counter
 from duca_video.models.text_encoder import null_caption
 from duca_video.parallel.group_work import encode_text
+from tests.helpers import TINY_CONFIG, TINY_STEPS, TWO_PROMPTS, generate_tiny_batch, inference_main, load_tiny_batch
 from tests.torchrun import run_workers
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.py"
-PROMPTS = ["a large red square moving left on a dark background", "a small blue circle moving up on a light background"]
-STEPS = 10
-main = runpy.run_path(str(ROOT / "scripts" / "inference.py"), run_name="inference_cli")["main"]
-
-
-def load(method: str, *opts: str, flops: bool = False):
-    """The models and the batch of both prompts, as `scripts/inference.py --cache METHOD` builds them."""
-    argv = ["--config", str(TINY), "--save-dir", "unused", "--quiet", "--prompt", *PROMPTS, "--batch-size", "2",
-            "--num-sampling-steps", str(STEPS), "--cache", method, *(f"--cache-opt={o}" for o in opts),
-            "--count-flops" if flops else "--no-count-flops"]  # fmt: skip
-    cfg = load_config(argv[1], build_parser().parse_args(argv))
-    models = pipeline.load_models(cfg, pipeline.resolve_weights(cfg), torch.device("cpu"))
-    jobs = pipeline.plan_batches(cfg, pipeline.load_prompts(cfg))[0]
-    assert len(jobs) == 2
-    return cfg, models, jobs
-
-
-def generate(method: str, *opts: str, flops: bool = False):
-    cfg, models, jobs = load(method, *opts, flops=flops)
-    return pipeline.generate(models, cfg, jobs, False), models
+TINY, PROMPTS, STEPS = TINY_CONFIG, TWO_PROMPTS, TINY_STEPS
+load, generate, main = load_tiny_batch, generate_tiny_batch, inference_main
 
 
 def kinds(models) -> str:
@@ -86,6 +64,7 @@ def test_a_skipped_step_is_first_block_output_plus_the_rest_residual_of_the_last
     assert models.controller.state.get(STACK, "rest_residual") is None  # the sample ended: nothing is held
 
 
+@pytest.mark.slow
 def test_the_flop_count_replays_the_decisions_and_counts_block_zero_on_skipped_steps():
     _, models, _ = load("fbcache", "threshold=0.2", flops=True)
     # The real loop, counted, with every caption token valid: the replay on meta counts full-length captions.
@@ -106,6 +85,7 @@ def test_the_flop_count_replays_the_decisions_and_counts_block_zero_on_skipped_s
     assert d > 0 and count(decided) - count(whole) == d * decided.count("first_block")
 
 
+@pytest.mark.slow
 def test_cli_generates_with_fbcache_and_records_its_settings(tmp_path):
     def cli(name: str, *flags: str) -> int:
         return main(["--config", str(TINY), "--save-dir", str(tmp_path / name), "--quiet", "--prompt", *PROMPTS,
@@ -130,6 +110,7 @@ def test_bad_settings_are_clear_errors(tmp_path, capsys):
         assert "fbcache" in err and field in err and "allowed" in err, err
 
 
+@pytest.mark.multiprocess
 def test_two_sequence_parallel_ranks_decide_as_one_process(tmp_path):
     pytest.importorskip("colossalai")
     threshold = 0.13  # on this model and input the signals stay >= 5e-3 away from it (rounding is ~1e-8)

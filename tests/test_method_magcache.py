@@ -199,14 +199,15 @@ def test_cli_runs_magcache_with_a_ratios_file(tmp_path):
 
 
 def test_flop_replay_counts_only_the_computed_steps():
-    from tests.test_flops import _real_and_replayed
+    from tests.helpers import real_and_replayed
 
-    real, replayed, kinds = _real_and_replayed("magcache", ratios=RATIOS)
+    real, replayed, kinds = real_and_replayed("magcache", ratios=RATIOS)
     assert kinds.count("aggressive") == 5 and replayed == real
-    none, _, _ = _real_and_replayed("none")
+    none, _, _ = real_and_replayed("none")
     assert 0.4 < real / none < 0.6  # 5 of 10 steps skip the stack (embedders and final layer still run)
 
 
+@pytest.mark.multiprocess
 def test_sequence_parallel_two_ranks_match_one_process(tmp_path):
     pytest.importorskip("colossalai")
     for report in run_workers("magcache_worker.py", 2, tmp_path):

@@ -8,8 +8,7 @@ from duca_video import cache
 from duca_video.cache.methods.taylorseer import TaylorSeerConfig
 from duca_video.cache.policy import Sample
 from duca_video.cache.schedule import mark_storage, schedule_table
-from tests.test_cache import sample
-from tests.test_stdit3 import tiny_model
+from tests.helpers import sample, tiny_model
 
 
 def test_order_zero_is_foras_reuse():

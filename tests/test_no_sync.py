@@ -14,8 +14,7 @@ import torch
 from duca_video import cache
 from duca_video.cache import selection as sel
 from duca_video.sampling.events import register_listener, unregister_listener
-from tests.test_cache import sample
-from tests.test_stdit3 import tiny_model
+from tests.helpers import sample, tiny_model
 
 STEPS = 10
 CACHE_DIR = "duca_video/cache/"

@@ -151,7 +151,7 @@ flow = None
 
 @pytest.fixture(scope="module")
 def setup(root, tmp_path_factory) -> dict:
-    from tests.test_t5_parallel import build_deepfloyd_like_t5
+    from tests.helpers import build_deepfloyd_like_t5
 
     base = tmp_path_factory.mktemp("opensora_cli")
     hub = base / "hub"
@@ -205,6 +205,7 @@ def _step_counts(stderr: str) -> dict[str, int]:
     return ast.literal_eval(found[-1])
 
 
+@pytest.mark.slow
 def test_upstream_inference_script_with_cache_end_to_end(setup):
     script = str(setup["root"] / "scripts" / "inference.py")
     videos = [f"sample_{i:04d}.mp4" for i in range(len(PROMPTS))]

@@ -10,10 +10,11 @@ import torch
 from duca_video.parallel.comm import CommStats, SimulatedGroup, heads_to_seq, seq_to_heads
 from duca_video.parallel.launch import ParallelDims
 from duca_video.parallel.sequence import SequenceParallel, check_sp_size, parallelize_stdit3
-from tests.test_stdit3 import tiny_model
+from tests.helpers import tiny_model
 from tests.torchrun import ROOT, TORCHRUN, run_workers
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("n", [2, 4])
 def test_sequence_parallel_equals_one_process_and_cached_steps_need_no_collective(n, tmp_path):
     pytest.importorskip("colossalai")
@@ -66,6 +67,7 @@ def _inference(tmp_path: Path, save: str, nproc: int, *flags: str) -> subprocess
     return subprocess.run([*launcher, script, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.multiprocess
 def test_cli_data_parallel_writes_each_prompt_once_and_sequence_parallel_matches_one_process(tmp_path):
     pytest.importorskip("colossalai")
     from safetensors.torch import load_file

@@ -52,6 +52,7 @@ def test_each_video_decides_on_its_own_rows_and_equals_itself_alone(bed, method,
         cache.disable(bed.model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, options, partial", CASES)
 def test_flop_replay_counts_the_partial_steps_of_the_run(bed, method, options, partial):
     controller = cache.enable(bed.model, method, **options)

@@ -114,6 +114,7 @@ def _probe_many(folder: str) -> None:
         check_writable(folder)
 
 
+@pytest.mark.slow
 def test_save_dir_check_is_safe_when_ranks_run_it_together(tmp_path):
     # Data-parallel ranks all check the save folder at start-up; a shared probe file made one rank's
     # clean-up fail now and then (FileNotFoundError, exit 2 under torchrun).
@@ -208,6 +209,7 @@ def again_cfg_frames(tmp_path) -> int:
 FOUR = [*PROMPTS, "a small yellow square moving down on a dark background"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["duca", "toca", "toca:random_frame", "teacache", "fbcache", "none"])
 def test_same_seed_same_video_in_any_batch(tmp_path, method):
     # With caching on, token selection is random: each video must draw it from its own seed, not from its
@@ -227,7 +229,7 @@ def test_same_seed_same_video_in_any_batch(tmp_path, method):
 def test_batched_sampling_draws_each_videos_selection_from_its_own_seed():
     from duca_video import cache
     from duca_video.sampling.rflow import RFlowSampler
-    from tests.test_stdit3 import tiny_model
+    from tests.helpers import tiny_model
 
     model = tiny_model()
     controller = cache.enable(model, "toca", selector="random")
@@ -402,6 +404,7 @@ def test_a_video_held_by_another_live_job_is_left_to_it(tmp_path):
     assert summary.written == ["sample_0000"] and not lock_path(out, "sample_0000").exists()
 
 
+@pytest.mark.slow
 def test_two_jobs_sharing_a_folder_never_leave_a_record_of_another_video(tmp_path):
     import hashlib
     import subprocess

@@ -83,6 +83,7 @@ def test_inter_node_placement_sends_the_off_node_share_over_infiniband():
     assert links.transfer_s(3e9, 4, "nvlink", 1) == pytest.approx(3e9 / 400e9)
 
 
+@pytest.mark.slow
 def test_cli_prints_the_comparison_with_the_published_numbers(capsys):
     out = scaling.main(["--published-only", "--tflops", "125"])
     text = capsys.readouterr().out

@@ -6,34 +6,7 @@ from safetensors.torch import load_file
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from duca_video.models import STDiT3, STDiT3Config
-
-TINY = dict(depth=2, hidden_size=64, num_heads=4, patch_size=(1, 2, 2), in_channels=4, caption_channels=32,
-            model_max_length=8)  # fmt: skip
-
-
-def tiny_inputs(b=2, t=3, h=8, w=10, lengths=(5, 8), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.zeros(b, 8, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, :n] = 1
-    return dict(
-        x=torch.randn(b, 4, t, h, w, generator=g),
-        timestep=torch.tensor([900.0, 250.0][:b]),
-        y=torch.randn(b, 1, 8, 32, generator=g),
-        mask=mask,
-        fps=torch.full((b,), 24.0),
-        height=torch.full((b,), 64.0),
-        width=torch.full((b,), 80.0),
-    )
-
-
-def tiny_model(seed=0, **overrides) -> STDiT3:
-    torch.manual_seed(seed)
-    model = STDiT3(STDiT3Config(**{**TINY, **overrides})).eval()
-    # The zero-initialised parts upstream are random here, so every path contributes to the output.
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    return model
+from tests.helpers import TINY, tiny_inputs, tiny_model
 
 
 @pytest.mark.parametrize("case", ["plain", "odd_size_masked"])

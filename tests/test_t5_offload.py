@@ -9,9 +9,14 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from duca_video.models.text_encoder import T5TextEncoder  # noqa: E402
-from tests.test_text_encoder import MAX_LEN, SENTENCES, t5_dir  # noqa: E402, F401 - t5_dir is a fixture
+from tests.helpers import WORD_SENTENCES, WORD_T5_MAX_LEN, build_word_level_t5  # noqa: E402
 
-PROMPTS = SENTENCES[:2]
+PROMPTS, MAX_LEN = WORD_SENTENCES[:2], WORD_T5_MAX_LEN
+
+
+@pytest.fixture(scope="module")
+def t5_dir(tmp_path_factory):
+    return build_word_level_t5(tmp_path_factory.mktemp("tiny_t5"))
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
@@ -21,7 +26,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_free_drops_the_weights_and_reloads_them_for_the_next_encoding(t5_dir, device):  # noqa: F811
+def test_free_drops_the_weights_and_reloads_them_for_the_next_encoding(t5_dir, device):
     resident = T5TextEncoder(t5_dir, model_max_length=MAX_LEN, device=device)
     reference = resident.encode(PROMPTS)
     assert resident.resident == "device"  # offload "none": stays
@@ -35,7 +40,7 @@ def test_free_drops_the_weights_and_reloads_them_for_the_next_encoding(t5_dir, d
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_cpu_offload_keeps_the_weights_in_host_memory_between_encodings(t5_dir, device):  # noqa: F811
+def test_cpu_offload_keeps_the_weights_in_host_memory_between_encodings(t5_dir, device):
     reference = T5TextEncoder(t5_dir, model_max_length=MAX_LEN, device=device).encode(PROMPTS)
     encoder = T5TextEncoder(t5_dir, model_max_length=MAX_LEN, device=device, offload="cpu")
     held = encoder.model
@@ -45,7 +50,7 @@ def test_cpu_offload_keeps_the_weights_in_host_memory_between_encodings(t5_dir, 
         assert encoder.model is held and next(held.parameters()).device.type == "cpu"
 
 
-def test_release_on_demand_then_encode_again(t5_dir):  # noqa: F811
+def test_release_on_demand_then_encode_again(t5_dir):
     encoder = T5TextEncoder(t5_dir, model_max_length=MAX_LEN)
     reference = encoder.encode(PROMPTS)
     encoder.release("free")
@@ -56,7 +61,7 @@ def test_release_on_demand_then_encode_again(t5_dir):  # noqa: F811
     _same(encoder.encode(PROMPTS), reference)
 
 
-def test_bad_offload_mode_is_a_clear_error(t5_dir):  # noqa: F811
+def test_bad_offload_mode_is_a_clear_error(t5_dir):
     with pytest.raises(ValueError, match="offload='gpu' is not allowed; allowed: none, cpu, free"):
         T5TextEncoder(t5_dir, model_max_length=MAX_LEN, offload="gpu")
     with pytest.raises(ValueError, match="release mode='all' is not allowed"):

@@ -7,8 +7,6 @@ as two `.bin` shards + `pytorch_model.bin.index.json`; no tokenizer.json.
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import runpy
 import subprocess
@@ -22,76 +20,21 @@ pytest.importorskip("sentencepiece")
 pytest.importorskip("transformers")
 
 from duca_video.models.text_encoder import T5LoadError, T5TextEncoder  # noqa: E402
+from tests.helpers import D_MODEL, build_deepfloyd_like_t5
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "inference.py"
 cli_main = runpy.run_path(str(SCRIPT), run_name="inference_cli")["main"]
-D_MODEL, MAX_LEN, EXTRA_IDS = 32, 32, 100
+MAX_LEN = 32
 SHARDS = ["pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json"]
 LAYOUT = ["config.json", *SHARDS, "special_tokens_map.json", "spiece.model", "tokenizer_config.json"]
-CORPUS = [
-    "a red circle moving left on a dark background",
-    "a blue square moving right on a light background",
-    "a green triangle slowly moving up",
-    "a yellow square quickly moving down",
-    "the camera pans over a quiet city at night",
-    "waves crash on a sandy beach under a cloudy sky",
-    "a small cat sleeps on the sofa next to the window",
-    "two dogs are running through a snowy forest",
-    "a drone shot of mountains covered with green trees",
-    "a chef cooks noodles in a busy kitchen",
-]
 PROMPTS = ["a red circle moving left on a dark background", "waves crash on a sandy beach under a cloudy sky"]
 
 
-def _train_spiece() -> bytes:
-    import sentencepiece as spm
-
-    model = io.BytesIO()
-    # T5's ids: <pad>=0, </s>=1, <unk>=2, no <s>; nmt_nfkc normalisation (the default), as the real spiece.model.
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 3), model_writer=model, vocab_size=150,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   hard_vocab_limit=False, minloglevel=2)  # fmt: skip
-    return model.getvalue()
 
 
-def _save_sharded_bin(state: dict[str, torch.Tensor], path: Path) -> None:
-    # transformers 5 saves safetensors only: write the two torch.save shards and their index as older exports do.
-    names = sorted(state)
-    weight_map = {}
-    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), start=1):
-        shard = f"pytorch_model-{i:05d}-of-00002.bin"
-        torch.save({k: state[k].contiguous() for k in part}, path / shard)
-        weight_map.update(dict.fromkeys(part, shard))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
 
 
-def build_deepfloyd_like_t5(path: Path, seed: int = 0) -> Path:
-    """A tiny T5 v1.1 encoder folder in DeepFloyd/t5-v1_1-xxl's layout (see the module docstring)."""
-    import sentencepiece as spm
-    from transformers import T5Config, T5EncoderModel
-
-    path.mkdir(parents=True, exist_ok=True)
-    proto = _train_spiece()
-    (path / "spiece.model").write_bytes(proto)
-    pieces = spm.SentencePieceProcessor(model_proto=proto).get_piece_size()
-    extra = [f"<extra_id_{i}>" for i in range(EXTRA_IDS)]
-    special = {"additional_special_tokens": extra, "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    (path / "special_tokens_map.json").write_text(json.dumps(special))
-    config = {**special, "extra_ids": EXTRA_IDS, "model_max_length": 512, "name_or_path": "google/t5-v1_1-xxl",
-              "sp_model_kwargs": {}, "tokenizer_class": "T5Tokenizer"}  # fmt: skip
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    # T5 v1.1: gated-gelu feed-forward, untied embeddings; the vocabulary holds the pieces and the sentinels.
-    t5 = T5Config(vocab_size=pieces + EXTRA_IDS, d_model=D_MODEL, d_kv=8, num_heads=4, num_layers=2, d_ff=64,
-                  feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = T5EncoderModel(t5)
-    model.config.save_pretrained(path)
-    _save_sharded_bin(model.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +122,7 @@ def _inference(tmp_path: Path, t5_dir: Path, dtype: str, nproc: int) -> dict[str
     return latents
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_cli_sequence_parallel_with_t5_equals_one_process(t5_dir, tmp_path, dtype):
     pytest.importorskip("colossalai")

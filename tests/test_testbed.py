@@ -194,6 +194,7 @@ def test_shipped_tiny_model_loads_strictly_and_generates():
     assert video.shape == (1, 3, t, h, w) and video.abs().max() <= 1 and torch.isfinite(video).all()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DEFAULT_TINY_DIR / "model.safetensors").is_file(), reason="weights/tiny not shipped")
 def test_shipped_tiny_model_follows_colour_and_direction():
     # 16 of the evaluation's prompts (every colour and direction appears), the model's own sampler (30 steps,

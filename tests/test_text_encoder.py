@@ -12,43 +12,15 @@ pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
 from duca_video.models.text_encoder import T5TextEncoder, TextEncoder, null_caption  # noqa: E402
+from tests.helpers import WORD_SENTENCES, WORD_T5_MAX_LEN, WORD_T5_WIDTH, build_word_level_t5  # noqa: E402
 
-SENTENCES = [
-    "a red circle moving left on dark background",
-    "a blue square moving right on light background",
-    "a green circle moving up",
-    "a yellow square moving down",
-]
-D_MODEL, MAX_LEN = 32, 12
+SENTENCES = WORD_SENTENCES
+D_MODEL, MAX_LEN = WORD_T5_WIDTH, WORD_T5_MAX_LEN
 
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
-
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(SENTENCES, trainers.WordLevelTrainer(special_tokens=["<pad>", "</s>", "<unk>"]))
-    # T5 appends </s> (id 1) to every sequence; pad is id 0.
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    path = tmp_path_factory.mktemp("tiny_t5")
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    config = T5Config(
-        vocab_size=tok.get_vocab_size(),
-        d_model=D_MODEL,
-        d_kv=8,
-        num_heads=4,
-        num_layers=1,
-        d_ff=64,
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    T5EncoderModel(config).save_pretrained(path)
-    return path
+    return build_word_level_t5(tmp_path_factory.mktemp("tiny_t5"))
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import pytest
 from tests.torchrun import ROOT, TORCHRUN, worker_env
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("flags, message", [
     (["--cache", "nosuch"], "error: argument --cache: invalid choice: 'nosuch'"),  # argparse's own check
     (["--seed", "-1"], "error: seed=-1 is not allowed"),  # the config's check

@@ -154,6 +154,7 @@ def test_followed_timesteps_are_upstreams_in_its_dtype(up):
         assert mine == theirs
 
 
+@pytest.mark.multiprocess
 def test_upstream_sequence_parallel_on_two_ranks_equals_one_process(up, tmp_path):
     # Upstream's SP exchanges tokens with dist.all_to_all, which torch 2.3's gloo lacks (newer gloo has it).
     no_gloo = {"Backend gloo does not support alltoall": f"torch {torch.__version__}'s gloo backend has no all_to_all, "

@@ -17,6 +17,7 @@ from duca_video.models.vae import (
     TemporalVAE,
     temporal_vae_sd,
 )
+from tests.helpers import TINY_SPATIAL, TINY_TEMPORAL
 
 REFERENCE_DIR = Path(
     os.environ.get("DUCA_REFERENCE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -25,14 +26,6 @@ REF_WEIGHTS = REFERENCE_DIR / "temporal_vae_public.safetensors"
 REF_JSON = REFERENCE_DIR / "temporal_vae_reference_public.json"
 FULL_SIZE_NUM_PARAMETERS = 309_687_144
 
-TINY_SPATIAL = {"block_out_channels": (8, 16), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4}
-TINY_TEMPORAL = {
-    "filters": 8,
-    "num_res_blocks": 1,
-    "num_groups": 4,
-    "channel_multipliers": (1, 2, 2, 4),
-    "temporal_downsample": (False, True, True),
-}
 
 
 def _need_reference() -> dict:

@@ -152,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--start-index", type=int, help="first prompt to generate (0-based)")
     g.add_argument("--end-index", type=int, help="stop before this prompt")
     g.add_argument("--num-sample", type=int, help="videos per prompt; the k-th uses seed + k")
+    g.add_argument("--shard", help="I/N: generate the I-th of N contiguous shares of the planned videos (0-based; "
+                   "job arrays writing into one folder)")  # fmt: skip
     g.add_argument("--aes", type=float, help='aesthetic score appended as " aesthetic score: X."')
     g.add_argument("--flow", type=float, help='motion score appended as " motion score: X."')
     g.add_argument("--camera-motion", help='appended as " camera motion: X."')

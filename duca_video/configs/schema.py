@@ -214,6 +214,9 @@ class InferenceConfig:
     sample_name: str | None = None
     save_dir: str = "samples"
     save_latents: bool = False
+    # "I/N": this job's share of the planned videos (the I-th of N contiguous blocks, 0-based), for job arrays
+    # (SLURM, ...) writing into one folder; the shards are disjoint and cover the whole job.
+    shard: str = "0/1"
     # Open-Sora cleans prompts before T5 (lower case, links, HTML, ...): the same here, so T5 sees upstream's text.
     clean_prompts: bool = True
     # Resume: a video whose record shows other pixel-changing settings is refused unless overwrite is set.
@@ -257,6 +260,7 @@ class InferenceConfig:
         if not str(self.save_dir).strip():  # "" would write into the working directory
             raise ConfigError(f"save_dir={self.save_dir!r} is not allowed: it is empty (give a folder; '.' is the "
                               "working directory)")  # fmt: skip
+        _parse_shard(self.shard)
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError(f"device={self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N (N = 0, 1, ..)")
         self._check_limits()
@@ -290,6 +294,14 @@ class InferenceConfig:
         if not 0.0 <= self.condition_frame_edit <= 1.0:
             raise ConfigError(f"condition_frame_edit={self.condition_frame_edit} is not allowed: it must be in "
                               "[0, 1] (0 keeps the frames, 1 regenerates them)")  # fmt: skip
+
+    @property
+    def shard_index(self) -> int:
+        return _parse_shard(self.shard)[0]
+
+    @property
+    def shard_count(self) -> int:
+        return _parse_shard(self.shard)[1]
 
     @property
     def size(self) -> tuple[int, int]:
@@ -326,6 +338,17 @@ class InferenceConfig:
             section.update(section.pop("extra", {}))
         out["image_size"] = list(self.size)
         return out
+
+
+def _parse_shard(text: Any) -> tuple[int, int]:
+    index, sep, count = str(text).partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i, n = -1, 0
+    if not sep or n < 1 or not 0 <= i < n:
+        raise ConfigError(f"shard={text!r} is not allowed: expected I/N with 0 <= I < N, e.g. 0/8 .. 7/8")
+    return i, n
 
 
 def _checked(fn: typing.Callable[[], Any], keys: str | tuple[str, ...]) -> Any:

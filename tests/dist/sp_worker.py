@@ -19,7 +19,7 @@ from duca_video.parallel.group_work import decode_across
 from duca_video.parallel.launch import init_parallel
 from duca_video.parallel.sequence import disable_sequence_parallel, parallelize_stdit3
 from duca_video.sampling.rflow import RFlowSampler
-from tests.test_vae import TINY_SPATIAL, TINY_TEMPORAL
+from tests.helpers import TINY_SPATIAL, TINY_TEMPORAL
 
 METHODS = {"none": {}, "duca": {}, "toca": {}, "fora": {}, "conservative": {}, "pab": {"threshold": (0.0, 2000.0)},
            "teacache": {"threshold": 0.3}, "taylorseer": {"interval": 3, "warmup_steps": 1, "order": 2},
