@@ -370,26 +370,36 @@ def _generate_batch(
     if not m.ctx.is_writer:  # the writer of this SP group writes and counts the videos
         return
     for i, job in enumerate(jobs):
-        if not bool(torch.isfinite(g.latents[i]).all()):  # e.g. a fp16 overflow: never write a black video
-            log.error("%s: the final latent is not finite (NaN or inf); nothing written", job.name)
-            summary.failed.append((job.name, "the final latent is not finite (NaN or inf); nothing written"))
-            continue
-        record = make_record(cfg, m, job, g, len(jobs), identity(job))
-        try:
-            write_outputs(cfg, OutputPaths(save_dir, job.name), g.frames[i], g.latents[i], record)
-        except OSError as exc:  # nothing half-written is left (atomic writes); a full disk stops the job
-            if is_storage_full(exc):
-                raise
-            log.error("writing %s failed: %s", job.name, exc)
-            summary.failed.append((job.name, f"{type(exc).__name__}: {exc}"))
-            continue
-        except Exception as exc:  # noqa: BLE001 - not the disk: report it with its traceback, try the next video
-            log.exception("writing %s failed", job.name)
-            summary.failed.append((job.name, f"{type(exc).__name__}: {exc}"))
-            continue
-        summary.written.append(job.name)
-        summary.latencies.append(record["latency_s"])
-        if (tflops := record["dit_tflops"]) is not None:
-            summary.tflops.append(tflops)
-        log.info("wrote %s.mp4 (%.2f s, %s)", job.name, record["latency_s"],
-                 "FLOPs not counted" if tflops is None else f"{tflops:.4g} DiT TFLOPs")  # fmt: skip
+        _write_video(cfg, m, save_dir, job, g, i, len(jobs), identity, summary)
+
+
+def _write_video(
+    cfg: InferenceConfig, m: Models, save_dir: Path, job: VideoJob, g: Generated, i: int, batch: int,
+    identity: VideoIdentity, summary: RunSummary,
+) -> None:  # fmt: skip
+    """Video `i` of the generated batch: its files and record, or the reason in the summary. A full disk stops
+    the job (raised); any other failure is this video's alone."""
+    if not bool(torch.isfinite(g.latents[i]).all()):  # e.g. a fp16 overflow: never write a black video
+        log.error("%s: the final latent is not finite (NaN or inf); nothing written", job.name)
+        summary.failed.append((job.name, "the final latent is not finite (NaN or inf); nothing written"))
+        return
+    record = make_record(cfg, m, job, g, batch, identity(job))
+    try:
+        write_outputs(cfg, OutputPaths(save_dir, job.name), g.frames[i], g.latents[i], record)
+    except OSError as exc:  # nothing half-written is left (atomic writes)
+        if is_storage_full(exc):
+            raise
+        log.error("writing %s failed: %s", job.name, exc)
+        summary.failed.append((job.name, f"{type(exc).__name__}: {exc}"))
+        return
+    except Exception as exc:  # noqa: BLE001 - not the disk: report it with its traceback
+        log.exception("writing %s failed", job.name)
+        summary.failed.append((job.name, f"{type(exc).__name__}: {exc}"))
+        return
+    summary.written.append(job.name)
+    summary.latencies.append(record["latency_s"])
+    tflops = record["dit_tflops"]
+    if tflops is not None:
+        summary.tflops.append(tflops)
+    log.info("wrote %s.mp4 (%.2f s, %s)", job.name, record["latency_s"],
+             "FLOPs not counted" if tflops is None else f"{tflops:.4g} DiT TFLOPs")  # fmt: skip

@@ -33,44 +33,60 @@ def _describe(hint: Any) -> str:
     return {int: "an int", float: "a number", bool: "True or False", str: "a string"}.get(hint, str(hint))
 
 
+_NO = object()  # "this type does not take the value"
+
+
+def _plain(value: Any, hint: Any) -> Any:
+    """`value` as the scalar type `hint` (bool, int, float, str), or _NO. An int is not a bool and vice versa."""
+    if hint is bool:
+        return value if isinstance(value, bool) else _NO
+    if isinstance(value, bool):
+        return _NO
+    if hint is int:
+        return value if isinstance(value, int) else _NO
+    if hint is float:
+        return float(value) if isinstance(value, (int, float)) else _NO
+    if hint is str:
+        return value if isinstance(value, str) else _NO
+    return _NO
+
+
+def _container(value: Any, origin: Any, args: tuple) -> Any:
+    """`value` as a tuple of ints, a list of strings or a dict (the containers the config uses), or _NO."""
+    if origin is tuple and isinstance(value, (list, tuple)) and (Ellipsis in args or len(value) == len(args)):
+        return tuple(_coerce(v, int) for v in value)
+    if origin is list and isinstance(value, (list, tuple)):
+        return [_coerce(v, str) for v in value]
+    if origin is dict and isinstance(value, dict):
+        return dict(value)
+    return _NO
+
+
+def _union(value: Any, args: tuple) -> Any:
+    for arg in args:
+        try:
+            return _coerce(value, arg)
+        except TypeError:
+            continue
+    return _NO
+
+
 def _coerce(value: Any, hint: Any) -> Any:
     """`value` as type `hint`, or raise TypeError. Only the types the config uses are handled."""
-    origin = typing.get_origin(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
-        if value in typing.get_args(hint):
-            return value
+        out = value if value in args else _NO
     elif origin in UNION_TYPES:
-        for arg in typing.get_args(hint):
-            try:
-                return _coerce(value, arg)
-            except TypeError:
-                continue
+        out = _union(value, args)
     elif hint is type(None):
-        if value is None:
-            return None
-    elif origin is tuple:
-        args = typing.get_args(hint)
-        if isinstance(value, (list, tuple)) and (Ellipsis in args or len(value) == len(args)):
-            return tuple(_coerce(v, int) for v in value)
-    elif origin is list:
-        if isinstance(value, (list, tuple)):
-            return [_coerce(v, str) for v in value]
-    elif origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    elif hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-    raise TypeError(_describe(hint))
+        out = None if value is None else _NO
+    elif origin in (tuple, list, dict):
+        out = _container(value, origin, args)
+    else:
+        out = _plain(value, hint)
+    if out is _NO:
+        raise TypeError(_describe(hint))
+    return out
 
 
 def _build(cls: type, values: Any, where: str, extra_ok: bool = False) -> Any:

@@ -239,20 +239,31 @@ class InferenceConfig:
     align: int | None = None  # snap negative strategy starts to multiples of this (5 in Open-Sora 1.2's config)
 
     def __post_init__(self) -> None:
+        self._check_size()
+        _positive("config", fps=self.fps, save_fps=self.save_fps, frame_interval=self.frame_interval)
+        _positive("config", batch_size=self.batch_size, num_sample=self.num_sample, sp_size=self.sp_size)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype={self.dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
+        if self.cfg_parallel and self.scheduler.cfg_scale == 1.0:
+            raise ConfigError("cfg_parallel needs classifier-free guidance: with cfg_scale=1 there is no second half")
+        if not _DEVICE.fullmatch(self.device):
+            raise ConfigError(f"device={self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N (N = 0, 1, ..)")
+        self._check_outputs()
+        self._check_limits()
+        self._check_conditioning()
+
+    def _check_size(self) -> None:
         self.num_frames = _checked(lambda: sizes.parse_num_frames(self.num_frames), "num_frames")
         _checked(lambda: sizes.check_num_frames(self.num_frames, self.scheduler.use_timestep_transform), "num_frames")
         if self.image_size is None:
             if self.resolution is None or self.aspect_ratio is None:
                 raise ConfigError("set image_size (H, W), or both resolution and aspect_ratio")
             _checked(lambda: sizes.image_size(self.resolution, self.aspect_ratio), ("resolution", "aspect_ratio"))
-        _positive("config", fps=self.fps, save_fps=self.save_fps, frame_interval=self.frame_interval)
-        _positive("config", batch_size=self.batch_size, num_sample=self.num_sample, sp_size=self.sp_size)
-        if self.image_size is not None and min(self.image_size) < 1:
+        elif min(self.image_size) < 1:
             raise ConfigError(f"image_size={list(self.image_size)} is not allowed: both sides must be >= 1")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype={self.dtype!r} is not allowed; allowed: {', '.join(DTYPES)}")
-        if self.cfg_parallel and self.scheduler.cfg_scale == 1.0:
-            raise ConfigError("cfg_parallel needs classifier-free guidance: with cfg_scale=1 there is no second half")
+
+    def _check_outputs(self) -> None:
+        """Which prompts, and where their files go."""
         if self.start_index < 0:
             raise ConfigError(f"start_index={self.start_index} is not allowed: it must be >= 0")
         if self.end_index is not None and self.end_index <= self.start_index:
@@ -261,10 +272,6 @@ class InferenceConfig:
             raise ConfigError(f"save_dir={self.save_dir!r} is not allowed: it is empty (give a folder; '.' is the "
                               "working directory)")  # fmt: skip
         _parse_shard(self.shard)
-        if not _DEVICE.fullmatch(self.device):
-            raise ConfigError(f"device={self.device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N (N = 0, 1, ..)")
-        self._check_limits()
-        self._check_conditioning()
         if self.sample_name is not None:
             try:
                 check_sample_name(self.sample_name)

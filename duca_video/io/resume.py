@@ -107,14 +107,21 @@ def check_output(out: OutputPaths, identity: dict[str, Any], with_latent: bool, 
         return OutputStatus("differs", fields)
     files = [("video", out.video)] + ([("latent", out.latent)] if with_latent else [])
     for kind, path in files:
-        size, sha = record.get(f"{kind}_bytes"), record.get(f"{kind}_sha256")
-        if not path.is_file():
-            return OutputStatus("broken", [f"{path.name} is missing"])
-        if size is None or sha is None:
-            return OutputStatus("broken", [f"the record has no {kind}_bytes / {kind}_sha256"])
-        if path.stat().st_size != size:
-            return OutputStatus("broken", [f"{path.name} has {path.stat().st_size} bytes, the record says {size} "
-                                           "(truncated or replaced)"])  # fmt: skip
-        if hashes and file_digest(path)["sha256"] != sha:
-            return OutputStatus("broken", [f"{path.name} does not match the SHA-256 in its record"])
+        problem = _file_problem(record, kind, path, hashes)
+        if problem:
+            return OutputStatus("broken", [problem])
     return OutputStatus("complete", [])
+
+
+def _file_problem(record: dict[str, Any], kind: str, path: Path, hashes: bool) -> str | None:
+    """Why the file of `kind` is not the one the record describes, or None when it is."""
+    size, sha = record.get(f"{kind}_bytes"), record.get(f"{kind}_sha256")
+    if not path.is_file():
+        return f"{path.name} is missing"
+    if size is None or sha is None:
+        return f"the record has no {kind}_bytes / {kind}_sha256"
+    if path.stat().st_size != size:
+        return f"{path.name} has {path.stat().st_size} bytes, the record says {size} (truncated or replaced)"
+    if hashes and file_digest(path)["sha256"] != sha:
+        return f"{path.name} does not match the SHA-256 in its record"
+    return None

@@ -57,6 +57,10 @@ class STDiT3Config:
     skip_y_embedder: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
+        self._check_architecture()
+
+    def _check_types(self) -> None:
         # Types first, each error naming the field: a float patch size or a "yes" flag would otherwise be
         # truncated or taken as true without a word.
         for name in ("depth", "hidden_size", "num_heads", "in_channels", "caption_channels", "model_max_length",
@@ -79,6 +83,9 @@ class STDiT3Config:
         if not number or not math.isfinite(r) or r <= 0:
             error = ValueError if number else TypeError
             raise error(f"STDiT3Config.mlp_ratio={r!r} is not allowed: expected a finite number > 0")
+
+    def _check_architecture(self) -> None:
+        r = self.mlp_ratio
         if int(self.hidden_size * r) < 1:
             raise ValueError(f"STDiT3Config: mlp_ratio {r} gives an MLP of {int(self.hidden_size * r)} features")
         if self.hidden_size % self.num_heads:

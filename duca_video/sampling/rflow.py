@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from duca_video.models.attention import cut_text_keys
 from duca_video.parallel.comm import CommStats, all_gather_tokens, group_rank, group_size
+from duca_video.sampling.checks import check_sample_inputs
 from duca_video.seeds import check_seed
 
 from .events import SampleStart, SamplingListener, StepStart, listeners_of
@@ -106,6 +107,24 @@ def _end_all(listeners: list[SamplingListener]) -> BaseException | None:
 
 
 @dataclass
+class _Run:
+    """What every step of one sample uses: the model, its text batch and keyword arguments, the guidance."""
+
+    model: torch.nn.Module
+    y: torch.Tensor
+    mask: torch.Tensor | None
+    kwargs: Mapping[str, Any]
+    cfg: bool
+    scale: float
+    split: int | None  # this rank's CFG half under CFG parallelism, else None
+    cfg_group: Any
+    batch: int
+    channels: int
+    frame_mask: torch.Tensor | None = None  # (B, T) float32 on the device, for reference frames
+    draw_noise: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+@dataclass
 class RFlowSampler:
     """Open-Sora 1.2's RFLOW scheduler (defaults are its 1.2 inference config: 30 steps, CFG 7, transform on)."""
 
@@ -174,55 +193,25 @@ class RFlowSampler:
         """
         scale = float(self.cfg_scale if guidance_scale is None else guidance_scale)
         cfg = scale != 1.0  # with scale 1 the null half cancels out exactly, so it is not computed
-        self._validate(z, y, y_null, mask, frame_mask, model_kwargs, cfg)
-        batch, channels = z.shape[0], z.shape[1]
-
+        check_sample_inputs(z, y, y_null, mask, frame_mask, model_kwargs, cfg, _RESERVED_KWARGS)
         ts_list = self._sample_timesteps(model_kwargs)
-        ts = torch.tensor(ts_list, dtype=torch.float32, device=z.device)
-        num_steps = len(ts_list)
-
-        seeds = _video_seeds(seed, batch)
-        draw_noise = _noise_source(generator, seed, seeds, z.device) if frame_mask is not None else None
-        # Upstream's model returns fp32, which promotes a bf16/fp16 latent to fp32 after the first step;
-        # promoting up front gives the same numbers and a dtype that does not change mid-loop.
-        z = z.to(torch.promote_types(z.dtype, torch.float32))
+        seeds = _video_seeds(seed, z.shape[0])
         split = _cfg_half(cfg_group) if cfg else None  # None, or this rank's half under CFG parallelism
         y_in, mask_in = self._text_batch(y, y_null, mask, cfg, split)
+        run = _Run(model, y_in, mask_in, model_kwargs, cfg, scale, split, cfg_group, z.shape[0], z.shape[1])
         if frame_mask is not None:
-            frame_mask = frame_mask.to(device=z.device, dtype=torch.float32)
-            mask_t = frame_mask * self.num_timesteps
-            noise_added = frame_mask == 1  # frames to generate start as pure noise already
-
+            run.draw_noise = _noise_source(generator, seed, seeds, z.device)
+            run.frame_mask = frame_mask.to(device=z.device, dtype=torch.float32)
         listeners = listeners_of(model)
         try:
             # Under CFG parallelism this rank's model batch is one half: the cache sees B rows, no CFG layout.
-            start = SampleStart(num_steps, tuple(ts_list), batch, cfg and split is None, seeds[0] if seeds else seed,
-                                seeds, row_group=cfg_group if split is not None else None)  # fmt: skip
+            start = SampleStart(len(ts_list), tuple(ts_list), run.batch, cfg and split is None,
+                                seeds[0] if seeds else seed, seeds, row_group=cfg_group if split is not None else None)
             for listener in listeners:
                 listener.on_sample_start(start)
-            bar = tqdm(range(num_steps), total=num_steps, desc="rflow", disable=None if progress else True)
-            for i in bar:
-                t = ts[i]
-                x_mask = None
-                if frame_mask is not None:
-                    z, x0, upper = self._noise_kept_frames(z, t, mask_t, noise_added, draw_noise)
-                    noise_added = upper
-                    x_mask = upper.repeat(2, 1) if cfg and split is None else upper
-                for listener in listeners:
-                    listener.on_step_start(StepStart(i, num_steps, ts_list[i]))
-
-                z_in = torch.cat([z, z], 0) if cfg and split is None else z
-                t_in = t.expand(z_in.shape[0]).contiguous()
-                out = model(z_in, t_in, y=y_in, mask=mask_in, x_mask=x_mask, **model_kwargs)
-                if split is not None:  # the one exchange per step: [cond; uncond] on both ranks
-                    out = all_gather_tokens(out.contiguous(), cfg_group, self.cfg_stats, "cfg_exchange").flatten(0, 1)
-                v = self._velocity(out, (2 * batch, *z.shape[1:]) if cfg else z_in.shape, channels, cfg, scale)
-
-                # The last step integrates all the way to t = 0 (dt = t_last), as upstream.
-                dt = (ts[i] - ts[i + 1] if i < num_steps - 1 else ts[i]) / self.num_timesteps
-                z = z + v.to(z.dtype) * dt
-                if frame_mask is not None:
-                    z = torch.where(upper[:, None, :, None, None], z, x0)
+            # Upstream's model returns fp32, which promotes a bf16/fp16 latent to fp32 after the first step;
+            # promoting up front gives the same numbers and a dtype that does not change mid-loop.
+            z = self._loop(z.to(torch.promote_types(z.dtype, torch.float32)), ts_list, run, listeners, progress)
         except BaseException:
             _end_all(listeners)
             raise
@@ -230,6 +219,41 @@ class RFlowSampler:
         if err is not None:
             raise err
         return z
+
+    def _loop(self, z: torch.Tensor, ts_list: list[float], run: _Run, listeners: list, progress: bool) -> torch.Tensor:
+        """The denoising steps, each announced to the listeners before the model runs."""
+        ts = torch.tensor(ts_list, dtype=torch.float32, device=z.device)
+        num_steps = len(ts_list)
+        if run.frame_mask is not None:
+            mask_t = run.frame_mask * self.num_timesteps
+            noise_added = run.frame_mask == 1  # frames to generate start as pure noise already
+        both_halves = run.cfg and run.split is None
+        for i in tqdm(range(num_steps), total=num_steps, desc="rflow", disable=None if progress else True):
+            t = ts[i]
+            x_mask = None
+            if run.frame_mask is not None:
+                z, x0, upper = self._noise_kept_frames(z, t, mask_t, noise_added, run.draw_noise)
+                noise_added = upper
+                x_mask = upper.repeat(2, 1) if both_halves else upper
+            for listener in listeners:
+                listener.on_step_start(StepStart(i, num_steps, ts_list[i]))
+            v = self._prediction(run, torch.cat([z, z], 0) if both_halves else z, t, x_mask)
+            # The last step integrates all the way to t = 0 (dt = t_last), as upstream.
+            dt = (ts[i] - ts[i + 1] if i < num_steps - 1 else ts[i]) / self.num_timesteps
+            z = z + v.to(z.dtype) * dt
+            if run.frame_mask is not None:
+                z = torch.where(upper[:, None, :, None, None], z, x0)
+        return z
+
+    def _prediction(self, run: _Run, z_in: torch.Tensor, t: torch.Tensor, x_mask: torch.Tensor | None) -> torch.Tensor:
+        """The guided velocity of one step: the model on the batch (both CFG halves, or this rank's half and one
+        exchange with the other rank under CFG parallelism)."""
+        t_in = t.expand(z_in.shape[0]).contiguous()
+        out = run.model(z_in, t_in, y=run.y, mask=run.mask, x_mask=x_mask, **run.kwargs)
+        if run.split is not None:  # the one exchange per step: [cond; uncond] on both ranks
+            out = all_gather_tokens(out.contiguous(), run.cfg_group, self.cfg_stats, "cfg_exchange").flatten(0, 1)
+        shape = (2 * run.batch, *z_in.shape[1:]) if run.cfg else z_in.shape
+        return self._velocity(out, shape, run.channels, run.cfg, run.scale)
 
     def _noise_kept_frames(self, z, t, mask_t, noise_added, draw_noise) -> tuple[torch.Tensor, ...]:
         """Frames whose mask value t has now passed get noised to t (once); returns (z, x0, frames now noisy)."""
@@ -279,42 +303,6 @@ class RFlowSampler:
             return pred
         cond, uncond = pred.chunk(2, dim=0)
         return uncond + scale * (cond - uncond)
-
-    @staticmethod
-    def _validate(
-        z: torch.Tensor,
-        y: torch.Tensor,
-        y_null: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        frame_mask: torch.Tensor | None,
-        model_kwargs: Mapping[str, Any],
-        cfg: bool,
-    ) -> None:
-        if z.dim() != 5:
-            raise ValueError(f"z must be (B, C, T, H, W), got shape {tuple(z.shape)}")
-        if y.dim() != 4 or y.shape[1] != 1:
-            raise ValueError(f"y must be (B, 1, L, C), got shape {tuple(y.shape)}")
-        batch = z.shape[0]
-        if batch < 1:
-            raise ValueError(f"z has batch {batch}: give at least one video, shape (B >= 1, C, T, H, W)")
-        if y.shape[0] != batch:
-            raise ValueError(f"y has batch {y.shape[0]} but z has batch {batch}")
-        if cfg:
-            if y_null is None:
-                raise ValueError("y_null is required when the guidance scale is not 1")
-            if y_null.dim() != 4 or y_null.shape[0] not in (1, batch) or y_null.shape[1:] != y.shape[1:]:
-                raise ValueError(f"y_null must be (B or 1, 1, L, C) like y {tuple(y.shape)}, got {tuple(y_null.shape)}")
-        if mask is not None and (mask.dim() != 2 or mask.shape != (batch, y.shape[2])):
-            raise ValueError(f"mask must be (B, L) = {(batch, y.shape[2])}, got {tuple(mask.shape)}")
-        # An empty caption in mask is refused by cut_text_keys, in the one host read of the mask per sample.
-        if frame_mask is not None:
-            if frame_mask.shape != (batch, z.shape[2]):
-                raise ValueError(f"frame_mask must be (B, T) = {(batch, z.shape[2])}, got {tuple(frame_mask.shape)}")
-            if bool(((frame_mask < 0) | (frame_mask > 1)).any()):
-                raise ValueError("frame_mask values must lie in [0, 1]")
-        clash = [k for k in _RESERVED_KWARGS if k in model_kwargs]
-        if clash:
-            raise ValueError(f"model_kwargs must not contain {clash}: the sampler passes them itself")
 
     # ------------------------------------------------------------------ training
     def training_loss(
