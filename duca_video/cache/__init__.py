@@ -30,10 +30,11 @@ from .methods.token import (
     ToCaConfig,
     TokenCacheConfig,
 )
-from .plugin import CacheController, controller_of, disable, enable, find_blocks
+from .plugin import CacheController, controller_of, disable, enable
 from .policy import CachePolicy, Sample
 from .registry import METHODS, PRESETS
 from .schedule import build_schedule, schedule_table
+from .structure import find_blocks
 
 __all__ = [
     "METHODS",

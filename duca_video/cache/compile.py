@@ -6,7 +6,7 @@
 Why this split: a cached step runs the same modules as a full step on fewer tokens (a conservative step's
 selected rows) or not at all (a reused module). So each module sees one static shape per step kind, and its
 compiled graphs are made once and reused by every later step of that kind. The cache's own code (the schedule,
-a method's decisions, the store) is kept out of tracing (`plugin._eager`): traced, its per-step state would
+a method's decisions, the store) is kept out of tracing (`keep_out_of_tracing`): traced, its per-step state would
 become guards and recompile the model at every step. `torch.compile(model)` on top (for the embedding and the
 output layer) is safe: the blocks are graph breaks in it.
 
@@ -17,11 +17,13 @@ all-to-all wrapper of `parallel.sequence`) are left eager: tracing the collectiv
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import torch
 from torch import nn
 
-from .plugin import find_blocks, prepare_compile
+from .structure import find_blocks
 
 COMPILED_MODULES = ("attn", "cross_attn", "mlp")
 
@@ -46,4 +48,26 @@ def compile_blocks(model: nn.Module, **options: Any) -> list[str]:
     return compiled
 
 
-__all__ = ["COMPILED_MODULES", "compile_blocks", "prepare_compile"]
+
+def keep_out_of_tracing(fn: Any) -> Any:
+    """`fn` kept out of torch.compile's tracing (it runs as Python between the compiled graphs), when compiling
+    is in use in this process (torch._dynamo imported). Marking needs torch._dynamo, whose import costs ~70 MiB
+    and ~1 s: a run that never compiles does not pay it (`prepare_compile` marks an installed cache later)."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return fn if disable is None or "torch._dynamo" not in sys.modules else disable(fn)
+
+
+def prepare_compile(model: nn.Module) -> None:
+    """Keep the cache enabled on `model` out of torch.compile's tracing: call it before `torch.compile(model)`
+    when the cache was enabled before torch._dynamo was imported (`compile_blocks` calls it)."""
+    import torch._dynamo  # noqa: F401 - what marking a function as eager needs
+
+    from .plugin import controller_of  # the plugin installs with keep_out_of_tracing
+
+    controller = controller_of(model)
+    if controller is not None:
+        controller.remove()
+        controller.install()
+
+
+__all__ = ["COMPILED_MODULES", "compile_blocks", "keep_out_of_tracing", "prepare_compile"]

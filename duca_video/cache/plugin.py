@@ -13,7 +13,6 @@ parallelism it reads upstream's group (`upstream.py`).
 from __future__ import annotations
 
 import functools
-import sys
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from torch import nn
 from ..sampling.events import SampleStart, StepStart, register_listener, unregister_listener
 from ..seeds import check_seed
 from .block import BlockMixin
+from .compile import keep_out_of_tracing
 from .config import SCORED_SELECTORS, CacheConfig, make_config
 from .folding import FoldingMixin
 from .follow import SampleFollower, SamplingSettings, settings_from
@@ -30,26 +30,11 @@ from .policy import Sample
 from .report import summary_text
 from .schedule import Action, StepPlan, build_schedule, schedule_table
 from .state import CacheState, OffloadedState
+from .structure import caption_rows, find_blocks
 from .tokens import SelectionMixin
 from .upstream import UpstreamLayout, localize_cross_attention, restore_cross_attention, upstream_sp_group
 
-BLOCK_ATTRS = ("attn", "cross_attn", "mlp", "norm1", "norm2", "scale_shift_table", "temporal")
 _ATTR = "_duca_cache_controller"
-
-
-def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """STDiT3 blocks in execution order (spatial 0, temporal 0, spatial 1, ...)."""
-    if hasattr(model, "spatial_blocks") and hasattr(model, "temporal_blocks"):
-        pairs = zip(model.spatial_blocks, model.temporal_blocks)
-        blocks = [b for pair in pairs for b in pair]
-    else:
-        blocks = [m for m in model.modules() if all(hasattr(m, a) for a in BLOCK_ATTRS)]
-    missing = [a for a in BLOCK_ATTRS if blocks and not hasattr(blocks[0], a)]
-    if not blocks or missing:
-        raise ValueError(
-            f"{type(model).__name__} has no STDiT3 blocks: the cache needs blocks with attributes {BLOCK_ATTRS}"
-        )
-    return blocks
 
 
 class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
@@ -94,16 +79,17 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         # The cache's Python (the schedule, the policy's decisions, the store) runs outside torch.compile's
         # graphs: traced, its per-step state would become guards and recompile the model at every step. The
         # blocks' modules compile on their own (`compile_blocks`), with one static shape per step kind.
-        block_forward = _eager(self._block_forward)
+        block_forward = keep_out_of_tracing(self._block_forward)
         for index, block in enumerate(self.blocks):
             block.forward = functools.partial(block_forward, index, block)
         register_listener(self.model, self)
         self.model.__dict__[_ATTR] = self
-        self._hooks.append(self.model.register_forward_pre_hook(_eager(self.follower.before), with_kwargs=True))
-        self._hooks.append(self.model.register_forward_hook(_eager(self.follower.after), with_kwargs=True))
+        eager = keep_out_of_tracing
+        self._hooks.append(self.model.register_forward_pre_hook(eager(self.follower.before), with_kwargs=True))
+        self._hooks.append(self.model.register_forward_hook(eager(self.follower.after), with_kwargs=True))
         self._find_layout()
         if self.fold:  # the fps embedding of this forward, to compute the next step's modulation
-            hook = self.model.fps_embedder.register_forward_hook(_eager(self._keep_fps_embedding))
+            hook = self.model.fps_embedder.register_forward_hook(keep_out_of_tracing(self._keep_fps_embedding))
             self._hooks.append(hook)
         if getattr(self.config, "selector", None) in SCORED_SELECTORS:
             self._hooks += self._install_capture()
@@ -245,7 +231,7 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         rows = sample.compute_rows
         if rows is not None:  # some videos skip this step: the blocks run on the computing videos' rows only
             x = x.index_select(0, rows) if x.shape[0] == sample.rows else x
-            y, mask = _caption_rows(sample, y, mask)
+            y, mask = caption_rows(sample, y, mask)
             t, x_mask, t0 = (None if a is None else a.index_select(0, rows) for a in (t, x_mask, t0))
         out = self._run_held(sample.store, index, block, x, y, t, mask, x_mask, t0, T, S)
         if index == 0 and not last and sample.compute_rows is None:
@@ -395,34 +381,3 @@ def disable(model: nn.Module) -> None:
 
 def controller_of(model: nn.Module) -> CacheController | None:
     return model.__dict__.get(_ATTR)
-
-
-def _eager(fn: Any) -> Any:
-    """`fn` kept out of torch.compile's tracing (it runs as Python between the compiled graphs), when compiling
-    is in use in this process (torch._dynamo imported). Marking needs torch._dynamo, whose import costs ~70 MiB
-    and ~1 s: a run that never compiles does not pay it (`prepare_compile` marks an installed cache later)."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return fn if disable is None or "torch._dynamo" not in sys.modules else disable(fn)
-
-
-def prepare_compile(model: nn.Module) -> None:
-    """Keep the cache enabled on `model` out of torch.compile's tracing: call it before `torch.compile(model)`
-    when the cache was enabled before torch._dynamo was imported (`compile_blocks` calls it)."""
-    import torch._dynamo  # noqa: F401 - what marking a function as eager needs
-
-    controller = controller_of(model)
-    if controller is not None:
-        controller.remove()
-        controller.install()
-
-
-def _caption_rows(sample: Sample, y: torch.Tensor, mask: Any) -> tuple[torch.Tensor, Any]:
-    """The captions (and mask) of the rows that compute this step: rows of ours, or the pieces of upstream's
-    packed caption sequence (1, sum of lengths, C), whose mask is each row's length."""
-    rows = sample.compute_rows
-    if y.shape[0] == sample.rows:
-        return y.index_select(0, rows), None if mask is None else mask.index_select(0, rows)
-    lengths = [int(v) for v in mask]
-    starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    pieces = [y[:, starts[i] : starts[i] + lengths[i]] for i in sample.compute_list]
-    return torch.cat(pieces, dim=1), [lengths[i] for i in sample.compute_list]

@@ -146,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--text-encoder-path / $DUCA_T5_PATH. A flag beats the config, the config beats the variable.",
     )
     p.add_argument("--config", required=True, help="Python config file, e.g. configs/duca_480p.py")
+    _prompt_flags(p)
+    _video_flags(p)
+    _sampling_flags(p)
+    _weight_flags(p)
+    _output_flags(p)
+    _conditioning_flags(p)
+    return p
+
+
+def _prompt_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("prompts")
     g.add_argument("--prompt", nargs="+", action="extend", help="prompt(s); repeatable")
     g.add_argument("--prompt-path", help="text file, one prompt per line (blank lines skipped)")
@@ -159,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--camera-motion", help='appended as " camera motion: X."')
     g.add_argument("--clean-prompts", action=argparse.BooleanOptionalAction, default=None,
                    help="clean prompts as Open-Sora does before T5 (lower case, links, HTML); default on")  # fmt: skip
+
+
+def _video_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("video")
     g.add_argument("--resolution", help="144p, 240p, 360p, 480p or 720p")
     g.add_argument("--aspect-ratio", help="H:W, e.g. 9:16")
@@ -167,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=int, help="frame rate the model is conditioned on")
     g.add_argument("--save-fps", type=int, help="frame rate written into the mp4")
     g.add_argument("--frame-interval", type=int, help="save fps defaults to fps // frame interval")
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--seed", type=int)
     g.add_argument("--num-sampling-steps", type=int)
@@ -189,10 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the blocks' attention, cross-attention and MLP (the first batch compiles)")
     g.add_argument("--cache-opt", action="append", metavar="KEY=VALUE",
                    help="cache setting, typed by the setting (lists: recompute=attn,mlp); repeatable")  # fmt: skip
+
+
+def _weight_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("weights")
     g.add_argument("--ckpt-path", help="STDiT3 checkpoint (file or folder); env DUCA_CKPT_PATH")
     g.add_argument("--vae-path", help="Open-Sora VAE checkpoint; env DUCA_VAE_PATH")
     g.add_argument("--text-encoder-path", help="T5 folder (e.g. t5-v1_1-xxl); env DUCA_T5_PATH")
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("outputs")
     g.add_argument("--save-dir", help="folder for NAME.mp4 / NAME.json (created)")
     g.add_argument("--sample-name", help="file name prefix, no path (default 'sample' -> sample_0000)")
@@ -204,8 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--count-flops", action=argparse.BooleanOptionalAction, default=None, help="count DiT FLOPs during sampling"
     )
     g.add_argument("--quiet", action="store_true", default=None, help="no progress bars or per-video lines")
-    _conditioning_flags(p)
-    return p
 
 
 def _conditioning_flags(p: argparse.ArgumentParser) -> None:

@@ -12,7 +12,6 @@ config without prompts N balanced testbed captions drawn with --prompt-seed (by 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import sys
@@ -127,18 +126,18 @@ def calibrate(argv: Sequence[str], count: int, prompt_seed: int = 1000) -> dict[
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ...cli_checks import ToolParser, output_file, positive_int
     from ...io import atomic_write_json
 
-    p = argparse.ArgumentParser(
+    p = ToolParser(
         prog="python -m duca_video.cache.methods.magcache_calibrate",
         description="Record MagCache's per-step magnitude ratios; other flags are scripts/inference.py's.",
     )
-    p.add_argument("--prompts", type=int, default=16, help="how many prompts to run (default 16)")
-    p.add_argument("--out", required=True, help="JSON file to write (atomically)")
+    p.add_argument("--prompts", type=positive_int, default=16, help="how many prompts to run (default 16)")
+    p.add_argument("--out", required=True, help="JSON file to write (atomically; its folder must exist)")
     p.add_argument("--prompt-seed", type=int, default=1000, help="testbed configs: seed of the captions drawn")
     args, rest = p.parse_known_args(argv)
-    if args.prompts < 1:
-        p.error(f"--prompts={args.prompts} is invalid; allowed: an int >= 1")
+    p.check(output_file, args.out, "--out")  # before minutes of sampling, not after
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
         data = calibrate(rest, args.prompts, args.prompt_seed)
