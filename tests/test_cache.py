@@ -197,3 +197,8 @@ def test_folded_cache_gives_the_same_result_with_less_memory(method, extra, smal
     torch.testing.assert_close(out, expected, atol=5e-5, rtol=1e-4)
     assert (folded.cache_bytes < unfolded.cache_bytes) if smaller else (folded.cache_bytes == unfolded.cache_bytes)
     assert [h["recomputed"] for h in folded.history] == [h["recomputed"] for h in unfolded.history]
+
+
+def test_every_registered_method_is_exported_with_its_config():
+    configs = {cls for name, cls in vars(cache).items() if name.endswith("Config") and isinstance(cls, type)}
+    assert set(cache.METHODS.values()) <= configs, set(cache.METHODS.values()) - configs

@@ -12,11 +12,16 @@ controller = duca_video.cache.enable(upstream_stdit3, "duca", scheduler=rflow)  
 `compile_blocks(model)` compiles the blocks' modules for torch.compile (static shapes per step kind; the cache's
 Python stays outside the graphs).
 
-Each method is one module of `methods/` (config dataclass + policy); `registry.METHODS` lists them all.
+Each method is one module of `methods/` (config dataclass + policy); `registry.METHODS` lists them all, and every
+method's config class is exported here.
 """
 
 from .compile import compile_blocks, prepare_compile
 from .config import CacheConfig, make_config
+from .methods.easycache import EasyCacheConfig
+from .methods.fastercache import FasterCacheConfig
+from .methods.fbcache import FirstBlockCacheConfig
+from .methods.magcache import MagCacheConfig
 from .methods.none import NoneConfig, StepsConfig
 from .methods.pab import PABConfig
 from .methods.taylorseer import TaylorSeerConfig
@@ -46,6 +51,10 @@ __all__ = [
     "ConservativeConfig",
     "DuCaConfig",
     "DuCaForecastConfig",
+    "EasyCacheConfig",
+    "FasterCacheConfig",
+    "FirstBlockCacheConfig",
+    "MagCacheConfig",
     "ForaConfig",
     "NoneConfig",
     "PABConfig",

@@ -92,7 +92,7 @@ class BlockMixin:
         mlp = self._mlp(index, block, x, mod, acts["mlp"], rows, S)
         x = x + gate_tokens(mod[5], mlp)
 
-        fold = x_mask is None and self.sample.policy.fold_ok and self._can_fold(kind)
+        fold = x_mask is None and self.config.fold_ok and self._can_fold(kind)
         if fold:  # the folded tensor serves the next step; keep separately only what a later step reads
             keep = keep & self.plans[self.step + 1].keep[kind]
         for module, value in (("attn", attn), ("cross", cross), ("mlp", mlp)):

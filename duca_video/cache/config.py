@@ -89,10 +89,16 @@ class CacheConfig:
     """Base class; `method` names the method in records and in `enable`."""
 
     method: ClassVar[str] = ""
+    # -- capabilities: every flag the engine reads about a method, here and nowhere else ----------------------
     # The method decides from the data at run time (e.g. TeaCache): FLOP replays on meta repeat its decisions.
     data_dependent: ClassVar[bool] = False
     # The policy wraps the whole model call (`CachePolicy.model_forward`), e.g. to run only one CFG half.
     wraps_model_forward: ClassVar[bool] = False
+    # The plan's module outputs are plain stored tensors, so a full step may fold them (see folding.py).
+    fold_ok: ClassVar[bool] = False
+    # `update` reads the stored values on a full step too (TaylorSeer's differences): an offloaded cache
+    # prefetches them for every step.
+    reads_on_update: ClassVar[bool] = False
 
     def validate(self) -> None:
         """Raise ValueError naming the field and the allowed values."""

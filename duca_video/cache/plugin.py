@@ -267,7 +267,7 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         kind = "temporal" if self.blocks[index].temporal else "spatial"
         if any(a is not Action.COMPUTE for a in self.sample.plan.actions[kind].values()):
             return True
-        return store.has(index, "folded") or (self.sample.policy.reads_on_update and bool(store.names(index)))
+        return store.has(index, "folded") or (self.config.reads_on_update and bool(store.names(index)))
 
     def _replayed(self, sample: Sample, after_first: bool = False) -> bool | list[bool] | None:
         """On a FLOP replay, the real run's decision for this step (meta tensors carry no signal): True (compute),

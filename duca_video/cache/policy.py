@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,12 +83,6 @@ class Sample:
 
 class CachePolicy:
     """The default policy computes everything (method `none`); methods override what they change."""
-
-    # The plan's module outputs are plain stored tensors, so a full step may fold them (see folding.py).
-    fold_ok: ClassVar[bool] = False
-    # `update` reads the stored values on a full step too (TaylorSeer's differences): an offloaded cache
-    # prefetches them for every step (see plugin._reads_cache).
-    reads_on_update: ClassVar[bool] = False
 
     def __init__(self, config: Any, sample: Sample) -> None:
         self.config = config

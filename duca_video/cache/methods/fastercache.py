@@ -49,6 +49,7 @@ class FasterCacheConfig(CacheConfig):
 
     method: ClassVar[str] = "fastercache"
     wraps_model_forward: ClassVar[bool] = True
+    reads_on_update: ClassVar[bool] = True  # a full step's update reads the older values
     attention: bool = True
     modules: tuple[str, ...] = ("attn",)
     attn_start: int = 7
@@ -106,7 +107,6 @@ def _slot(module: str, prev: bool) -> str:
 
 
 class FasterCachePolicy(CachePolicy):
-    reads_on_update = True  # a full step's update reads the older values
 
     def __init__(self, config: FasterCacheConfig, sample: Sample) -> None:
         super().__init__(config, sample)

@@ -26,6 +26,7 @@ class TaylorSeerConfig(CacheConfig):
     output is forecast with a Taylor series of `order` from the full steps' finite differences."""
 
     method: ClassVar[str] = "taylorseer"
+    reads_on_update: ClassVar[bool] = True  # a full step's update reads the older values
     interval: int = 4
     order: int = 1
     warmup_steps: int = 3
@@ -44,7 +45,6 @@ def _slot(module: str, order: int) -> str:
 
 
 class TaylorSeerPolicy(CachePolicy):
-    reads_on_update = True  # a full step's update reads the older values
 
     def __init__(self, config: TaylorSeerConfig, sample: Sample) -> None:
         super().__init__(config, sample)

@@ -32,6 +32,8 @@ class TokenCacheConfig(CacheConfig):
     reuse the stack output (forecast_order=0) or extrapolate it from the last two computed steps (1).
     """
 
+    fold_ok: ClassVar[bool] = True
+
     warmup_steps: int = 3
     cycle: int = 3
     pattern: tuple[str, ...] = ("full", "conservative", "aggressive")
@@ -143,8 +145,6 @@ def token_schedule(config: TokenCacheConfig, num_steps: int) -> list[StepPlan]:
 
 
 class TokenPolicy(CachePolicy):
-    fold_ok: ClassVar[bool] = True
-
     def __init__(self, config: TokenCacheConfig, sample: Sample) -> None:
         super().__init__(config, sample)
         self.held: dict[int, float] = {}  # forecast: step -> t of the stack outputs held (store slot "stack@step")
