@@ -62,6 +62,7 @@ from duca_video.metrics.peak import PeakMemory
 from duca_video.models import STDiT3, STDiT3Config
 from duca_video.models.checkpoint import read_config
 from duca_video.models.text_encoder import null_caption
+from duca_video.parallel.cfg import parallelize_cfg
 from duca_video.parallel.group_work import GroupRunner, TextShape
 from duca_video.parallel.launch import ParallelContext, init_parallel
 from duca_video.parallel.sequence import SequenceParallel, check_sp_size, parallelize_stdit3
@@ -136,6 +137,8 @@ def load_models(
         from duca_video.cache import compile_blocks
 
         compile_blocks(model)
+    if ctx.cfg_size > 1:  # last: over the cache's own wrapping of the forward, which then sees this rank's half
+        parallelize_cfg(model, ctx.cfg_group)
     names = {"model": source, "vae": weights["vae"] or cfg.vae.type, "text_encoder": weights["text_encoder"]}
     names["text_encoder"] = names["text_encoder"] or f"{cfg.text_encoder.type} (random init, seed {cfg.seed})"
     counted_by = ("FlopCounterMode over a meta-device replay of the batch's sampling loop after the timed run "

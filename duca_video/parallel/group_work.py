@@ -143,7 +143,7 @@ class GroupRunner:
         return encode_text(encoder, texts, self.ctx, self.device)
 
     def sample(self, sampler: Any, model: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return sampler.sample(model, *args, cfg_group=self.ctx.cfg_group, **kwargs)
+        return sampler.sample(model, *args, **kwargs)
 
     def gather(self, latents: torch.Tensor, patch_size: tuple[int, int, int]) -> torch.Tensor:
         return latents if self.sp is None else self.sp.gather_latents(latents, patch_size)

@@ -7,12 +7,14 @@ and the sampler announces to every listener found on the model it is driving.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 _ATTR = "_duca_sampling_listeners"
+_VIEW = "_duca_sample_view"
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,35 @@ def unregister_listener(model: torch.nn.Module, listener: SamplingListener) -> N
         listeners.remove(listener)
 
 
+def set_sample_view(model: torch.nn.Module, view: Callable[[SampleStart], SampleStart] | None) -> None:
+    """What the listeners are told of a sample, when a wrapper changes the batch the model really runs (CFG
+    parallelism: one half of it); None: the sampler's own announcement."""
+    if view is None:
+        model.__dict__.pop(_VIEW, None)
+    else:
+        model.__dict__[_VIEW] = view
+
+
 def listeners_of(model: torch.nn.Module) -> list[SamplingListener]:
     # torch.compile wraps the model (OptimizedModule); the listeners sit on the module it compiled.
     model = getattr(model, "_orig_mod", model)
-    return list(model.__dict__.get(_ATTR, []))
+    listeners = list(model.__dict__.get(_ATTR, []))
+    view = model.__dict__.get(_VIEW)
+    return listeners if view is None else [_Viewed(listener, view) for listener in listeners]
+
+
+@dataclass(frozen=True)
+class _Viewed:
+    """A listener told the model's view of each sample (see `set_sample_view`)."""
+
+    listener: SamplingListener
+    view: Callable[[SampleStart], SampleStart]
+
+    def on_sample_start(self, event: SampleStart) -> None:
+        self.listener.on_sample_start(self.view(event))
+
+    def on_step_start(self, event: StepStart) -> None:
+        self.listener.on_step_start(event)
+
+    def on_sample_end(self) -> None:
+        self.listener.on_sample_end()

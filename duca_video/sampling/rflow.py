@@ -15,7 +15,6 @@ import torch
 from tqdm.auto import tqdm
 
 from duca_video.models.attention import cut_text_keys
-from duca_video.parallel.comm import CommStats, all_gather_tokens, group_rank, group_size
 from duca_video.sampling.checks import check_sample_inputs
 from duca_video.seeds import check_seed
 
@@ -116,8 +115,6 @@ class _Run:
     kwargs: Mapping[str, Any]
     cfg: bool
     scale: float
-    split: int | None  # this rank's CFG half under CFG parallelism, else None
-    cfg_group: Any
     batch: int
     channels: int
     frame_mask: torch.Tensor | None = None  # (B, T) float32 on the device, for reference frames
@@ -139,7 +136,6 @@ class RFlowSampler:
     last_text_tokens = None
 
     def __post_init__(self) -> None:
-        self.cfg_stats = CommStats()  # the CFG-parallel exchange's bytes and calls (not a setting either)
         if self.num_sampling_steps < 1:
             raise ValueError(f"num_sampling_steps must be >= 1, got {self.num_sampling_steps}")
         if self.num_timesteps < 1:
@@ -174,7 +170,6 @@ class RFlowSampler:
         progress: bool = True,
         seed: int | Sequence[int] | None = None,
         generator: torch.Generator | None = None,
-        cfg_group: Any = None,
     ) -> torch.Tensor:
         """Denoise `z` (B, C, T, H, W) from t = num_timesteps to 0; returns the final latent (float32 or wider).
 
@@ -187,26 +182,20 @@ class RFlowSampler:
         seed: the run's seed, or one seed per video (B of them): each video then draws its token selection
         (announced to the cache) and its reference-frame noise from its own seed, so it does not depend on the
         batch it is in. The reference-frame noise comes from `generator` when given.
-        cfg_group: CFG parallelism, a process group of 2 ranks: rank 0 runs the conditional rows, rank 1 the
-        unconditional ones, and one all-gather per step gives both the whole prediction (the cache on each rank
-        sees a batch of B rows, told which group holds the other half so data-driven decisions agree).
-        """
+"""
         scale = float(self.cfg_scale if guidance_scale is None else guidance_scale)
         cfg = scale != 1.0  # with scale 1 the null half cancels out exactly, so it is not computed
         check_sample_inputs(z, y, y_null, mask, frame_mask, model_kwargs, cfg, _RESERVED_KWARGS)
         ts_list = self._sample_timesteps(model_kwargs)
         seeds = _video_seeds(seed, z.shape[0])
-        split = _cfg_half(cfg_group) if cfg else None  # None, or this rank's half under CFG parallelism
-        y_in, mask_in = self._text_batch(y, y_null, mask, cfg, split)
-        run = _Run(model, y_in, mask_in, model_kwargs, cfg, scale, split, cfg_group, z.shape[0], z.shape[1])
+        y_in, mask_in = self._text_batch(y, y_null, mask, cfg)
+        run = _Run(model, y_in, mask_in, model_kwargs, cfg, scale, z.shape[0], z.shape[1])
         if frame_mask is not None:
             run.draw_noise = _noise_source(generator, seed, seeds, z.device)
             run.frame_mask = frame_mask.to(device=z.device, dtype=torch.float32)
         listeners = listeners_of(model)
         try:
-            # Under CFG parallelism this rank's model batch is one half: the cache sees B rows, no CFG layout.
-            start = SampleStart(len(ts_list), tuple(ts_list), run.batch, cfg and split is None,
-                                seeds[0] if seeds else seed, seeds, row_group=cfg_group if split is not None else None)
+            start = SampleStart(len(ts_list), tuple(ts_list), run.batch, cfg, seeds[0] if seeds else seed, seeds)
             for listener in listeners:
                 listener.on_sample_start(start)
             # Upstream's model returns fp32, which promotes a bf16/fp16 latent to fp32 after the first step;
@@ -227,17 +216,16 @@ class RFlowSampler:
         if run.frame_mask is not None:
             mask_t = run.frame_mask * self.num_timesteps
             noise_added = run.frame_mask == 1  # frames to generate start as pure noise already
-        both_halves = run.cfg and run.split is None
         for i in tqdm(range(num_steps), total=num_steps, desc="rflow", disable=None if progress else True):
             t = ts[i]
             x_mask = None
             if run.frame_mask is not None:
                 z, x0, upper = self._noise_kept_frames(z, t, mask_t, noise_added, run.draw_noise)
                 noise_added = upper
-                x_mask = upper.repeat(2, 1) if both_halves else upper
+                x_mask = upper.repeat(2, 1) if run.cfg else upper
             for listener in listeners:
                 listener.on_step_start(StepStart(i, num_steps, ts_list[i]))
-            v = self._prediction(run, torch.cat([z, z], 0) if both_halves else z, t, x_mask)
+            v = self._prediction(run, torch.cat([z, z], 0) if run.cfg else z, t, x_mask)
             # The last step integrates all the way to t = 0 (dt = t_last), as upstream.
             dt = (ts[i] - ts[i + 1] if i < num_steps - 1 else ts[i]) / self.num_timesteps
             z = z + v.to(z.dtype) * dt
@@ -246,14 +234,10 @@ class RFlowSampler:
         return z
 
     def _prediction(self, run: _Run, z_in: torch.Tensor, t: torch.Tensor, x_mask: torch.Tensor | None) -> torch.Tensor:
-        """The guided velocity of one step: the model on the batch (both CFG halves, or this rank's half and one
-        exchange with the other rank under CFG parallelism)."""
+        """The guided velocity of one step: the model on the batch ([cond; uncond] with CFG)."""
         t_in = t.expand(z_in.shape[0]).contiguous()
         out = run.model(z_in, t_in, y=run.y, mask=run.mask, x_mask=x_mask, **run.kwargs)
-        if run.split is not None:  # the one exchange per step: [cond; uncond] on both ranks
-            out = all_gather_tokens(out.contiguous(), run.cfg_group, self.cfg_stats, "cfg_exchange").flatten(0, 1)
-        shape = (2 * run.batch, *z_in.shape[1:]) if run.cfg else z_in.shape
-        return self._velocity(out, shape, run.channels, run.cfg, run.scale)
+        return self._velocity(out, z_in.shape, run.channels, run.cfg, run.scale)
 
     def _noise_kept_frames(self, z, t, mask_t, noise_added, draw_noise) -> tuple[torch.Tensor, ...]:
         """Frames whose mask value t has now passed get noised to t (once); returns (z, x0, frames now noisy)."""
@@ -270,13 +254,9 @@ class RFlowSampler:
             return self.timesteps(0, 0, 1)
         return self.timesteps(*[_uniform_scalar(model_kwargs, k) for k in ("height", "width", "num_frames")])
 
-    def _text_batch(self, y, y_null, mask, cfg: bool, split: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The captions (and mask) of the model batch: [y, null] with CFG, this rank's half under CFG
-        parallelism, cut to the keys any row attends to."""
-        if split is not None:
-            y_in = y if split == 0 else y_null.to(device=y.device, dtype=y.dtype).expand_as(y)
-            mask_in = mask  # the null rows share their prompt's mask, as in the one-process batch
-        elif cfg:
+    def _text_batch(self, y, y_null, mask, cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The captions (and mask) of the model batch: [y, null] with CFG, cut to the keys any row attends to."""
+        if cfg:
             assert y_null is not None
             y_in = torch.cat([y, y_null.to(device=y.device, dtype=y.dtype).expand_as(y)], 0)
             # STDiT3.encode_text repeats a (B, L) mask over a 2B batch: pass it doubled so any model agrees.
@@ -356,15 +336,6 @@ class RFlowSampler:
 def describe(sampler: RFlowSampler) -> dict[str, Any]:
     """The sampler's settings as plain data, for run records."""
     return {k: getattr(sampler, k) for k in sampler.__dataclass_fields__}
-
-
-def _cfg_half(cfg_group: Any) -> int | None:
-    """This rank's CFG half (0 = conditional, 1 = unconditional) in a group of 2, or None without one."""
-    if cfg_group is None:
-        return None
-    if group_size(cfg_group) != 2:
-        raise ValueError(f"cfg_group must hold the 2 ranks of a CFG pair, it has {group_size(cfg_group)}")
-    return group_rank(cfg_group)
 
 
 def _video_seeds(seed: int | Sequence[int] | None, batch: int) -> tuple[int, ...] | None:

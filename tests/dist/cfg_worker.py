@@ -10,6 +10,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from duca_video import cache
+from duca_video.parallel.cfg import parallelize_cfg
 from duca_video.parallel.launch import init_parallel
 from duca_video.parallel.sequence import disable_sequence_parallel, parallelize_stdit3
 from tests.dist.sp_worker import inputs, sample, spy_collectives, tiny_model
@@ -33,7 +34,9 @@ def main(out_dir: str, sp_size: int) -> None:
         sp = parallelize_stdit3(model, ctx.sp_group, gather_output=False) if ctx.sp_size > 1 else None
         calls.clear()
         controller = cache.enable(model, method, **extra)
-        out = sample(model, data, cfg_group=ctx.cfg_group)
+        halves = parallelize_cfg(model, ctx.cfg_group)  # last: over anything else that wraps the forward
+        out = sample(model, data)
+        halves.remove()
         if sp is not None:
             out = sp.gather_latents(out, model.config.patch_size)
         report["methods"][method] = {

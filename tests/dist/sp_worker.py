@@ -47,11 +47,11 @@ def inputs():
                                   width=torch.full((2,), 80.0)))  # fmt: skip
 
 
-def sample(model, data, cfg_group=None):
+def sample(model, data):
     sampler = RFlowSampler(num_sampling_steps=10, use_timestep_transform=False, cfg_scale=4.0)
     y_null = model.y_embedder.y_embedding[None, None].expand(2, 1, 8, 32)
     return sampler.sample(model, data["z"], data["y"], y_null, data["mask"], model_kwargs=data["model_kwargs"],
-                          progress=False, seed=3, cfg_group=cfg_group)  # fmt: skip
+                          progress=False, seed=3)  # fmt: skip
 
 
 def spy_collectives(calls: list, controller_of) -> None:
