@@ -190,7 +190,7 @@ def pair_problems(reference: dict[str, Any], method: dict[str, Any]) -> list[str
 
 
 def _sha256(path: Path) -> str:
-    from duca_video.io.resume import file_digest  # here: --list and other torch-free commands import this module
+    from duca_video.io.files import file_digest  # here: --list and other torch-free commands import this module
 
     return file_digest(path)["sha256"]
 

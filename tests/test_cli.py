@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from duca_video import pipeline
 from duca_video.configs.loader import load_config
-from duca_video.io import RECORD_FIELDS
+from duca_video.jobs import RECORD_FIELDS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "inference.py"
@@ -161,7 +161,7 @@ def test_a_killed_job_leaves_no_partial_file_and_resumes(tmp_path, capsys):
 def test_a_stop_while_claiming_a_batch_leaves_no_lock(tmp_path, monkeypatch, capsys):
     """A SIGTERM / Ctrl-C that lands while a batch's videos are being locked (here: while the second one's files
     are checked) releases the locks already taken: none is left for the next job to wait on."""
-    from duca_video import job as job_module
+    from duca_video.jobs import scan as job_module
 
     real, calls = job_module.check_output, []
 

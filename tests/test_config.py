@@ -10,14 +10,9 @@ from safetensors.torch import save_file
 
 from duca_video import sizes
 from duca_video.configs import ConfigError, InferenceConfig, apply_args, build_parser, load_config, read_config_file
-from duca_video.configs.preflight import (
-    InputError,
-    check_cache_settings,
-    load_prompts,
-    resolve_device,
-    resolve_weights,
-)
+from duca_video.configs.preflight import InputError, check_cache_settings, resolve_device, resolve_weights
 from duca_video.io import PromptError
+from duca_video.jobs import load_prompts
 from duca_video.models import STDiT3Config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -108,7 +108,7 @@ def test_list_imports_no_torch(full_info):
 
 
 def test_batches_are_contiguous_whatever_the_seeds():
-    from duca_video.configs.preflight import batch_jobs
+    from duca_video.jobs import batch_jobs
 
     class Job:
         def __init__(self, name, seed):

@@ -79,7 +79,7 @@ def test_read_video_round_trip(tmp_path):
 
 
 def _record(name, frames, latency, tflops, **changed):
-    """The fields of duca_video.pipeline.make_record that say which video this is, for the frames written."""
+    """The fields of duca_video.jobs.make_record that say which video this is, for the frames written."""
     t, h, w, _ = frames.shape
     record = {"name": name, "prompt": f"prompt of {name}", "text": f"prompt of {name}", "seed": 42, "sample_index": 0,
               "method": "none", "image_size": [h, w], "video_size": [h, w], "frames": t, "fps": 8,

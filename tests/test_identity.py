@@ -12,8 +12,7 @@ import pytest
 
 from duca_video.cache.registry import METHODS
 from duca_video.configs import config_from_args
-from duca_video.configs.preflight import load_prompts, plan_batches
-from duca_video.job import VideoIdentity
+from duca_video.jobs import VideoIdentity, load_prompts, plan_batches
 
 BASE = ["--config", "configs/tiny.py", "--prompt", "a red circle moving left", "--cfg-scale", "4"]
 WEIGHTS = {"model": None, "vae": None, "text_encoder": None}

@@ -11,7 +11,6 @@ from safetensors.torch import load_file
 
 from duca_video import pipeline
 from duca_video.configs import build_parser, load_config
-from duca_video.configs.preflight import plan_batches
 from duca_video.io import (
     PromptError,
     append_scores,
@@ -23,6 +22,7 @@ from duca_video.io import (
     video_name,
     write_video,
 )
+from duca_video.jobs import plan_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -384,7 +384,7 @@ def test_a_video_held_by_another_live_job_is_left_to_it(tmp_path):
     import subprocess
     import sys
 
-    from duca_video.io.locks import lock_path
+    from duca_video.jobs.locks import lock_path
 
     out = tmp_path / "out"
     out.mkdir()

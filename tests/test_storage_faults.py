@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from duca_video import pipeline
-from duca_video.io import locks
+from duca_video.jobs import locks, outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "inference.py"
@@ -53,7 +53,7 @@ def test_a_full_disk_while_locking_ends_the_job_with_a_summary(tmp_path, capsys,
 
 
 def test_a_full_disk_while_writing_a_record_leaves_no_video_without_its_record(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(pipeline, "atomic_write_json", _full)
+    monkeypatch.setattr(outputs, "atomic_write_json", _full)
     code = _run(tmp_path)
     out, err = capsys.readouterr()
     assert code == 1 and "Traceback" not in err + out, err

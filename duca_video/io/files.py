@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -112,3 +113,13 @@ def check_writable(folder: str | os.PathLike) -> Path:
         tmp.write_bytes(b"")
     probe.unlink()
     return folder
+
+
+def file_digest(path: str | os.PathLike) -> dict[str, Any]:
+    """{"bytes": size, "sha256": hex} of a whole file (videos and latents: small next to a model)."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": h.hexdigest()}

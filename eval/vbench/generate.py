@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the real imports are lazy: --list must not pull in torch
     from duca_video.configs import InferenceConfig
-    from duca_video.io import RunSummary
+    from duca_video.jobs import RunSummary
 
 if __package__ in (None, ""):  # run as a file: import `eval.` from the repository root, not from this folder
     sys.path[0] = str(Path(__file__).resolve().parents[2])
@@ -90,7 +90,7 @@ def generate_videos(cfg: InferenceConfig, videos: Sequence[SuiteVideo]) -> RunSu
     before loading a model, keeps going past a failed batch, and under torchrun splits the work into
     data-parallel groups and sequence-parallel ranks)."""
     from duca_video import pipeline
-    from duca_video.configs.preflight import VideoJob, encoder_text
+    from duca_video.jobs import VideoJob, encoder_text
 
     jobs = [VideoJob(v.prompt_index, v.prompt, encoder_text(cfg, v.prompt_index, v.prompt), v.k, v.seed, v.name)
             for v in videos]  # fmt: skip

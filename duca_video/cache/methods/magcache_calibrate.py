@@ -87,7 +87,7 @@ def summarize(records: list[tuple[int, list[float]]]) -> dict[str, Any]:
 
 
 def _prompts(cfg: Any, count: int, prompt_seed: int) -> list[tuple[int, str]]:
-    from ...configs.preflight import load_prompts
+    from ...jobs import load_prompts
     from ...testbed.evaluate import balanced_prompts
 
     if cfg.prompt or cfg.prompt_path:
@@ -103,7 +103,8 @@ def calibrate(argv: Sequence[str], count: int, prompt_seed: int = 1000) -> dict[
     from ... import cache as cache_lib
     from ... import pipeline
     from ...configs import config_from_args
-    from ...configs.preflight import batch_jobs, plan_batches, resolve_device, resolve_weights
+    from ...configs.preflight import resolve_device, resolve_weights
+    from ...jobs import batch_jobs, plan_batches
 
     cfg, _ = config_from_args([*argv, "--cache", "none"])
     cfg.count_flops = False  # nothing here reads FLOPs

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .files import process_alive
+from ..io.files import process_alive
 
 __all__ = ["VideoLock", "lock_path"]
 

@@ -1,18 +1,15 @@
-"""A generation job's bookkeeping around the models: which videos are already done, which must be refused,
-which another job holds, and the one summary of the whole job.
+"""A job's bookkeeping around the models: which videos are already done, which must be refused, which another
+job holds, and the one summary of the whole job.
 
-- Identity: every setting that changes a video's pixels (`VideoIdentity`), written into its record; resume
-  compares it and the files' sizes and hashes (`duca_video.io.resume`).
 - Scan (before any model loads): complete videos are skipped, broken ones redone, videos whose record shows
   other settings refused with the differing fields (or regenerated with `overwrite`).
-- Claim (per batch): the writer locks each video (`duca_video.io.locks`) and checks it again, since another
+- Claim (per batch): the writer locks each video (`jobs.locks`) and checks it again, since another
   job may have finished it since the scan; under sequence parallelism it tells its group what to generate.
 - Summary: one for the whole job, counted on disk, printed by global rank 0.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -20,67 +17,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from duca_video.conditioning.setup import condition_identity
 from duca_video.configs import InferenceConfig
-from duca_video.configs.preflight import InputError, VideoJob
-from duca_video.io import OutputPaths, RunSummary
-from duca_video.io.locks import VideoLock
-from duca_video.io.resume import canonical, check_output, file_digest, weights_fingerprint
+from duca_video.configs.preflight import InputError
 from duca_video.parallel.group_work import broadcast_from_writer
 from duca_video.parallel.launch import ParallelContext
 
-__all__ = ["VideoIdentity", "claim_batch", "finish_summary", "scan_outputs"]
+from .identity import VideoIdentity
+from .locks import VideoLock
+from .plan import VideoJob
+from .records import OutputPaths, RunSummary
+from .resume import check_output
+
+__all__ = ["claim_batch", "finish_summary", "scan_outputs"]
 
 log = logging.getLogger(__name__)
 
 _MAX_LISTED = 10
-
-
-class VideoIdentity:
-    """`identity(job)`: what the record must show for the video to be this job's (all of it pixel-changing)."""
-
-    def __init__(self, cfg: InferenceConfig, weights: dict[str, str | None]) -> None:
-        from duca_video import cache as cache_lib
-
-        self.cfg, self._digests = cfg, {}
-        method = cfg.cache.method
-        config = cache_lib.make_config(method, **cfg.cache.overrides)
-        method_config = {} if method == "none" else dataclasses.asdict(config)
-        # A variant may set sampler settings (`steps`: the step count): the video is made with those.
-        scheduler = {**dataclasses.asdict(cfg.scheduler), **config.sampler_settings()}
-        plain = cfg.to_dict()
-        sections = {}
-        # Where the weights are and whether T5 is offloaded after encoding do not change a pixel.
-        unseen = ("from_pretrained", "spatial_from_pretrained", "offload")
-        for name in ("model", "vae", "text_encoder"):
-            section = {k: v for k, v in plain[name].items() if k not in unseen}
-            section["weights"] = weights_fingerprint(weights.get(name))
-            sections[name] = section
-        sections["vae"]["spatial_weights"] = weights_fingerprint(cfg.vae.spatial_from_pretrained)
-        # Without weights the model and the text encoder are drawn from the run seed (the VAEs either need
-        # weights or, like the testbed's PixelVAE, have none).
-        random_init = sections["model"]["weights"] is None or sections["text_encoder"]["weights"] is None
-        self.common = canonical({
-            "method": method, "method_config": method_config, "scheduler": scheduler, **sections,
-            "image_size": list(cfg.size), "num_frames": cfg.num_frames, "fps": cfg.fps, "save_fps": cfg.video_fps,
-            "dtype": cfg.dtype, "init_seed": cfg.seed if random_init else None,
-        })  # fmt: skip
-        # A method whose video depends on the parallel layout says how (absent for every other method, so
-        # their records stay valid on any number of GPUs).
-        layout = config.layout_identity(cfg_parallel=cfg.cfg_parallel)
-        if layout:
-            self.common["layout"] = canonical(layout)
-
-    def __call__(self, job: VideoJob) -> dict[str, Any]:
-        out = {"prompt": job.prompt, "text": job.text, "seed": job.seed, **self.common}
-        if job.condition is not None:  # reference frames / loops change the pixels (absent: plain text-to-video)
-            out["conditioning"] = {**condition_identity(job.condition, self.cfg, self._digest), "texts": job.texts}
-        return out
-
-    def _digest(self, path: str) -> str:
-        if path not in self._digests:  # each reference hashed once per job
-            self._digests[path] = file_digest(path)["sha256"]
-        return self._digests[path]
 
 
 def _agree(flags: list[bool], ctx: ParallelContext, device: torch.device) -> list[bool]:

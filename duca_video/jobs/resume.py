@@ -15,36 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..io.files import file_digest
 from .records import OutputPaths
 
 __all__ = ["OutputStatus", "check_output", "file_digest", "identity_diff", "weights_fingerprint"]
 
 _EDGE = 1 << 20  # weights are fingerprinted by their size and their first and last MiB
-
-
-def file_digest(path: str | os.PathLike) -> dict[str, Any]:
-    """{"bytes": size, "sha256": hex} of a whole file (videos and latents: small next to a model)."""
-    h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": h.hexdigest()}
-
-
-def _edge_digest(path: Path) -> str:
-    # A full hash of a 10 GB checkpoint would cost more than some videos; size + both ends tells apart any two
-    # checkpoints in practice, and does not change when the same file is copied or moved.
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(_EDGE))
-        if size > 2 * _EDGE:
-            f.seek(size - _EDGE)
-            h.update(f.read(_EDGE))
-        elif size > _EDGE:
-            h.update(f.read())
-    return h.hexdigest()
 
 
 def weights_fingerprint(path: str | os.PathLike | None) -> str | None:
@@ -63,6 +39,21 @@ def weights_fingerprint(path: str | os.PathLike | None) -> str | None:
         name = p.name if p == root else str(p.relative_to(root))
         h.update(f"{name}\0{_edge_digest(p)}\n".encode())
     return h.hexdigest()[:20]
+
+
+def _edge_digest(path: Path) -> str:
+    # A full hash of a 10 GB checkpoint would cost more than some videos; size + both ends tells apart any two
+    # checkpoints in practice, and does not change when the same file is copied or moved.
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_EDGE))
+        if size > 2 * _EDGE:
+            f.seek(size - _EDGE)
+            h.update(f.read(_EDGE))
+        elif size > _EDGE:
+            h.update(f.read())
+    return h.hexdigest()
 
 
 def canonical(value: Any) -> Any:
