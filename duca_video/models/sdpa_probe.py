@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from duca_video.cli_checks import ArgError, ToolParser, output_file, positive_int
 from duca_video.io.files import atomic_write_json
 from duca_video.sizes import ASPECT_RATIOS, RESOLUTIONS, image_size
 
@@ -202,40 +203,50 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m duca_video.models.sdpa_probe", description=__doc__.split("\n")[0])
+def _parser() -> ToolParser:
+    p = ToolParser(prog="python -m duca_video.models.sdpa_probe", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda (or cuda:N)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--resolution", default="480p", choices=RESOLUTIONS)
     p.add_argument("--aspect-ratio", default="9:16", choices=ASPECT_RATIOS)
     p.add_argument("--frames", type=int, default=51, help="pixel frames (51 = 2 s)")
-    p.add_argument("--rows", type=int, default=2, help="rows of the model's batch (2 per prompt with CFG)")
+    p.add_argument("--rows", type=positive_int, default=2, help="rows of the model's batch (2 per prompt with CFG)")
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel size (shapes on one rank)")
     p.add_argument("--text-tokens", type=int, default=40, help="valid caption tokens of the longest prompt")
-    p.add_argument("--num-heads", type=int, default=16)
-    p.add_argument("--head-dim", type=int, default=72)
-    p.add_argument("--trial-batch", type=int, default=None,
+    p.add_argument("--num-heads", type=positive_int, default=16)
+    p.add_argument("--head-dim", type=positive_int, default=72)
+    p.add_argument("--trial-batch", type=positive_int, default=None,
                    help="sequences per trial (default: all on CUDA, 1 on the CPU)")  # fmt: skip
     p.add_argument("--time", action="store_true", help="also time each accepted backend (10 calls)")
-    p.add_argument("--json", default=None, help="write the results to this file")
+    p.add_argument("--json", default=None, help="write the results to this file (its folder must exist)")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _checked(args: argparse.Namespace) -> tuple[torch.device, Geometry, list[Site]]:
+    """The device, grid and sites the flags name; ArgError naming the flag and what is allowed."""
     try:
         device = torch.device(args.device)
     except RuntimeError:
-        raise SystemExit(f"--device {args.device!r}: allowed values are cpu, cuda, cuda:N") from None
+        raise ArgError(f"--device {args.device!r}: allowed values are cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ArgError(f"--device {args.device!r}: allowed values are cpu, cuda, cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: CUDA is not available here (use --device cpu)")
-    if args.rows < 1:
-        raise SystemExit(f"--rows {args.rows}: must be >= 1")
+        raise ArgError("--device cuda: CUDA is not available here (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ArgError(f"--device {args.device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     try:
         g = geometry(args.resolution, args.aspect_ratio, args.frames)
         sites = attention_sites(g, args.rows, args.num_heads, args.head_dim, args.sp, args.text_tokens)
     except ValueError as exc:
-        raise SystemExit(str(exc)) from None
+        raise ArgError(str(exc)) from None
+    output_file(args.json, "--json")
+    return device, g, sites
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    device, g, sites = parser.check(_checked, args)
     trial = args.trial_batch if args.trial_batch is not None else (None if device.type == "cuda" else 1)
     results = probe(sites, device, DTYPES[args.dtype], trial, repeats=10 if args.time else 0)
     header = {"device": str(device), "device_note": _device_note(device), "dtype": args.dtype,

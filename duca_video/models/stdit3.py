@@ -1,6 +1,7 @@
 """STDiT3 (Open-Sora 1.2), weight-compatible with the official checkpoints.
 
-Read top to bottom: the config, the block (spatial or temporal), the model (embed -> blocks -> final layer).
+Read top to bottom: the block (spatial or temporal), the model (embed -> blocks -> final layer); the config and
+its checks are in `stdit3_config.py`.
 The helpers `block_modulation`, `modulate_tokens`, `gate_tokens` and `block_self_attention` are the block's
 math written against Open-Sora's attribute names only (`attn`, `cross_attn`, `mlp`, `norm1`, `norm2`,
 `scale_shift_table`, `temporal`), so the cache plugin can run them on our blocks and on upstream ones alike.
@@ -8,10 +9,8 @@ math written against Open-Sora's attribute names only (`attn`, `cross_attn`, `ml
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,100 +20,10 @@ from torch import nn
 from .attention import CrossAttention, RotaryEmbedding, SelfAttention, cut_text_keys
 from .checkpoint import load_checkpoint, read_config
 from .layers import CaptionEmbedder, FinalLayer, Mlp, PatchEmbed3D, TimestepEmbedder, modulate, pos_embed_2d
-
-# Keys Open-Sora's STDiT3Config (and HF's config.json) carry that change nothing at inference.
-_IGNORED_CONFIG_KEYS = {
-    "input_size", "class_dropout_prob", "drop_path", "enable_flash_attn", "enable_layernorm_kernel",
-    "enable_sequence_parallelism", "only_train_temporal", "freeze_y_embedder", "architectures", "model_type",
-    "torch_dtype", "transformers_version", "_name_or_path", "from_pretrained", "type",
-    "testbed",  # our small trained model's data/sampler settings, next to its architecture
-}  # fmt: skip
-
+from .stdit3_config import STDiT3Config
 
 # Sizes read from device tensors: id -> (weak reference to the tensor, its version, the value read).
 _SIZE_MEMO: dict[int, tuple[weakref.ref, int, float]] = {}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass
-class STDiT3Config:
-    """Open-Sora 1.2 STDiT3 hyper-parameters; the defaults are STDiT3-XL/2."""
-
-    depth: int = 28
-    hidden_size: int = 1152
-    num_heads: int = 16
-    patch_size: tuple[int, int, int] = (1, 2, 2)
-    in_channels: int = 4
-    caption_channels: int = 4096
-    model_max_length: int = 300
-    qk_norm: bool = True
-    pred_sigma: bool = True
-    input_sq_size: int = 512
-    mlp_ratio: float = 4.0
-    skip_y_embedder: bool = field(default=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._check_types()
-        self._check_architecture()
-
-    def _check_types(self) -> None:
-        # Types first, each error naming the field: a float patch size or a "yes" flag would otherwise be
-        # truncated or taken as true without a word.
-        for name in ("depth", "hidden_size", "num_heads", "in_channels", "caption_channels", "model_max_length",
-                     "input_sq_size"):  # fmt: skip
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                error = ValueError if _is_int(value) else TypeError
-                raise error(f"STDiT3Config.{name}={value!r} is not allowed: expected a positive int")
-        ps = self.patch_size
-        if not isinstance(ps, (list, tuple)) or not all(_is_int(p) for p in ps):
-            raise TypeError(f"STDiT3Config.patch_size={ps!r} is not allowed: expected 3 positive ints (t, h, w)")
-        if len(ps) != 3 or min(ps) < 1:
-            raise ValueError(f"patch_size must be 3 positive ints (t, h, w), got {tuple(ps)}")
-        self.patch_size = tuple(ps)
-        for name in ("qk_norm", "pred_sigma", "skip_y_embedder"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"STDiT3Config.{name}={getattr(self, name)!r} is not allowed: expected True or False")
-        r = self.mlp_ratio
-        number = isinstance(r, (int, float)) and not isinstance(r, bool)
-        if not number or not math.isfinite(r) or r <= 0:
-            error = ValueError if number else TypeError
-            raise error(f"STDiT3Config.mlp_ratio={r!r} is not allowed: expected a finite number > 0")
-
-    def _check_architecture(self) -> None:
-        r = self.mlp_ratio
-        if int(self.hidden_size * r) < 1:
-            raise ValueError(f"STDiT3Config: mlp_ratio {r} gives an MLP of {int(self.hidden_size * r)} features")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"STDiT3Config: num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}")
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ValueError(f"STDiT3Config: head dim {self.hidden_size // self.num_heads} must be even (RoPE)")
-        if self.hidden_size % 4:
-            raise ValueError(f"STDiT3Config: hidden_size {self.hidden_size} must be divisible by 4")
-        if self.skip_y_embedder:
-            raise ValueError("STDiT3Config: skip_y_embedder=True (pre-projected captions) is not supported")
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.pred_sigma else self.in_channels
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> STDiT3Config:
-        """Build from Open-Sora / HF `config.json` keys; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known - _IGNORED_CONFIG_KEYS)
-        if unknown:
-            raise ValueError(f"unknown STDiT3 config keys {unknown}; allowed: {sorted(known)}")
-        return cls(**{k: v for k, v in values.items() if k in known})
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["patch_size"] = list(self.patch_size)
-        d.pop("skip_y_embedder")
-        return d
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -331,34 +240,44 @@ class STDiT3(nn.Module):
         scale = (h_px * w_px) ** 0.5 / cfg.input_sq_size
         pos = pos_embed_2d(cfg.hidden_size, H, W, scale, round(S**0.5), x.device, dtype)
 
+        t, t0, t0_mlp, x_mask = self._time(timestep, fps, x_mask, b, x.device)
+        y, mask = self._text(y, mask, b)
+        tokens = self.x_embedder(x.to(dtype)).view(b, T, S, -1) + pos
+        return Embedded(
+            x=tokens.reshape(b, T * S, -1), y=y, mask=mask, t=t, t_mlp=self.t_block(t), t0=t0, t0_mlp=t0_mlp,
+            x_mask=x_mask, grid=(T, H, W), input_size=(tx, hx, wx), seq=S,
+        )  # fmt: skip
+
+    def _time(self, timestep, fps, x_mask, b: int, device: torch.device) -> tuple:
+        """(t, t0, t0's MLP modulation, x_mask per time token): the timestep + fps embedding, and with a frame
+        mask the clean frames' embedding at t = 0."""
+        dtype = self.dtype
         # The default is made where the model runs: a CPU tensor would be copied to the device every forward.
-        fps = torch.full((b,), 24.0, device=x.device) if fps is None else fps.reshape(-1)
+        fps = torch.full((b,), 24.0, device=device) if fps is None else fps.reshape(-1)
         if fps.shape[0] != b:  # samplers pass per-prompt values for the CFG-doubled batch
             fps = fps.repeat(b // fps.shape[0])
-        fps_emb = self.fps_embedder(fps.to(device=x.device, dtype=dtype))
+        fps_emb = self.fps_embedder(fps.to(device=device, dtype=dtype))
         t = self.t_embedder(timestep.to(dtype)) + fps_emb
         t0 = t0_mlp = None
         if x_mask is not None:
             t0 = self.t_embedder(torch.zeros_like(timestep, dtype=dtype)) + fps_emb
             t0_mlp = self.t_block(t0)
             x_mask = x_mask.bool()
-            pt = cfg.patch_size[0]
+            pt = self.config.patch_size[0]
             if pt > 1:  # a time token spans pt latent frames: it is clean (t0) only when all of them are
                 x_mask = F.pad(x_mask, (0, -x_mask.shape[1] % pt), value=True).view(x_mask.shape[0], -1, pt).any(-1)
+        return t, t0, t0_mlp, x_mask
 
+    def _text(self, y: torch.Tensor, mask: torch.Tensor | None, b: int) -> tuple:
+        """The caption tokens embedded (B, L, C), and the mask of the keys cross-attention reads (or None)."""
         if mask is not None and mask.device.type == "cpu":
             # Its values are free to read: drop the text positions no row attends to (and the mask when every
             # row is valid on the rest). A device mask is cut by the sampler, once per sample (a read is a sync).
             y, mask = cut_text_keys(y, mask)
-        y = self.y_embedder(y.to(dtype)).squeeze(1)  # (B, L, C)
+        y = self.y_embedder(y.to(self.dtype)).squeeze(1)  # (B, L, C)
         if mask is not None:
             mask = mask.to(y.device).bool().repeat(b // mask.shape[0], 1)
-
-        tokens = self.x_embedder(x.to(dtype)).view(b, T, S, -1) + pos
-        return Embedded(
-            x=tokens.reshape(b, T * S, -1), y=y, mask=mask, t=t, t_mlp=self.t_block(t), t0=t0, t0_mlp=t0_mlp,
-            x_mask=x_mask, grid=(T, H, W), input_size=(tx, hx, wx), seq=S,
-        )  # fmt: skip
+        return y, mask
 
     def run_blocks(self, e: Embedded) -> torch.Tensor:
         x = e.x
