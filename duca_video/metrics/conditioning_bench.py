@@ -60,20 +60,10 @@ def conditioning_fidelity(
 
     baseline = sample()
     kept = [p.target_start for p in plan.placements]
+    ref = torch.stack([r[0][:, 0] for r in references])
     results: dict[str, Any] = {}
     for method in methods:
-        if method == "none":
-            video = baseline
-        else:
-            config = parse_variant(method)  # a method name, or a variant such as teacache[threshold=0.2]
-            if overrides and method in overrides:
-                config = cache_lib.make_config(config, **overrides[method])
-            cache_lib.enable(bed.model, config)
-            try:
-                video = sample(config.sampler_settings())
-            finally:
-                cache_lib.disable(bed.model)
-        ref = torch.stack([r[0][:, 0] for r in references])
+        video = baseline if method == "none" else _cached_video(bed.model, method, overrides, sample)
         results[method] = {
             "psnr_vs_none": psnr(baseline, video, 2.0),
             "ssim_vs_none": ssim(baseline.transpose(1, 2), video.transpose(1, 2), 2.0),
@@ -82,3 +72,15 @@ def conditioning_fidelity(
     config = {"model": "tiny testbed (weights/tiny)", "num_videos": num_videos, "num_steps": num_steps,
               "mask_strategy": mask_strategy, "seed": seed}  # fmt: skip
     return {"config": config, "methods": results}
+
+
+def _cached_video(model: Any, method: str, overrides: dict[str, dict[str, Any]] | None, sample: Any) -> torch.Tensor:
+    """The video `sample` makes with `method` (a name or a variant such as teacache[threshold=0.2]) enabled."""
+    config = parse_variant(method)
+    if overrides and method in overrides:
+        config = cache_lib.make_config(config, **overrides[method])
+    cache_lib.enable(model, config)
+    try:
+        return sample(config.sampler_settings())
+    finally:
+        cache_lib.disable(model)
