@@ -25,6 +25,8 @@ __all__ = [
     "Mismatch",
     "atomic_write_json",
     "atomic_write_text",
+    "check_output_file",
+    "check_output_folder",
     "compare_costs",
     "excluded_names",
     "find_mismatches",
@@ -82,6 +84,42 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _writable_folder(folder: Path, flag: str, path: str) -> None:
+    if not folder.is_dir():
+        what = "is a file" if folder.exists() else "does not exist"
+        raise EvalError(f"{flag} {path!r}: its folder {str(folder)!r} {what}; allowed: a path in an existing, "
+                        "writable folder")  # fmt: skip
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise EvalError(f"{flag} {path!r}: the folder {str(folder)!r} is not writable; allowed: a writable folder")
+
+
+def check_output_file(path: str, flag: str) -> Path:
+    """An output file named by `flag`, checked before any work: not empty, not a folder, in an existing
+    writable folder (duca_video.cli_checks.output_file's rules; this module imports nothing of duca_video)."""
+    if not path.strip():
+        raise EvalError(f"{flag} {path!r}: allowed: a file path")
+    target = Path(path).expanduser()
+    if target.is_dir() or path.endswith(("/", os.sep)):
+        raise EvalError(f"{flag} {path!r} is a folder; allowed: a file path (the file is written there)")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise EvalError(f"{flag} {path!r}: the file exists and is not writable; allowed: a writable file path")
+    _writable_folder(target.parent, flag, path)
+    return target
+
+
+def check_output_folder(path: str, flag: str) -> Path:
+    """An output folder named by `flag` (created if missing), checked before any work: not empty, not a file,
+    and it (or the nearest existing folder above it) is a writable folder."""
+    if not path.strip():
+        raise EvalError(f"{flag} {path!r}: allowed: a folder path")
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise EvalError(f"{flag} {path!r} is a file; allowed: a folder (created if missing)")
+    existing = next((f for f in (target, *target.parents) if f.exists()), Path("."))
+    _writable_folder(existing, flag, path)
+    return target
+
+
 def parse_named_paths(text: str, flag: str) -> dict[str, Path]:
     """`name=DIR,name=DIR` -> {name: Path}; names must be unique and non-empty."""
     out: dict[str, Path] = {}
@@ -112,6 +150,20 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+# The per-video costs the evaluation scripts read from a record: a number, or null where not measured.
+COST_FIELDS = ("latency_s", "dit_tflops", "peak_memory_bytes", "cache_bytes")
+
+
+def check_costs(record: dict[str, Any], path: str | os.PathLike) -> None:
+    """A record whose cost field holds another type (a string, a list, true) is an error naming the field:
+    it would otherwise count as not measured."""
+    for key in COST_FIELDS:
+        value = record.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise EvalError(f"record {str(path)!r}: {key} is {_show(value)}; allowed: a number, or null when "
+                            "not measured")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class FolderScan:
     """The videos of one folder: {name: record} for NAME.mp4 with its NAME.json, and the names of the mp4 files
@@ -138,6 +190,7 @@ def scan_folder(folder: str | os.PathLike) -> FolderScan:
         record = video.with_suffix(".json")
         if record.is_file():
             records[video.stem] = read_record(record)
+            check_costs(records[video.stem], record)
         else:
             orphans.add(video.stem)
     return FolderScan(folder, records, frozenset(orphans))

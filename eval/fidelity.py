@@ -43,6 +43,7 @@ from eval.common import (
     Mismatch,
     atomic_write_json,
     atomic_write_text,
+    check_output_folder,
     compare_costs,
     excluded_names,
     find_mismatches,
@@ -234,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_device(name: str, lpips: bool) -> None:
+    """--device: a torch device name; CUDA must be present when LPIPS runs on it."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise EvalError(f"--device {name!r} is not allowed; allowed: cpu, cuda, cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise EvalError(f"--device {name!r} is not allowed; allowed: cpu, cuda, cuda:N")
+    if lpips and device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise EvalError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); allowed: "
+                        "cpu, or --lpips off")  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -241,6 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods = parse_named_paths(args.methods, "--methods")
         if args.limit is not None and args.limit < 1:
             raise EvalError(f"--limit {args.limit}: must be >= 1")
+        check_output_folder(args.out, "--out")  # before the videos are decoded, not after
+        _check_device(args.device, args.lpips != "off")
         result = compare(Path(args.reference), methods, None if args.lpips == "off" else args.lpips, args.device,
                          args.limit, args.exclude_mismatched)  # fmt: skip
     except (EvalError, FileNotFoundError) as exc:

@@ -30,6 +30,7 @@ from eval.common import (
     EvalError,
     Mismatch,
     atomic_write_text,
+    check_output_file,
     compare_costs,
     excluded_names,
     find_mismatches,
@@ -56,12 +57,42 @@ def load_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def _score(value: Any) -> bool:
+    """A score as the JSON files write it: a number, "inf" (eval/common.atomic_write_json's infinity) or null."""
+    return value is None or value == "inf" or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
 def load_vbench(path: Path) -> dict[str, Any]:
     path = path / "scaled_results.json" if path.is_dir() else path
     data = load_json(path, "VBench results")
     for key in ("total", "quality", "semantic"):
         if key not in data:
             raise EvalError(f"VBench results {str(path)!r}: no field {key!r} (expected eval/vbench/tabulate.py output)")
+        if not _score(data[key]):
+            raise EvalError(f"VBench results {str(path)!r}: {key} is {data[key]!r}; allowed: a number or null")
+    missing = data.get("missing", [])
+    if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
+        raise EvalError(f"VBench results {str(path)!r}: missing is {missing!r}; allowed: a list of dimension names")
+    return data
+
+
+def check_fidelity(data: dict[str, Any], path: str) -> dict[str, Any]:
+    """eval/fidelity.py's fidelity_summary.json, its fields of the types it writes (else an error naming one)."""
+    where = f"fidelity summary {path!r}"
+    summary = data.get("summary")
+    if not isinstance(summary, dict) or not all(isinstance(s, dict) for s in summary.values()):
+        raise EvalError(f"{where}: summary is {type(summary).__name__}; allowed: an object of per-method objects "
+                        "(eval/fidelity.py's fidelity_summary.json)")  # fmt: skip
+    for method, fields in summary.items():
+        for key in ("psnr_mean", "ssim_mean", "lpips_mean"):
+            if not _score(fields.get(key)):
+                raise EvalError(f"{where}: summary.{method}.{key} is {fields[key]!r}; allowed: a number or null")
+    kinds = (("lpips", dict, "an object"), ("excluded", list, "a list"), ("reference", str, "a folder path"))
+    for key, kind, allowed in kinds:
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise EvalError(f"{where}: {key} is {type(data[key]).__name__}; allowed: {allowed}")
+    if not isinstance(data.get("lpips", {}).get("available", True), bool):
+        raise EvalError(f"{where}: lpips.available is {data['lpips']['available']!r}; allowed: true or false")
     return data
 
 
@@ -157,21 +188,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "prompt, seed, size, frames or fps, or no record); without it they are an error")  # fmt: skip
     args = p.parse_args(argv)
     try:
+        if not args.reference_name.strip():
+            raise EvalError(f"--reference-name {args.reference_name!r}: allowed: a non-empty name")
+        if args.out is not None:
+            check_output_file(args.out, "--out")  # before the folders are read, not after
         methods = parse_named_paths(args.methods, "--methods")
         if args.reference_name in methods:
             raise EvalError(f"--methods: {args.reference_name!r} is the reference's name (--reference-name)")
         folders = {args.reference_name: Path(args.reference), **methods}
         vbench = {}
-        for name, path in (parse_named_paths(args.vbench, "--vbench") if args.vbench else {}).items():
+        for name, path in (parse_named_paths(args.vbench, "--vbench") if args.vbench is not None else {}).items():
             if name not in folders:
                 raise EvalError(f"--vbench: {name!r} is not a method; allowed: {', '.join(folders)}")
             vbench[name] = load_vbench(path)
-        fidelity = load_json(Path(args.fidelity), "fidelity summary") if args.fidelity else None
+        fidelity = None
+        if args.fidelity is not None:
+            fidelity = check_fidelity(load_json(Path(args.fidelity), "fidelity summary"), args.fidelity)
         text = report(*build_rows(args.reference_name, folders, vbench, fidelity, args.exclude_mismatched))
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.out:
+    if args.out is not None:
         atomic_write_text(args.out, text)
     print(text, end="")
     return 0

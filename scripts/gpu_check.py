@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from duca_video import cache as cache_lib
+from duca_video.cli_checks import ArgError, ToolParser, name_list, nonempty, output_file, positive_int
 from duca_video.metrics.benchmark import BenchSetup, make_inputs
 from duca_video.metrics.flops import video_latent_shape
 from duca_video.models import STDiT3, STDiT3Config
@@ -71,12 +72,16 @@ class StepClock:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
-def build_setup(tiny: bool, steps: int | None, text_tokens: int) -> BenchSetup:
+def build_setup(tiny: bool, steps: int | None, text_tokens: int | None) -> BenchSetup:
+    """The check's setup; None takes the default (tiny: 10 steps, 4 tokens; else 30 steps, 60 tokens)."""
     if tiny:
-        return BenchSetup(model=TINY, latent_shape=(3, 8, 10), image_size=(64, 80), num_frames=9, text_tokens=4,
-                          num_steps=steps or 10, cfg_scale=4.0, use_timestep_transform=False)  # fmt: skip
+        return BenchSetup(model=TINY, latent_shape=(3, 8, 10), image_size=(64, 80), num_frames=9,
+                          text_tokens=4 if text_tokens is None else text_tokens,
+                          num_steps=10 if steps is None else steps, cfg_scale=4.0,
+                          use_timestep_transform=False)  # fmt: skip
     return BenchSetup(model=STDiT3Config(), latent_shape=video_latent_shape(51, 480, 854), image_size=(480, 854),
-                      num_frames=51, num_steps=steps or 30, text_tokens=text_tokens)  # fmt: skip
+                      num_frames=51, num_steps=30 if steps is None else steps,
+                      text_tokens=60 if text_tokens is None else text_tokens)  # fmt: skip
 
 
 def sample(model: STDiT3, setup: BenchSetup, method: str, inputs: dict[str, Any]) -> torch.Tensor:
@@ -261,26 +266,41 @@ def probe_table(setup: BenchSetup, device: torch.device, dtype: torch.dtype, tex
     return sdpa_probe.probe(sites, device, dtype, trial_batch=None if device.type == "cuda" else 1)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> ToolParser:
+    p = ToolParser(prog="scripts/gpu_check.py", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="a tiny config on the CPU (or CUDA if present), seconds")
-    p.add_argument("--out", default="gpu_check.json", help="the JSON summary")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"from {', '.join(METHODS)}")
-    p.add_argument("--steps", type=int, help="sampling steps (default 30; tiny 10)")
+    p.add_argument("--out", default="gpu_check.json", help="the JSON summary (its folder must exist)")
+    p.add_argument("--methods", type=name_list(METHODS), default=list(METHODS), help=f"from {', '.join(METHODS)}")
+    p.add_argument("--steps", type=positive_int, help="sampling steps (default 30; tiny 10)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--text-tokens", type=int, default=60, help="valid caption tokens of the random prompt")
-    p.add_argument("--offload", default="duca", help="methods to time again with the cache offloaded ('' for none)")
-    p.add_argument("--compile", default="", help="methods to time again with compiled blocks, e.g. none,duca")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
-    args = p.parse_args(argv)
-    methods = args.methods.split(",")
-    offloaded, compiled = [m for m in args.offload.split(",") if m], [m for m in args.compile.split(",") if m]
-    for flag, names in (("--methods", methods), ("--offload", offloaded), ("--compile", compiled)):
-        bad = [m for m in names if m not in METHODS]
-        if bad:
-            p.error(f"{flag}: {bad} not allowed; allowed: {', '.join(METHODS)}")
-        if flag != "--methods" and set(names) - set(methods):
-            p.error(f"{flag}: {sorted(set(names) - set(methods))} must be in --methods too (the eager reference)")
+    p.add_argument("--text-tokens", type=positive_int, help="valid caption tokens of the random prompt (default 60, "
+                   f"at most {STDiT3Config().model_max_length}; tiny: 4, at most {TINY.model_max_length})")  # fmt: skip
+    p.add_argument("--offload", type=name_list(METHODS, empty_ok=True), default=["duca"],
+                   help="methods to time again with the cache offloaded ('' for none)")  # fmt: skip
+    p.add_argument("--compile", type=name_list(METHODS, empty_ok=True), default=[],
+                   help="methods to time again with compiled blocks, e.g. none,duca")  # fmt: skip
+    p.add_argument("--compile-backend", type=nonempty, default="inductor", help="torch.compile backend for --compile")
+    return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """What the flags name, checked before any work (ArgError naming the flag and what is allowed)."""
+    for flag, names in (("--offload", args.offload), ("--compile", args.compile)):
+        missing = [m for m in names if m not in args.methods]
+        if missing:
+            raise ArgError(f"{flag}: {missing} must be in --methods too (the eager reference)")
+    limit = (TINY if args.tiny else STDiT3Config()).model_max_length
+    if args.text_tokens is not None and args.text_tokens > limit:
+        raise ArgError(f"--text-tokens {args.text_tokens} is not allowed; allowed: 1..{limit} (the "
+                       f"{'tiny ' if args.tiny else ''}model's caption length)")  # fmt: skip
+    output_file(args.out, "--out")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    parser.check(check_args, args)
     if not torch.cuda.is_available() and not args.tiny:
         print("error: gpu_check needs CUDA (none found); run with --tiny for the CPU self-test", file=sys.stderr)
         return 2
@@ -299,27 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     model = model.to(dtype)
     inputs = make_inputs(setup, device, dtype)
     time_method(model, BenchSetup(**{**setup.__dict__, "num_steps": 2}), "none", inputs)  # warm-up
-    timed: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        timed[method] = r = time_method(model, setup, method, inputs)
-        summary["methods"][method] = {k: v for k, v in r.items() if k != "latent"}
-        report(method, r)
-        write(out, summary)
-    summary["offloaded"] = {}
-    for method in offloaded:
-        summary["offloaded"][method] = r = offload_check(model, setup, inputs, timed[method], method)
-        report(f"{method} offloaded", r)
-        write(out, summary)
-    summary["sdpa_ops"] = sdpa_ops(model, setup, inputs)
-    summary["sdpa_probe"] = probe_table(setup, device, dtype, args.text_tokens)
-    print("sdpa kernels run by one forward:", summary["sdpa_ops"])
-    write(out, summary)
-    summary["sync_check"] = sync_check(model, setup, inputs)
-    print("sync check:", summary["sync_check"])
-    write(out, summary)
-    if compiled:
-        summary["compiled"] = compile_check(model, setup, inputs, timed, compiled, args.compile_backend)
-        for method in compiled:
+    timed = run_parts(model, setup, inputs, args, summary, out)
+    if args.compile:
+        summary["compiled"] = compile_check(model, setup, inputs, timed, args.compile, args.compile_backend)
+        for method in args.compile:
             report(f"{method} compiled", summary["compiled"][method])
         write(out, summary)
     summary["bf16_vs_fp32"] = precision_check(model, setup, device)
@@ -327,6 +330,31 @@ def main(argv: list[str] | None = None) -> int:
     write(out, summary)
     print(f"wrote {out}")
     return 0
+
+
+def run_parts(model: STDiT3, setup: BenchSetup, inputs: dict[str, Any], args: argparse.Namespace,
+              summary: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """The timed methods, their offloaded runs, the SDPA kernels and the sync check; the JSON after each."""
+    timed: dict[str, dict[str, Any]] = {}
+    for method in args.methods:
+        timed[method] = r = time_method(model, setup, method, inputs)
+        summary["methods"][method] = {k: v for k, v in r.items() if k != "latent"}
+        report(method, r)
+        write(out, summary)
+    summary["offloaded"] = {}
+    for method in args.offload:
+        summary["offloaded"][method] = r = offload_check(model, setup, inputs, timed[method], method)
+        report(f"{method} offloaded", r)
+        write(out, summary)
+    summary["sdpa_ops"] = sdpa_ops(model, setup, inputs)
+    summary["sdpa_probe"] = probe_table(setup, device=inputs["z"].device, dtype=next(model.parameters()).dtype,
+                                        text_tokens=setup.text_tokens)  # fmt: skip
+    print("sdpa kernels run by one forward:", summary["sdpa_ops"])
+    write(out, summary)
+    summary["sync_check"] = sync_check(model, setup, inputs)
+    print("sync check:", summary["sync_check"])
+    write(out, summary)
+    return timed
 
 
 if __name__ == "__main__":

@@ -8,13 +8,13 @@ multiply-add = 2 FLOPs). Run as a command:
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from duca_video.cli_checks import ToolParser, int_at_least, positive_int
 from duca_video.models.stdit3 import STDiT3, STDiT3Config
 
 
@@ -142,10 +142,12 @@ def video_latent_shape(num_frames: int, height: int, width: int) -> tuple[int, i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="FLOPs of one STDiT3-XL/2 forward (meta device).")
-    parser.add_argument("--image-size", nargs=2, type=int, default=[480, 854], metavar=("H", "W"))
-    parser.add_argument("--num-frames", type=int, default=51)
-    parser.add_argument("--batch", type=int, default=1)
+    parser = ToolParser(prog="python -m duca_video.metrics.flops",
+                        description="FLOPs of one STDiT3-XL/2 forward (meta device).")  # fmt: skip
+    parser.add_argument("--image-size", nargs=2, type=int_at_least(8), default=[480, 854], metavar=("H", "W"),
+                        help="pixels, each >= 8 (one latent row)")  # fmt: skip
+    parser.add_argument("--num-frames", type=positive_int, default=51)
+    parser.add_argument("--batch", type=positive_int, default=1)
     args = parser.parse_args(argv)
     h, w = args.image_size
     latent = video_latent_shape(args.num_frames, h, w)

@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_leaves
 
 from .. import cache as cache_lib
 from ..cache.state import STACK
+from ..cli_checks import ToolParser, name_list, positive_int
 from ..models.stdit3 import STDiT3, STDiT3Config
 from ..sampling.events import register_listener, unregister_listener
 from .benchmark import BenchSetup, make_inputs
@@ -239,21 +240,31 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _size(text: str) -> str:
+    """An argparse type for one --sizes entry: RES:FRAMES, RES from RESOLUTIONS, FRAMES 1 or >= 17."""
+    res, _, frames = text.strip().partition(":")
+    if res not in RESOLUTIONS or not frames.isdecimal() or not (int(frames) == 1 or int(frames) >= 17):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: RES:FRAMES with RES from "
+                                         f"{', '.join(RESOLUTIONS)} and FRAMES 1 or >= 17 (e.g. 480p:51)")  # fmt: skip
+    return f"{res}:{int(frames)}"
+
+
+def _sizes(text: str) -> list[str]:
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: comma-separated RES:FRAMES")
+    return [_size(part) for part in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default=",".join(SIZES), help="RES:FRAMES list, RES from 480p, 720p")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"from {', '.join(METHODS)}")
-    p.add_argument("--steps", type=int, default=30)
+    p = ToolParser(prog="python -m duca_video.metrics.memory", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--sizes", type=_sizes, default=list(SIZES), help="RES:FRAMES list, RES from 480p, 720p, "
+                   "FRAMES 1 or >= 17 (the timestep transform's range)")  # fmt: skip
+    p.add_argument("--methods", type=name_list(METHODS), default=list(METHODS), help=f"from {', '.join(METHODS)}")
+    p.add_argument("--steps", type=positive_int, default=30)
     p.add_argument("--t5-dtype", choices=("fp32", "bf16"), default="fp32", help="T5 weights (upstream: fp32)")
     args = p.parse_args(argv)
-    sizes, methods = args.sizes.split(","), args.methods.split(",")
-    for s in sizes:
-        res, _, frames = s.partition(":")
-        if res not in RESOLUTIONS or not frames.isdigit():
-            p.error(f"--sizes: {s!r} is not RES:FRAMES with RES from {', '.join(RESOLUTIONS)} (e.g. 480p:51)")
-    for m in methods:
-        if m not in METHODS:
-            p.error(f"--methods: {m!r} is not one of {', '.join(METHODS)}")
+    sizes, methods = args.sizes, args.methods
     t5_dtype = torch.float32 if args.t5_dtype == "fp32" else torch.bfloat16
     rows = memory_rows(sizes, methods, args.steps, t5_dtype)
     print(

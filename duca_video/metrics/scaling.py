@@ -23,14 +23,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from duca_video.cli_checks import (
+    ArgError,
+    ToolParser,
+    name_list,
+    nonempty,
+    output_file,
+    positive_float,
+    positive_int,
+    refuse,
+)
 from duca_video.io.files import atomic_write_json
 
+from .. import cache as cache_lib
 from ..models.stdit3 import STDiT3Config
 from .benchmark import BenchSetup
 from .flops import video_latent_shape
@@ -44,6 +55,8 @@ DEFAULT_NVLINK_GBPS = 300.0
 # One 400 Gb/s NDR InfiniBand HCA per GPU = 50 GB/s nominal; ~80% reached.
 DEFAULT_IB_GBPS = 40.0
 RESOLUTIONS = {"480p": (480, 854), "720p": (720, 1280)}
+# The methods whose loop is counted on meta (not those that decide their steps from the data).
+COUNTED_METHODS = tuple(m for m in cache_lib.METHODS if not cache_lib.make_config(m).data_dependent)
 PUBLISHED_720P_16S = {1: 547.0, 2: 244.0}  # Open-Sora 1.2 README, H100, seconds per video (end to end)
 
 
@@ -170,54 +183,98 @@ def published_comparison(prof: SizeProfile, tflops: float, links: Links) -> tupl
     return text, figures
 
 
-def _fail(message: str) -> None:
-    print(message, file=sys.stderr)
-    raise SystemExit(2)
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _sizes(value: Any, n: int) -> bool:
+    return isinstance(value, list) and len(value) == n and all(isinstance(v, int) and _number(v) for v in value)
+
+
+def read_kernel_times(path: str) -> tuple[STDiT3Config, tuple[int, ...], tuple[int, ...], float, bool]:
+    """(model config, latent shape, image size, mean full-step ms of `none`, measured on a CPU) from a
+    scripts/gpu_check.py JSON; ArgError naming the field when the file is not one (missing or of another type)."""
+    where = f"--kernel-times {path!r}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArgError(f"{where}: {exc}") from None
+    hint = "run scripts/gpu_check.py"
+    if not isinstance(data, dict):
+        raise ArgError(f"{where}: not a gpu_check JSON (a {type(data).__name__}, not an object); {hint}")
+    try:
+        setup, ms = data["setup"], data["methods"]["none"]["step_ms"]["full"]
+        model, latent, image = setup["model"], setup["latent_shape"], setup["image_size"]
+    except KeyError as exc:
+        raise ArgError(f"{where}: not a gpu_check JSON (missing {exc}); {hint}") from None
+    except TypeError:  # a list or a number where an object belongs
+        raise ArgError(f"{where}: not a gpu_check JSON (setup, methods, methods.none or its step_ms is not an "
+                       f"object); {hint}") from None
+    for field, ok, allowed in (("methods.none.step_ms.full", _number(ms), "a number of milliseconds > 0"),
+                               ("setup.model", isinstance(model, dict), "an object of STDiT3 settings"),
+                               ("setup.latent_shape", _sizes(latent, 3), "3 integers > 0"),
+                               ("setup.image_size", _sizes(image, 2), "2 integers > 0")):  # fmt: skip
+        if not ok:
+            raise ArgError(f"{where}: not a gpu_check JSON ({field} is {_show(data, field)}; "
+                           f"allowed: {allowed}); {hint}")  # fmt: skip
+    try:
+        config = STDiT3Config.from_dict(model)
+    except (TypeError, ValueError) as exc:
+        raise ArgError(f"{where}: setup.model: {exc}") from None
+    return config, tuple(latent), tuple(image), float(ms), data.get("device") == "cpu"
+
+
+def _show(data: dict[str, Any], field: str) -> str:
+    value: Any = data
+    for key in field.split("."):
+        value = value[key]
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def rate_from_kernel_times(path: str) -> float:
     """Effective TFLOP/s from a scripts/gpu_check.py JSON: the counted FLOPs of a full CFG step of its setup
     divided by the measured mean time of the uncached method's full steps."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        _fail(f"error: --kernel-times {path}: {exc}")
-    if data.get("device") == "cpu":
+        config, latent, image, ms, on_cpu = read_kernel_times(path)
+    except ArgError as exc:
+        refuse(str(exc))
+    if on_cpu:
         print(f"note: {path} was measured on a CPU (gpu_check --tiny): its rate says nothing about a GPU")
-    try:
-        setup = data["setup"]
-        ms = data["methods"]["none"]["step_ms"]["full"]
-    except KeyError as exc:
-        _fail(f"error: --kernel-times {path}: not a gpu_check JSON (missing {exc}); run scripts/gpu_check.py")
-    config = STDiT3Config.from_dict(setup["model"])
-    flops, _ = forward_cost(config, tuple(setup["latent_shape"]), tuple(setup["image_size"]), rows=2,
-                            dtype=torch.float32)  # fmt: skip
+    flops, _ = forward_cost(config, latent, image, rows=2, dtype=torch.float32)
     return flops / (ms / 1e3) / 1e12
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel-times", help="a scripts/gpu_check.py JSON: use its measured full-step rate")
-    p.add_argument("--tflops", type=float, default=DEFAULT_TFLOPS, help="effective bf16 TFLOP/s per GPU")
-    p.add_argument("--nvlink-gbps", type=float, default=DEFAULT_NVLINK_GBPS, help="GB/s one GPU sends, NVLink")
-    p.add_argument("--ib-gbps", type=float, default=DEFAULT_IB_GBPS, help="GB/s one GPU sends, InfiniBand")
-    p.add_argument("--ib-gpus-per-node", type=int, default=1, help="GPUs per node in the InfiniBand placement")
-    p.add_argument("--methods", default="none", help="comma-separated cache methods (not teacache)")
-    p.add_argument("--resolutions", default="480p,720p", help=f"from {', '.join(RESOLUTIONS)}")
-    p.add_argument("--num-frames", type=int, default=51, help="frames of the tables' videos (51 = 2 s)")
-    p.add_argument("--steps", type=int, default=30)
+    p = ToolParser(prog="python -m duca_video.metrics.scaling", description=__doc__,
+                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--kernel-times", type=nonempty, help="a scripts/gpu_check.py JSON: use its measured full-step rate")
+    p.add_argument("--tflops", type=positive_float, default=DEFAULT_TFLOPS, help="effective bf16 TFLOP/s per GPU")
+    p.add_argument("--nvlink-gbps", type=positive_float, default=DEFAULT_NVLINK_GBPS,
+                   help="GB/s one GPU sends, NVLink")  # fmt: skip
+    p.add_argument("--ib-gbps", type=positive_float, default=DEFAULT_IB_GBPS, help="GB/s one GPU sends, InfiniBand")
+    p.add_argument("--ib-gpus-per-node", type=positive_int, default=1,
+                   help="GPUs per node in the InfiniBand placement")  # fmt: skip
+    p.add_argument("--methods", type=name_list(COUNTED_METHODS), default=["none"],
+                   help=f"comma-separated cache methods from {', '.join(COUNTED_METHODS)} (not the ones that "
+                   "decide their steps from the data)")  # fmt: skip
+    p.add_argument("--resolutions", type=name_list(tuple(RESOLUTIONS)), default=["480p", "720p"],
+                   help=f"from {', '.join(RESOLUTIONS)}")  # fmt: skip
+    p.add_argument("--num-frames", type=positive_int, default=51, help="frames of the tables' videos (51 = 2 s)")
+    p.add_argument("--steps", type=positive_int, default=30)
     p.add_argument("--no-published", action="store_true", help="skip the 720p 16 s comparison")
     p.add_argument("--published-only", action="store_true", help="only the 720p 16 s comparison, no tables")
-    p.add_argument("--json", help="also write every prediction here")
+    p.add_argument("--json", help="also write every prediction here (its folder must exist)")
     args = p.parse_args(argv)
-    for r in args.resolutions.split(","):
-        if r not in RESOLUTIONS:
-            p.error(f"--resolutions: {r!r} is not one of {', '.join(RESOLUTIONS)}")
-    if "teacache" in args.methods.split(","):
-        p.error("--methods: teacache decides its steps from the data; allowed: the other cache methods")
-    if args.ib_gpus_per_node < 1 or min(args.tflops, args.nvlink_gbps, args.ib_gbps) <= 0:
-        p.error("--tflops, --nvlink-gbps, --ib-gbps and --ib-gpus-per-node must be positive")
+    if args.published_only and args.no_published:
+        p.error("--published-only and --no-published together leave nothing to compute; allowed: one of them")
+    if 1 < args.num_frames < 17 and args.methods != ["none"] and not args.published_only:
+        p.error(f"argument --num-frames: {args.num_frames} is not allowed with cached methods (their loop follows "
+                "the timestep transform); allowed: 1 or >= 17")  # fmt: skip
+    p.check(output_file, args.json, "--json")
+    if args.kernel_times:
+        p.check(read_kernel_times, args.kernel_times)
     return args
 
 
@@ -229,8 +286,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"effective rate {tflops:.0f} TFLOP/s per GPU ({source}); NVLink {links.nvlink_gbps:.0f} GB/s, "
           f"InfiniBand {links.ib_gbps:.0f} GB/s per GPU; bf16\n")  # fmt: skip
     out: dict[str, Any] = {"tflops": tflops, "links": links.__dict__, "tables": {}}
-    for res in [] if args.published_only else args.resolutions.split(","):
-        for method in args.methods.split(","):
+    for res in [] if args.published_only else args.resolutions:
+        for method in args.methods:
             name = f"{res} {args.num_frames} frames, {method}"
             prof = profile(name, method, RESOLUTIONS[res], args.num_frames, args.steps)
             for placement in ("nvlink", "ib"):

@@ -1,3 +1,7 @@
+"""`python -m duca_video.opensora`: see duca_video.opensora."""
+
+from __future__ import annotations
+
 import sys
 
 from .attach import main
