@@ -163,11 +163,13 @@ def int_list(low: int) -> Callable[[str], list[int]]:
 def _writable_folder(folder: Path, flag: str, path: str) -> None:
     if not folder.is_dir():
         what = "is a file" if folder.exists() else "does not exist"
-        raise ArgError(f"{flag} {path!r}: its folder {str(folder)!r} {what}; allowed: a path in an existing, "
-                       "writable folder")  # fmt: skip
+        raise ArgError(
+            f"{flag} {path!r}: its folder {str(folder)!r} {what}; allowed: a path in an existing, writable folder"
+        )
     if not os.access(folder, os.W_OK | os.X_OK):
-        raise ArgError(f"{flag} {path!r}: its folder {str(folder)!r} is not writable; allowed: a path in a "
-                       "writable folder")  # fmt: skip
+        raise ArgError(
+            f"{flag} {path!r}: its folder {str(folder)!r} is not writable; allowed: a path in a writable folder"
+        )
 
 
 def _nearest_existing(path: Path) -> Path:

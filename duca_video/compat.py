@@ -52,7 +52,9 @@ def type_hints(cls: type) -> dict[str, Any]:
 def is_truncated_pickle(exc: BaseException) -> bool:
     text = str(exc).lower()
     return isinstance(exc, EOFError) or (
-        isinstance(exc, pickle.UnpicklingError) and ("truncated" in text or "unexpected eof" in text))  # fmt: skip
+        isinstance(exc, pickle.UnpicklingError) and ("truncated" in text or "unexpected eof" in text)
+    )
+
 
 # What `typing.get_origin` returns for a union: typing.Union, and types.UnionType for `A | B` from Python 3.10.
 UNION_TYPES: tuple[Any, ...] = (typing.Union, getattr(types, "UnionType", typing.Union))

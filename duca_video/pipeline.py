@@ -105,8 +105,10 @@ def load_models(
     vae = build_vae(cfg, weights["vae"], device, dtype)
     latent = vae.get_latent_size((cfg.num_frames, *cfg.size))
     if any(s is None or s < 1 for s in latent):
-        raise InputError(f"{cfg.num_frames} frames of {cfg.size[0]}x{cfg.size[1]} give latent size {latent}, "
-                         "which the VAE cannot produce: use a larger image_size")  # fmt: skip
+        raise InputError(
+            f"{cfg.num_frames} frames of {cfg.size[0]}x{cfg.size[1]} give latent size {latent}, "
+            "which the VAE cannot produce: use a larger image_size"
+        )
     model, source = build_model(cfg, weights["model"], vae, encoder, device, dtype)
     # Sharded mode: each rank keeps its positions of the latent; gathered once per sample (see parallel/).
     sp = parallelize_stdit3(model, ctx.sp_group, gather_output=False) if ctx.sp_size > 1 else None
@@ -130,13 +132,29 @@ def load_models(
         parallelize_cfg(model, ctx.cfg_group)
     names = {"model": source, "vae": weights["vae"] or cfg.vae.type, "text_encoder": weights["text_encoder"]}
     names["text_encoder"] = names["text_encoder"] or f"{cfg.text_encoder.type} (random init, seed {cfg.seed})"
-    counted_by = ("FlopCounterMode over a meta-device replay of the batch's sampling loop after the timed run "
-                  "(all steps, CFG batch, the cache's decisions of this run; single-device count)")  # fmt: skip
+    counted_by = (
+        "FlopCounterMode over a meta-device replay of the batch's sampling loop after the timed run "
+        "(all steps, CFG batch, the cache's decisions of this run; single-device count)"
+    )
     flops = None
     if cfg.count_flops:
         flops = SamplingFlops(model, dtype, None if controller is None else controller.config, sampler)
-    return Models(model, vae, encoder, sampler, controller, device, dtype, (int(vae.out_channels), *latent),
-                  method_config, names, counted_by, flops, ctx, sp)  # fmt: skip
+    return Models(
+        model,
+        vae,
+        encoder,
+        sampler,
+        controller,
+        device,
+        dtype,
+        (int(vae.out_channels), *latent),
+        method_config,
+        names,
+        counted_by,
+        flops,
+        ctx,
+        sp,
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -184,8 +202,17 @@ def generate(models: Models, cfg: InferenceConfig, jobs: list[VideoJob], progres
         noise = [torch.randn(m.latent_shape, generator=torch.Generator().manual_seed(j.seed)) for j in jobs]
         # Upstream draws the noise and builds these inputs in the model dtype (bf16 turns width 854 into 856).
         z = torch.stack(noise).to(device=m.device, dtype=m.dtype)
-        latents = group.sample(m.sampler, m.model, z, y, y_null, mask, model_kwargs=sizes(n), progress=progress,
-                               seed=[j.seed for j in jobs])  # fmt: skip
+        latents = group.sample(
+            m.sampler,
+            m.model,
+            z,
+            y,
+            y_null,
+            mask,
+            model_kwargs=sizes(n),
+            progress=progress,
+            seed=[j.seed for j in jobs],
+        )
         cache_bytes = int(m.controller.cache_bytes) if m.controller is not None else 0
         kinds = [h["kind"] for h in m.controller.history] if m.controller is not None else None
         calls = [(n, kinds, m.sampler.last_text_tokens)]
@@ -195,8 +222,11 @@ def generate(models: Models, cfg: InferenceConfig, jobs: list[VideoJob], progres
     _sync(m.device)
     latency = time.perf_counter() - start
     # Counted after the timed window: the counter's per-operator overhead must not inflate latency_s.
-    flops = None if m.flops is None else sum(m.flops.count(k, m.latent_shape, sizes(k), kinds, tokens)
-                                             for k, kinds, tokens in calls)  # fmt: skip
+    flops = (
+        None
+        if m.flops is None
+        else sum(m.flops.count(k, m.latent_shape, sizes(k), kinds, tokens) for k, kinds, tokens in calls)
+    )
     return Generated(latents.float().cpu(), frames, latency, flops, memory.peak_bytes(), memory.kind, cache_bytes)
 
 
@@ -258,9 +288,13 @@ def _check_sp_size(cfg: InferenceConfig, weights: dict[str, str | None], ctx: Pa
 
 
 def _generate_all(
-    cfg: InferenceConfig, models: Models, save_dir: Path, batches: list[list[VideoJob]], identity: VideoIdentity,
+    cfg: InferenceConfig,
+    models: Models,
+    save_dir: Path,
+    batches: list[list[VideoJob]],
+    identity: VideoIdentity,
     summary: RunSummary,
-) -> None:  # fmt: skip
+) -> None:
     """Every batch in turn: claim (lock) its videos, generate, write; one failed batch does not end the job."""
     bar = tqdm(total=sum(map(len, batches)), unit="video", desc="videos", disable=True if cfg.quiet else None)
     try:
@@ -286,9 +320,13 @@ def _generate_all(
 
 
 def _generate_batch(
-    cfg: InferenceConfig, m: Models, save_dir: Path, jobs: list[VideoJob], identity: VideoIdentity,
+    cfg: InferenceConfig,
+    m: Models,
+    save_dir: Path,
+    jobs: list[VideoJob],
+    identity: VideoIdentity,
     summary: RunSummary,
-) -> None:  # fmt: skip
+) -> None:
     try:
         g = generate(m, cfg, jobs, progress=not cfg.quiet)
     except Exception as exc:  # noqa: BLE001 - one batch (e.g. out of memory) must not end a long job
@@ -298,8 +336,12 @@ def _generate_batch(
             # A video does not depend on its batch, so each alone gives the same result: one bad prompt (or a
             # batch too large for memory) must not take the others down. (Under SP the ranks would have to
             # agree on the retry; there the batch fails as a whole.)
-            log.warning("batch %s failed (%s: %s); generating its videos one at a time",
-                        [j.name for j in jobs], type(exc).__name__, exc)  # fmt: skip
+            log.warning(
+                "batch %s failed (%s: %s); generating its videos one at a time",
+                [j.name for j in jobs],
+                type(exc).__name__,
+                exc,
+            )
             for job in jobs:
                 _generate_batch(cfg, m, save_dir, [job], identity, summary)
             return

@@ -19,5 +19,7 @@ def check_seed(seed: Any, where: str) -> int | tuple[int, ...] | None:
         return seed
     if isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)) and seed and all(map(_is_seed, seed)):
         return tuple(seed)
-    raise ValueError(f"{where}: seed={seed!r} is not allowed; allowed: None, an int in 0..2**63-1, or a non-empty "
-                     "list of such ints (one per video)")  # fmt: skip
+    raise ValueError(
+        f"{where}: seed={seed!r} is not allowed; allowed: None, an int in 0..2**63-1, or a non-empty "
+        "list of such ints (one per video)"
+    )

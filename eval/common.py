@@ -87,8 +87,9 @@ def _json_safe(value: Any) -> Any:
 def _writable_folder(folder: Path, flag: str, path: str) -> None:
     if not folder.is_dir():
         what = "is a file" if folder.exists() else "does not exist"
-        raise EvalError(f"{flag} {path!r}: its folder {str(folder)!r} {what}; allowed: a path in an existing, "
-                        "writable folder")  # fmt: skip
+        raise EvalError(
+            f"{flag} {path!r}: its folder {str(folder)!r} {what}; allowed: a path in an existing, writable folder"
+        )
     if not os.access(folder, os.W_OK | os.X_OK):
         raise EvalError(f"{flag} {path!r}: the folder {str(folder)!r} is not writable; allowed: a writable folder")
 
@@ -160,8 +161,9 @@ def check_costs(record: dict[str, Any], path: str | os.PathLike) -> None:
     for key in COST_FIELDS:
         value = record.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise EvalError(f"record {str(path)!r}: {key} is {_show(value)}; allowed: a number, or null when "
-                            "not measured")  # fmt: skip
+            raise EvalError(
+                f"record {str(path)!r}: {key} is {_show(value)}; allowed: a number, or null when not measured"
+            )
 
 
 @dataclass(frozen=True)
@@ -312,9 +314,11 @@ def settle_mismatches(mismatches: list[Mismatch], exclude: bool, shown: int = 10
     if len(mismatches) > shown:
         lines.append(f"... and {len(mismatches) - shown} more")
     listed = "\n  ".join(lines)
-    raise EvalError(f"{len(mismatches)} video pair(s) do not compare the same video (same name, other prompt, "
-                    f"seed, size or file):\n  {listed}\n"
-                    f"regenerate them, or pass {EXCLUDE_FLAG} to leave them out (listed in the outputs)")  # fmt: skip
+    raise EvalError(
+        f"{len(mismatches)} video pair(s) do not compare the same video (same name, other prompt, "
+        f"seed, size or file):\n  {listed}\n"
+        f"regenerate them, or pass {EXCLUDE_FLAG} to leave them out (listed in the outputs)"
+    )
 
 
 def _numbers(values: Iterable[float | None]) -> list[float]:
@@ -350,8 +354,10 @@ def compare_costs(reference: dict[str, dict[str, Any]], method: dict[str, dict[s
     for name in common:
         problems = pair_problems(reference[name], method[name])
         if problems:
-            raise EvalError(f"video {name!r}: the records do not describe the same video ({'; '.join(problems)}); "
-                            "its costs cannot be compared")  # fmt: skip
+            raise EvalError(
+                f"video {name!r}: the records do not describe the same video ({'; '.join(problems)}); "
+                "its costs cannot be compared"
+            )
     out: dict[str, Any] = {"videos": len(method), "common": len(common)}
     for key, label in (("latency_s", "latency"), ("dit_tflops", "flops")):
         pairs = [(number_or_none(reference[n].get(key)), number_or_none(method[n].get(key))) for n in common]

@@ -59,11 +59,36 @@ from eval.common import (
 log = logging.getLogger("eval.fidelity")
 
 METRICS = ("psnr", "ssim", "lpips")
-PER_VIDEO_FIELDS = ("method", "name", "psnr", "ssim", "lpips", "latency_s", "reference_latency_s", "dit_tflops",
-                    "reference_dit_tflops")  # fmt: skip
-SUMMARY_FIELDS = ("method", "pairs", "missing", "excluded", "identical", "psnr_mean", "psnr_median", "ssim_mean",
-                  "ssim_median", "lpips_mean", "lpips_median", "latency_s_mean", "reference_latency_s_mean",
-                  "latency_speedup", "dit_tflops_mean", "reference_dit_tflops_mean", "flops_speedup")  # fmt: skip
+PER_VIDEO_FIELDS = (
+    "method",
+    "name",
+    "psnr",
+    "ssim",
+    "lpips",
+    "latency_s",
+    "reference_latency_s",
+    "dit_tflops",
+    "reference_dit_tflops",
+)
+SUMMARY_FIELDS = (
+    "method",
+    "pairs",
+    "missing",
+    "excluded",
+    "identical",
+    "psnr_mean",
+    "psnr_median",
+    "ssim_mean",
+    "ssim_median",
+    "lpips_mean",
+    "lpips_median",
+    "latency_s_mean",
+    "reference_latency_s_mean",
+    "latency_speedup",
+    "dit_tflops_mean",
+    "reference_dit_tflops_mean",
+    "flops_speedup",
+)
 
 
 def _pair_up(
@@ -84,8 +109,10 @@ def _pair_up(
     settle_mismatches(mismatches, exclude_mismatched)
     for method, scan in scans.items():
         if not {n for n in names if n in scan.videos} - excluded_names(mismatches, method):
-            raise EvalError(f"method {method!r}: every video it shares with the reference was excluded as "
-                            f"mismatched ({EXCLUDE_FLAG}); nothing is left to compare")  # fmt: skip
+            raise EvalError(
+                f"method {method!r}: every video it shares with the reference was excluded as "
+                f"mismatched ({EXCLUDE_FLAG}); nothing is left to compare"
+            )
     return ref, scans, names, mismatches
 
 
@@ -94,10 +121,16 @@ def _summary(
 ) -> dict[str, Any]:
     """One method's means, medians and speed-ups over its compared pairs; pairs + missing + excluded = names."""
     excluded = len({n for n in names if n in scan.videos} & skip)
-    costs = compare_costs({n: ref.records[n] for n in names if n in ref.records},
-                          {r["name"]: scan.records[r["name"]] for r in got})  # fmt: skip
-    summary: dict[str, Any] = {"method": method, "pairs": len(got), "missing": len(names) - len(got) - excluded,
-                               "excluded": excluded, "identical": sum(r["psnr"] == math.inf for r in got)}  # fmt: skip
+    costs = compare_costs(
+        {n: ref.records[n] for n in names if n in ref.records}, {r["name"]: scan.records[r["name"]] for r in got}
+    )
+    summary: dict[str, Any] = {
+        "method": method,
+        "pairs": len(got),
+        "missing": len(names) - len(got) - excluded,
+        "excluded": excluded,
+        "identical": sum(r["psnr"] == math.inf for r in got),
+    }
     for metric in METRICS:
         summary[f"{metric}_mean"] = mean(r[metric] for r in got)
         summary[f"{metric}_median"] = median(r[metric] for r in got)
@@ -106,9 +139,13 @@ def _summary(
 
 
 def compare(
-    reference: Path, methods: dict[str, Path], lpips_net: str | None = "alex", device: str = "cpu",
-    limit: int | None = None, exclude_mismatched: bool = False,
-) -> dict[str, Any]:  # fmt: skip
+    reference: Path,
+    methods: dict[str, Path],
+    lpips_net: str | None = "alex",
+    device: str = "cpu",
+    limit: int | None = None,
+    exclude_mismatched: bool = False,
+) -> dict[str, Any]:
     """Per-video rows and per-method summaries (see the module docstring). Pairs whose records differ on
     PAIR_FIELDS, or whose files are not their records', are an error, or left out and listed when
     `exclude_mismatched`."""
@@ -143,9 +180,17 @@ def compare(
                     done["lpips"] = None  # all or nothing: a mean over some videos would mislead
                 scores = video_fidelity(ref_video, other, None)
             ref_rec = ref.records[name]
-            rows[method].append({"method": method, "name": name, **scores, "latency_s": rec.get("latency_s"),
-                                 "reference_latency_s": ref_rec.get("latency_s"), "dit_tflops": rec.get("dit_tflops"),
-                                 "reference_dit_tflops": ref_rec.get("dit_tflops")})  # fmt: skip
+            rows[method].append(
+                {
+                    "method": method,
+                    "name": name,
+                    **scores,
+                    "latency_s": rec.get("latency_s"),
+                    "reference_latency_s": ref_rec.get("latency_s"),
+                    "dit_tflops": rec.get("dit_tflops"),
+                    "reference_dit_tflops": ref_rec.get("dit_tflops"),
+                }
+            )
         log.info("[%d/%d] %s", i + 1, len(names), name)
 
     summaries = {m: _summary(m, rows[m], ref, scans[m], names, skip[m]) for m in methods}
@@ -174,19 +219,41 @@ def _csv(rows: list[dict[str, Any]], fields: Sequence[str]) -> str:
 
 
 def summary_markdown(result: dict[str, Any]) -> str:
-    headers = ["method", "videos", "excluded", "PSNR mean", "PSNR median", "SSIM mean", "SSIM median", "LPIPS mean",
-               "latency speed-up", "FLOPs speed-up"]  # fmt: skip
-    rows = [[s["method"], str(s["pairs"]), str(s["excluded"]), fmt(s["psnr_mean"], ".2f"), fmt(s["psnr_median"], ".2f"),
-             fmt(s["ssim_mean"], ".4f"), fmt(s["ssim_median"], ".4f"), fmt(s["lpips_mean"], ".4f"),
-             fmt(s["latency_speedup"], ".2f"), fmt(s["flops_speedup"], ".2f")]
-            for s in result["summary"].values()]  # fmt: skip
+    headers = [
+        "method",
+        "videos",
+        "excluded",
+        "PSNR mean",
+        "PSNR median",
+        "SSIM mean",
+        "SSIM median",
+        "LPIPS mean",
+        "latency speed-up",
+        "FLOPs speed-up",
+    ]
+    rows = [
+        [
+            s["method"],
+            str(s["pairs"]),
+            str(s["excluded"]),
+            fmt(s["psnr_mean"], ".2f"),
+            fmt(s["psnr_median"], ".2f"),
+            fmt(s["ssim_mean"], ".4f"),
+            fmt(s["ssim_median"], ".4f"),
+            fmt(s["lpips_mean"], ".4f"),
+            fmt(s["latency_speedup"], ".2f"),
+            fmt(s["flops_speedup"], ".2f"),
+        ]
+        for s in result["summary"].values()
+    ]
     text = markdown_table(headers, rows)
     if not result["lpips"]["available"]:
         text += f"\nLPIPS unavailable: {result['lpips']['reason']}\n"
     if result["excluded"]:  # said next to the numbers: they are over fewer videos than the folders hold
         text += f"\nExcluded as mismatched ({EXCLUDE_FLAG}):\n"
-        text += "".join(f"- {Mismatch(m['method'], m['name'], tuple(m['problems'])).describe()}\n"
-                        for m in result["excluded"])  # fmt: skip
+        text += "".join(
+            f"- {Mismatch(m['method'], m['name'], tuple(m['problems'])).describe()}\n" for m in result["excluded"]
+        )
     return text
 
 
@@ -195,11 +262,16 @@ def plot(result: dict[str, Any], path: Path, speedup: str = "latency") -> str | 
     plot was written, or None."""
     from duca_video.metrics.plot import speedup_fidelity_plot
 
-    labels = {"psnr": "PSNR (dB), higher is better", "ssim": "SSIM, higher is better",
-              "lpips": "LPIPS, lower is better"}  # fmt: skip
+    labels = {
+        "psnr": "PSNR (dB), higher is better",
+        "ssim": "SSIM, higher is better",
+        "lpips": "LPIPS, lower is better",
+    }
     panels = [(m, labels[m]) for m in METRICS if any(s[f"{m}_mean"] is not None for s in result["summary"].values())]
-    points = [{"method": s["method"], "speedup": s[f"{speedup}_speedup"], **{m: s[f"{m}_mean"] for m, _ in panels}}
-              for s in result["summary"].values()]  # fmt: skip
+    points = [
+        {"method": s["method"], "speedup": s[f"{speedup}_speedup"], **{m: s[f"{m}_mean"] for m, _ in panels}}
+        for s in result["summary"].values()
+    ]
     xlabel = f"{'latency' if speedup == 'latency' else 'DiT FLOPs'} speed-up vs reference (x)"
     return speedup_fidelity_plot(points, path, xlabel, panels)
 
@@ -207,8 +279,10 @@ def plot(result: dict[str, Any], path: Path, speedup: str = "latency") -> str | 
 def write_outputs(result: dict[str, Any], out: Path, speedup: str = "latency") -> tuple[dict[str, Path], str | None]:
     """The files listed in the module docstring; returns their paths and why the plot was skipped (or None)."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = {name: out / f"fidelity_{name}" for name in ("per_video.csv", "summary.csv", "summary.json",
-                                                        "summary.md", "speedup.png")}  # fmt: skip
+    paths = {
+        name: out / f"fidelity_{name}"
+        for name in ("per_video.csv", "summary.csv", "summary.json", "summary.md", "speedup.png")
+    }
     atomic_write_text(paths["per_video.csv"], _csv(result["per_video"], PER_VIDEO_FIELDS))
     atomic_write_text(paths["summary.csv"], _csv(list(result["summary"].values()), SUMMARY_FIELDS))
     atomic_write_text(paths["summary.md"], summary_markdown(result))
@@ -229,9 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device for LPIPS (cpu, cuda, cuda:N)")
     p.add_argument("--speedup", default="latency", choices=["latency", "flops"], help="x axis of the plot")
     p.add_argument("--limit", type=int, help="compare only the first N reference videos (by name)")
-    p.add_argument(EXCLUDE_FLAG, action="store_true",
-                   help="leave out (and list) the pairs whose records differ on prompt, seed, size, frames or fps, "
-                   "or whose video has no record; without it they are an error")  # fmt: skip
+    p.add_argument(
+        EXCLUDE_FLAG,
+        action="store_true",
+        help="leave out (and list) the pairs whose records differ on prompt, seed, size, frames or fps, "
+        "or whose video has no record; without it they are an error",
+    )
     return p
 
 
@@ -246,8 +323,10 @@ def _check_device(name: str, lpips: bool) -> None:
     if device.type not in ("cpu", "cuda"):
         raise EvalError(f"--device {name!r} is not allowed; allowed: cpu, cuda, cuda:N")
     if lpips and device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise EvalError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); allowed: "
-                        "cpu, or --lpips off")  # fmt: skip
+        raise EvalError(
+            f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); allowed: "
+            "cpu, or --lpips off"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -259,8 +338,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise EvalError(f"--limit {args.limit}: must be >= 1")
         check_output_folder(args.out, "--out")  # before the videos are decoded, not after
         _check_device(args.device, args.lpips != "off")
-        result = compare(Path(args.reference), methods, None if args.lpips == "off" else args.lpips, args.device,
-                         args.limit, args.exclude_mismatched)  # fmt: skip
+        result = compare(
+            Path(args.reference),
+            methods,
+            None if args.lpips == "off" else args.lpips,
+            args.device,
+            args.limit,
+            args.exclude_mismatched,
+        )
     except (EvalError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -41,8 +41,22 @@ from eval.common import (
     settle_mismatches,
 )
 
-HEADERS = ["method", "videos", "latency (s)", "latency speed-up", "DiT TFLOPs", "FLOPs speed-up", "peak mem (GiB)",
-           "cache (MiB)", "VBench total", "quality", "semantic", "PSNR", "SSIM", "LPIPS"]  # fmt: skip
+HEADERS = [
+    "method",
+    "videos",
+    "latency (s)",
+    "latency speed-up",
+    "DiT TFLOPs",
+    "FLOPs speed-up",
+    "peak mem (GiB)",
+    "cache (MiB)",
+    "VBench total",
+    "quality",
+    "semantic",
+    "PSNR",
+    "SSIM",
+    "LPIPS",
+]
 
 
 def load_json(path: Path, what: str) -> dict[str, Any]:
@@ -81,8 +95,10 @@ def check_fidelity(data: dict[str, Any], path: str) -> dict[str, Any]:
     where = f"fidelity summary {path!r}"
     summary = data.get("summary")
     if not isinstance(summary, dict) or not all(isinstance(s, dict) for s in summary.values()):
-        raise EvalError(f"{where}: summary is {type(summary).__name__}; allowed: an object of per-method objects "
-                        "(eval/fidelity.py's fidelity_summary.json)")  # fmt: skip
+        raise EvalError(
+            f"{where}: summary is {type(summary).__name__}; allowed: an object of per-method objects "
+            "(eval/fidelity.py's fidelity_summary.json)"
+        )
     for method, fields in summary.items():
         for key in ("psnr_mean", "ssim_mean", "lpips_mean"):
             if not _score(fields.get(key)):
@@ -145,23 +161,33 @@ def build_rows(
             notes.append(f"{name}: VBench dimensions missing: {', '.join(scores['missing'])}")
         fid = fid_summary.get(name, {})
         peak, cache = costs["peak_memory_bytes_mean"], costs["cache_bytes_mean"]
-        rows.append([
-            name, str(costs["common"]), fmt(costs["latency_s_mean"], ".2f"), fmt(costs["latency_speedup"], ".2f"),
-            fmt(costs["dit_tflops_mean"], ".4g"), fmt(costs["flops_speedup"], ".2f"),
-            fmt(None if peak is None else peak / 2**30, ".2f"), fmt(None if cache is None else cache / 2**20, ".1f"),
-            fmt(_float(scores.get("total")), ".2f"), fmt(_float(scores.get("quality")), ".2f"),
-            fmt(_float(scores.get("semantic")), ".2f"),
-            "(reference)" if name == reference_name else fmt(_float(fid.get("psnr_mean")), ".2f"),
-            "" if name == reference_name else fmt(_float(fid.get("ssim_mean")), ".4f"),
-            "" if name == reference_name else fmt(_float(fid.get("lpips_mean")), ".4f"),
-        ])  # fmt: skip
+        rows.append(
+            [
+                name,
+                str(costs["common"]),
+                fmt(costs["latency_s_mean"], ".2f"),
+                fmt(costs["latency_speedup"], ".2f"),
+                fmt(costs["dit_tflops_mean"], ".4g"),
+                fmt(costs["flops_speedup"], ".2f"),
+                fmt(None if peak is None else peak / 2**30, ".2f"),
+                fmt(None if cache is None else cache / 2**20, ".1f"),
+                fmt(_float(scores.get("total")), ".2f"),
+                fmt(_float(scores.get("quality")), ".2f"),
+                fmt(_float(scores.get("semantic")), ".2f"),
+                "(reference)" if name == reference_name else fmt(_float(fid.get("psnr_mean")), ".2f"),
+                "" if name == reference_name else fmt(_float(fid.get("ssim_mean")), ".4f"),
+                "" if name == reference_name else fmt(_float(fid.get("lpips_mean")), ".4f"),
+            ]
+        )
     if fidelity is not None:
         lp = fidelity.get("lpips", {})
         if not lp.get("available", True):
             notes.append(f"LPIPS unavailable: {lp.get('reason')}")
         if fidelity.get("excluded"):
-            notes.append(f"fidelity left out {len(fidelity['excluded'])} mismatched pair(s) ({EXCLUDE_FLAG}; "
-                         "listed under 'excluded' in its summary)")  # fmt: skip
+            notes.append(
+                f"fidelity left out {len(fidelity['excluded'])} mismatched pair(s) ({EXCLUDE_FLAG}; "
+                "listed under 'excluded' in its summary)"
+            )
         ref_path = fidelity.get("reference")
         if ref_path and Path(ref_path).resolve() != folders[reference_name].resolve():
             notes.append(f"fidelity was measured against {ref_path}, not {folders[reference_name]}")
@@ -183,9 +209,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--vbench", help="NAME=PATH[,...]: scaled_results.json (or its folder) per method")
     p.add_argument("--fidelity", help="fidelity_summary.json from eval/fidelity.py")
     p.add_argument("--out", help="also write the markdown here")
-    p.add_argument(EXCLUDE_FLAG, action="store_true",
-                   help="leave out (and list) the videos whose records do not pair with the reference's (other "
-                   "prompt, seed, size, frames or fps, or no record); without it they are an error")  # fmt: skip
+    p.add_argument(
+        EXCLUDE_FLAG,
+        action="store_true",
+        help="leave out (and list) the videos whose records do not pair with the reference's (other "
+        "prompt, seed, size, frames or fps, or no record); without it they are an error",
+    )
     args = p.parse_args(argv)
     try:
         if not args.reference_name.strip():

@@ -41,9 +41,14 @@ PROG = "scripts/benchmark.py"
 def build_parser() -> ToolParser:
     p = ToolParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="an inference config file (configs/*.py)")
-    p.add_argument("--methods", type=nonempty, default=",".join(METHODS), help=f"comma-separated variants: a method "
-                   f"from {', '.join(METHODS)}, optionally with settings, e.g. teacache[threshold=0.2],"
-                   "taylorseer[interval=3;order=2]")  # fmt: skip
+    p.add_argument(
+        "--methods",
+        type=nonempty,
+        default=",".join(METHODS),
+        help=f"comma-separated variants: a method "
+        f"from {', '.join(METHODS)}, optionally with settings, e.g. teacache[threshold=0.2],"
+        "taylorseer[interval=3;order=2]",
+    )
     p.add_argument("--json", required=True, help="where to write the results (missing folders are created)")
     p.add_argument("--flops-only", action="store_true", help="count FLOPs only (meta device, no weights)")
     p.add_argument("--device", type=nonempty, help="auto (default), cpu, cuda, cuda:N (Open-Sora configs)")
@@ -54,12 +59,20 @@ def build_parser() -> ToolParser:
     p.add_argument("--ckpt-path", type=nonempty, help="STDiT3 weights for the timed runs (default: random weights)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads")
     p.add_argument("--prompts", type=positive_int, help="testbed configs: fixed prompt/seed pairs per method (64)")
-    p.add_argument("--mask-strategy", type=nonempty, help="testbed configs: also measure each method's fidelity "
-                   "to `none` with this Open-Sora mask strategy on a reference frame (e.g. 0: image to "
-                   "video)")  # fmt: skip
+    p.add_argument(
+        "--mask-strategy",
+        type=nonempty,
+        help="testbed configs: also measure each method's fidelity "
+        "to `none` with this Open-Sora mask strategy on a reference frame (e.g. 0: image to "
+        "video)",
+    )
     p.add_argument("--plot", help="also write a PNG of speed-up against PSNR / SSIM vs none")
-    p.add_argument("--sp-sizes", type=int_list(2), help="e.g. 2,4,8: also count the bytes each method sends per "
-                   "video under sequence parallelism of these sizes (meta device, simulated group)")  # fmt: skip
+    p.add_argument(
+        "--sp-sizes",
+        type=int_list(2),
+        help="e.g. 2,4,8: also count the bytes each method sends per "
+        "video under sequence parallelism of these sizes (meta device, simulated group)",
+    )
     return p
 
 
@@ -70,8 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _check_methods(text: str) -> list[str]:
     methods = split_variants(text)
     if not methods:
-        raise ArgError(f"--methods {text!r}: no variant given; allowed: comma-separated variants from "
-                       f"{', '.join(METHODS)}")  # fmt: skip
+        raise ArgError(
+            f"--methods {text!r}: no variant given; allowed: comma-separated variants from {', '.join(METHODS)}"
+        )
     for variant in methods:
         try:
             parse_variant(variant)
@@ -81,16 +95,28 @@ def _check_methods(text: str) -> list[str]:
 
 
 def _check_testbed(args: argparse.Namespace, cfg) -> None:
-    given = [flag for flag, value in (("--flops-only", args.flops_only or None), ("--sp-sizes", args.sp_sizes),
-             ("--device", args.device), ("--dtype", args.dtype)) if value is not None]  # fmt: skip
+    given = [
+        flag
+        for flag, value in (
+            ("--flops-only", args.flops_only or None),
+            ("--sp-sizes", args.sp_sizes),
+            ("--device", args.device),
+            ("--dtype", args.dtype),
+        )
+        if value is not None
+    ]
     if given:
-        raise ArgError(f"{', '.join(given)}: not allowed with the testbed config {args.config!r} (it always runs "
-                       "the trained model on the CPU in its own dtype); allowed with Open-Sora configs")  # fmt: skip
+        raise ArgError(
+            f"{', '.join(given)}: not allowed with the testbed config {args.config!r} (it always runs "
+            "the trained model on the CPU in its own dtype); allowed with Open-Sora configs"
+        )
     weights = args.ckpt_path or cfg.model.from_pretrained
     if weights is None or not Path(weights, "config.json").is_file():
         flag = "--ckpt-path" if args.ckpt_path else "model.from_pretrained"
-        raise ArgError(f"{flag} {weights!r}: the testbed benchmark needs trained weights; allowed: a folder with "
-                       "config.json (e.g. weights/tiny)")  # fmt: skip
+        raise ArgError(
+            f"{flag} {weights!r}: the testbed benchmark needs trained weights; allowed: a folder with "
+            "config.json (e.g. weights/tiny)"
+        )
     if args.mask_strategy is not None:
         try:
             parse_mask_strategy(args.mask_strategy, "--mask-strategy")
@@ -99,11 +125,16 @@ def _check_testbed(args: argparse.Namespace, cfg) -> None:
 
 
 def _check_open_sora(args: argparse.Namespace, cfg) -> None:
-    given = [flag for flag, value in (("--prompts", args.prompts), ("--mask-strategy", args.mask_strategy))
-             if value is not None]  # fmt: skip
+    given = [
+        flag
+        for flag, value in (("--prompts", args.prompts), ("--mask-strategy", args.mask_strategy))
+        if value is not None
+    ]
     if given:
-        raise ArgError(f"{', '.join(given)}: only for the testbed config (text_encoder type 'word'); "
-                       f"{args.config!r} is an Open-Sora config")  # fmt: skip
+        raise ArgError(
+            f"{', '.join(given)}: only for the testbed config (text_encoder type 'word'); "
+            f"{args.config!r} is an Open-Sora config"
+        )
     if args.ckpt_path is not None and not Path(args.ckpt_path).expanduser().exists():
         raise ArgError(f"--ckpt-path {args.ckpt_path!r} does not exist; allowed: an STDiT3 checkpoint file or folder")
     if not args.flops_only:
@@ -114,8 +145,10 @@ def _check_open_sora(args: argparse.Namespace, cfg) -> None:
     heads = STDiT3Config.from_dict(cfg.model.extra).num_heads
     bad = [p for p in args.sp_sizes or () if heads % p]
     if bad:
-        raise ArgError(f"--sp-sizes {bad}: the SP size must divide the model's {heads} heads; allowed: "
-                       f"{[p for p in range(2, heads + 1) if heads % p == 0]}")  # fmt: skip
+        raise ArgError(
+            f"--sp-sizes {bad}: the SP size must divide the model's {heads} heads; allowed: "
+            f"{[p for p in range(2, heads + 1) if heads % p == 0]}"
+        )
 
 
 def check_args(args: argparse.Namespace):
@@ -145,10 +178,18 @@ def setup_from_config(path: str, steps: int | None) -> BenchSetup:
         latent = (cfg.num_frames, h, w)
     overrides = {cfg.cache.method: cfg.cache.overrides} if cfg.cache.overrides else {}
     num_steps = cfg.scheduler.num_sampling_steps if steps is None else steps
-    return BenchSetup(model=model_cfg, latent_shape=latent, image_size=(h, w), num_frames=cfg.num_frames,
-                      num_steps=num_steps, cfg_scale=cfg.scheduler.cfg_scale,
-                      batch=cfg.batch_size, fps=float(cfg.fps), cache_overrides=overrides,
-                      use_timestep_transform=cfg.scheduler.use_timestep_transform)  # fmt: skip
+    return BenchSetup(
+        model=model_cfg,
+        latent_shape=latent,
+        image_size=(h, w),
+        num_frames=cfg.num_frames,
+        num_steps=num_steps,
+        cfg_scale=cfg.scheduler.cfg_scale,
+        batch=cfg.batch_size,
+        fps=float(cfg.fps),
+        cache_overrides=overrides,
+        use_timestep_transform=cfg.scheduler.use_timestep_transform,
+    )
 
 
 def write_json(path: str, data: dict) -> None:
@@ -178,10 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     write_json(args.json, {"config": run, "methods": results})
     if args.plot:
-        points = [{"method": m, "speedup": r["flops_speedup"], "psnr": r["psnr_vs_none"], "ssim": r["ssim_vs_none"]}
-                  for m, r in results.items()]  # fmt: skip
-        why = speedup_fidelity_plot(points, Path(args.plot), "DiT FLOPs speed-up vs none (x)",
-                                    [("psnr", "PSNR vs none (dB)"), ("ssim", "SSIM vs none")])  # fmt: skip
+        points = [
+            {"method": m, "speedup": r["flops_speedup"], "psnr": r["psnr_vs_none"], "ssim": r["ssim_vs_none"]}
+            for m, r in results.items()
+        ]
+        why = speedup_fidelity_plot(
+            points,
+            Path(args.plot),
+            "DiT FLOPs speed-up vs none (x)",
+            [("psnr", "PSNR vs none (dB)"), ("ssim", "SSIM vs none")],
+        )
         if why:
             print(f"no plot: {why}", file=sys.stderr)
     return 0
@@ -200,15 +247,28 @@ def testbed(cfg, args: argparse.Namespace, methods: list[str]) -> tuple[dict, di
     if args.mask_strategy:  # the same methods with reference frames kept (Open-Sora's image / video conditioning)
         from duca_video.metrics.conditioning_bench import conditioning_fidelity
 
-        conditioned = conditioning_fidelity(methods, num_videos=min(prompts, 8), seed=args.seed,
-                                            num_steps=bed.sampler.num_sampling_steps,
-                                            mask_strategy=args.mask_strategy)  # fmt: skip
+        conditioned = conditioning_fidelity(
+            methods,
+            num_videos=min(prompts, 8),
+            seed=args.seed,
+            num_steps=bed.sampler.num_sampling_steps,
+            mask_strategy=args.mask_strategy,
+        )
         for name, r in conditioned["methods"].items():
-            results[name].update(cond_psnr_vs_none=r["psnr_vs_none"], cond_ssim_vs_none=r["ssim_vs_none"],
-                                 cond_kept_psnr=r["kept_psnr"])  # fmt: skip
-    run = {"config_file": args.config, "weights": str(weights), "prompts": prompts, "seed": args.seed,
-           "repeats": args.repeats, "threads": torch.get_num_threads(), "sampler": dataclasses.asdict(bed.sampler),
-           "model": bed.model.config.to_dict(), "mask_strategy": args.mask_strategy}  # fmt: skip
+            results[name].update(
+                cond_psnr_vs_none=r["psnr_vs_none"], cond_ssim_vs_none=r["ssim_vs_none"], cond_kept_psnr=r["kept_psnr"]
+            )
+    run = {
+        "config_file": args.config,
+        "weights": str(weights),
+        "prompts": prompts,
+        "seed": args.seed,
+        "repeats": args.repeats,
+        "threads": torch.get_num_threads(),
+        "sampler": dataclasses.asdict(bed.sampler),
+        "model": bed.model.config.to_dict(),
+        "mask_strategy": args.mask_strategy,
+    }
     return results, run
 
 
@@ -222,11 +282,27 @@ def open_sora(cfg, args: argparse.Namespace, methods: list[str]) -> tuple[dict, 
     if args.ckpt_path and not args.flops_only:
         model = STDiT3.from_pretrained(args.ckpt_path, config=setup.model, dtype=dtype, device=device)
     sp_sizes = tuple(args.sp_sizes or ())
-    results = compare(setup, methods, model=model, flops_only=args.flops_only, device=device, dtype=dtype,
-                      repeats=args.repeats, seed=args.seed, sp_sizes=sp_sizes)  # fmt: skip
-    run = {"config_file": args.config, "device": device, "dtype": str(dtype).removeprefix("torch."),
-           "weights": args.ckpt_path or "random", "threads": torch.get_num_threads(), "flops_only": args.flops_only,
-           "repeats": args.repeats, "seed": args.seed}  # fmt: skip
+    results = compare(
+        setup,
+        methods,
+        model=model,
+        flops_only=args.flops_only,
+        device=device,
+        dtype=dtype,
+        repeats=args.repeats,
+        seed=args.seed,
+        sp_sizes=sp_sizes,
+    )
+    run = {
+        "config_file": args.config,
+        "device": device,
+        "dtype": str(dtype).removeprefix("torch."),
+        "weights": args.ckpt_path or "random",
+        "threads": torch.get_num_threads(),
+        "flops_only": args.flops_only,
+        "repeats": args.repeats,
+        "seed": args.seed,
+    }
     return results, {**setup.to_dict(), **run}
 
 

@@ -75,20 +75,39 @@ class StepClock:
 def build_setup(tiny: bool, steps: int | None, text_tokens: int | None) -> BenchSetup:
     """The check's setup; None takes the default (tiny: 10 steps, 4 tokens; else 30 steps, 60 tokens)."""
     if tiny:
-        return BenchSetup(model=TINY, latent_shape=(3, 8, 10), image_size=(64, 80), num_frames=9,
-                          text_tokens=4 if text_tokens is None else text_tokens,
-                          num_steps=10 if steps is None else steps, cfg_scale=4.0,
-                          use_timestep_transform=False)  # fmt: skip
-    return BenchSetup(model=STDiT3Config(), latent_shape=video_latent_shape(51, 480, 854), image_size=(480, 854),
-                      num_frames=51, num_steps=30 if steps is None else steps,
-                      text_tokens=60 if text_tokens is None else text_tokens)  # fmt: skip
+        return BenchSetup(
+            model=TINY,
+            latent_shape=(3, 8, 10),
+            image_size=(64, 80),
+            num_frames=9,
+            text_tokens=4 if text_tokens is None else text_tokens,
+            num_steps=10 if steps is None else steps,
+            cfg_scale=4.0,
+            use_timestep_transform=False,
+        )
+    return BenchSetup(
+        model=STDiT3Config(),
+        latent_shape=video_latent_shape(51, 480, 854),
+        image_size=(480, 854),
+        num_frames=51,
+        num_steps=30 if steps is None else steps,
+        text_tokens=60 if text_tokens is None else text_tokens,
+    )
 
 
 def sample(model: STDiT3, setup: BenchSetup, method: str, inputs: dict[str, Any]) -> torch.Tensor:
     config = setup.method_config(method)
     y_null = model.y_embedder.y_embedding[None, None].expand_as(inputs["y"]).to(inputs["y"].dtype)
-    return setup.sampler(config).sample(model, inputs["z"], inputs["y"], y_null, inputs["mask"],
-                                        model_kwargs=inputs["model_kwargs"], progress=False, seed=0)  # fmt: skip
+    return setup.sampler(config).sample(
+        model,
+        inputs["z"],
+        inputs["y"],
+        y_null,
+        inputs["mask"],
+        model_kwargs=inputs["model_kwargs"],
+        progress=False,
+        seed=0,
+    )
 
 
 def time_method(
@@ -118,23 +137,38 @@ def time_method(
     for kind, ms in zip(kinds, per_step):
         by_kind.setdefault(kind, []).append(ms)
     store = controller.last.store if controller.last is not None else None
-    return {"total_s": total, "step_ms": {k: statistics.mean(v) for k, v in by_kind.items()},
-            "step_counts": {k: len(v) for k, v in by_kind.items()}, "steps_ms": per_step, "kinds": kinds,
-            "peak_memory_bytes": peak, "cache_bytes": controller.cache_bytes,
-            "device_cache_bytes": controller.device_cache_bytes, "offload": offload,
-            "offload_reads": getattr(store, "reads", None), "latent": latent.float().cpu()}  # fmt: skip
+    return {
+        "total_s": total,
+        "step_ms": {k: statistics.mean(v) for k, v in by_kind.items()},
+        "step_counts": {k: len(v) for k, v in by_kind.items()},
+        "steps_ms": per_step,
+        "kinds": kinds,
+        "peak_memory_bytes": peak,
+        "cache_bytes": controller.cache_bytes,
+        "device_cache_bytes": controller.device_cache_bytes,
+        "offload": offload,
+        "offload_reads": getattr(store, "reads", None),
+        "latent": latent.float().cpu(),
+    }
 
 
-def offload_check(model: STDiT3, setup: BenchSetup, inputs: dict[str, Any], resident: dict[str, Any],
-                  method: str) -> dict[str, Any]:  # fmt: skip
+def offload_check(
+    model: STDiT3, setup: BenchSetup, inputs: dict[str, Any], resident: dict[str, Any], method: str
+) -> dict[str, Any]:
     """The method again with its cache offloaded: time per step kind, peak memory, and the same latent."""
     r = time_method(model, setup, method, inputs, offload=True)
     r["max_abs_diff_to_resident"] = float((r.pop("latent") - resident["latent"]).abs().max())
     return r
 
 
-def compile_check(model: STDiT3, setup: BenchSetup, inputs: dict[str, Any], eager: dict[str, dict[str, Any]],
-                  methods: list[str], backend: str = "inductor") -> dict[str, Any]:  # fmt: skip
+def compile_check(
+    model: STDiT3,
+    setup: BenchSetup,
+    inputs: dict[str, Any],
+    eager: dict[str, dict[str, Any]],
+    methods: list[str],
+    backend: str = "inductor",
+) -> dict[str, Any]:
     """`cache.compile_blocks`: the first loop (compiling), then a timed one per method, and the difference to the
     eager latent. Leaves the model's blocks compiled."""
     start = time.perf_counter()
@@ -194,8 +228,12 @@ def sync_check(model: STDiT3, setup: BenchSetup, inputs: dict[str, Any], method:
             torch.cuda.set_sync_debug_mode(0)
             frames = [f for f in traceback.extract_tb(exc.__traceback__) if "duca_video" in f.filename]
             where = f"{frames[-1].filename}:{frames[-1].lineno} {frames[-1].name}" if frames else "outside duca_video"
-            out[key] = {"passed": False, "error": str(exc).splitlines()[0], "where": where,
-                        "line": frames[-1].line if frames else None}  # fmt: skip
+            out[key] = {
+                "passed": False,
+                "error": str(exc).splitlines()[0],
+                "where": where,
+                "line": frames[-1].line if frames else None,
+            }
         finally:
             torch.cuda.set_sync_debug_mode(0)
             unregister_listener(model, arm)
@@ -227,23 +265,32 @@ def precision_check(model: STDiT3, setup: BenchSetup, device: torch.device) -> d
     latent = (2, 8, 8) if cfg.depth < 28 else (2, 16, 16)
     x = torch.randn(2, cfg.in_channels, *latent, generator=g).to(device)
     y = torch.randn(2, 1, cfg.model_max_length, cfg.caption_channels, generator=g).to(device)
-    kw = dict(height=torch.full((2,), 8.0 * latent[1]), width=torch.full((2,), 8.0 * latent[2]),
-              fps=torch.full((2,), 24.0, device=device))  # fmt: skip
+    kw = dict(
+        height=torch.full((2,), 8.0 * latent[1]),
+        width=torch.full((2,), 8.0 * latent[2]),
+        fps=torch.full((2,), 24.0, device=device),
+    )
     t = torch.tensor([900.0, 300.0], device=device)
     with torch.no_grad():
         low = model.to(torch.bfloat16)(x.bfloat16(), t, y.bfloat16(), **kw).float()
         high = model.float()(x, t, y, **kw)
     diff = (low - high).abs()
-    return {"latent": list(latent), "max_abs_diff": float(diff.max()), "mean_abs_fp32": float(high.abs().mean()),
-            "rel_l2": float((low - high).norm() / high.norm())}  # fmt: skip
+    return {
+        "latent": list(latent),
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_fp32": float(high.abs().mean()),
+        "rel_l2": float((low - high).norm() / high.norm()),
+    }
 
 
 def report(name: str, r: dict[str, Any]) -> None:
     peak = "-" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f} GiB"
     kinds = "  ".join(f"{k} {v:.1f} ms x{r['step_counts'][k]}" for k, v in r["step_ms"].items())
     extra = "".join(f"  {k} {r[k]:.2g}" for k in ("max_abs_diff_to_resident", "max_abs_diff_to_eager") if k in r)
-    print(f"{name:<11} {r['total_s']:7.2f} s  {kinds}  peak {peak}  cache {r['cache_bytes'] / 2**20:.1f} MiB "
-          f"(device {r['device_cache_bytes'] / 2**20:.1f} MiB){extra}")
+    print(
+        f"{name:<11} {r['total_s']:7.2f} s  {kinds}  peak {peak}  cache {r['cache_bytes'] / 2**20:.1f} MiB "
+        f"(device {r['device_cache_bytes'] / 2**20:.1f} MiB){extra}"
+    )
 
 
 def write(path: Path, data: dict[str, Any]) -> None:
@@ -260,26 +307,43 @@ def probe_table(setup: BenchSetup, device: torch.device, dtype: torch.dtype, tex
     t, h, w = setup.latent_shape
     g = sdpa_probe.Geometry(t, -(-h // 2), -(-w // 2))
     cfg = setup.model
-    sites = sdpa_probe.attention_sites(g, heads=cfg.num_heads, head_dim=cfg.hidden_size // cfg.num_heads,
-                                       text_tokens=min(text_tokens, cfg.model_max_length),
-                                       max_text=cfg.model_max_length)  # fmt: skip
+    sites = sdpa_probe.attention_sites(
+        g,
+        heads=cfg.num_heads,
+        head_dim=cfg.hidden_size // cfg.num_heads,
+        text_tokens=min(text_tokens, cfg.model_max_length),
+        max_text=cfg.model_max_length,
+    )
     return sdpa_probe.probe(sites, device, dtype, trial_batch=None if device.type == "cuda" else 1)
 
 
 def build_parser() -> ToolParser:
-    p = ToolParser(prog="scripts/gpu_check.py", description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = ToolParser(
+        prog="scripts/gpu_check.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tiny", action="store_true", help="a tiny config on the CPU (or CUDA if present), seconds")
     p.add_argument("--out", default="gpu_check.json", help="the JSON summary (its folder must exist)")
     p.add_argument("--methods", type=name_list(METHODS), default=list(METHODS), help=f"from {', '.join(METHODS)}")
     p.add_argument("--steps", type=positive_int, help="sampling steps (default 30; tiny 10)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--text-tokens", type=positive_int, help="valid caption tokens of the random prompt (default 60, "
-                   f"at most {STDiT3Config().model_max_length}; tiny: 4, at most {TINY.model_max_length})")  # fmt: skip
-    p.add_argument("--offload", type=name_list(METHODS, empty_ok=True), default=["duca"],
-                   help="methods to time again with the cache offloaded ('' for none)")  # fmt: skip
-    p.add_argument("--compile", type=name_list(METHODS, empty_ok=True), default=[],
-                   help="methods to time again with compiled blocks, e.g. none,duca")  # fmt: skip
+    p.add_argument(
+        "--text-tokens",
+        type=positive_int,
+        help="valid caption tokens of the random prompt (default 60, "
+        f"at most {STDiT3Config().model_max_length}; tiny: 4, at most {TINY.model_max_length})",
+    )
+    p.add_argument(
+        "--offload",
+        type=name_list(METHODS, empty_ok=True),
+        default=["duca"],
+        help="methods to time again with the cache offloaded ('' for none)",
+    )
+    p.add_argument(
+        "--compile",
+        type=name_list(METHODS, empty_ok=True),
+        default=[],
+        help="methods to time again with compiled blocks, e.g. none,duca",
+    )
     p.add_argument("--compile-backend", type=nonempty, default="inductor", help="torch.compile backend for --compile")
     return p
 
@@ -292,8 +356,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise ArgError(f"{flag}: {missing} must be in --methods too (the eager reference)")
     limit = (TINY if args.tiny else STDiT3Config()).model_max_length
     if args.text_tokens is not None and args.text_tokens > limit:
-        raise ArgError(f"--text-tokens {args.text_tokens} is not allowed; allowed: 1..{limit} (the "
-                       f"{'tiny ' if args.tiny else ''}model's caption length)")  # fmt: skip
+        raise ArgError(
+            f"--text-tokens {args.text_tokens} is not allowed; allowed: 1..{limit} (the "
+            f"{'tiny ' if args.tiny else ''}model's caption length)"
+        )
     output_file(args.out, "--out")
 
 
@@ -310,9 +376,12 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     summary: dict[str, Any] = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "dtype": args.dtype, "timer": "cuda events" if device.type == "cuda"
-        else "perf_counter", "setup": {**setup.to_dict(), "model": setup.model.to_dict()}, "methods": {},
-    }  # fmt: skip
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "timer": "cuda events" if device.type == "cuda" else "perf_counter",
+        "setup": {**setup.to_dict(), "model": setup.model.to_dict()},
+        "methods": {},
+    }
     torch.manual_seed(0)
     with torch.device(device):
         model = STDiT3(setup.model).eval()
@@ -332,8 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_parts(model: STDiT3, setup: BenchSetup, inputs: dict[str, Any], args: argparse.Namespace,
-              summary: dict[str, Any], out: Path) -> dict[str, dict[str, Any]]:  # fmt: skip
+def run_parts(
+    model: STDiT3,
+    setup: BenchSetup,
+    inputs: dict[str, Any],
+    args: argparse.Namespace,
+    summary: dict[str, Any],
+    out: Path,
+) -> dict[str, dict[str, Any]]:
     """The timed methods, their offloaded runs, the SDPA kernels and the sync check; the JSON after each."""
     timed: dict[str, dict[str, Any]] = {}
     for method in args.methods:
@@ -347,8 +422,9 @@ def run_parts(model: STDiT3, setup: BenchSetup, inputs: dict[str, Any], args: ar
         report(f"{method} offloaded", r)
         write(out, summary)
     summary["sdpa_ops"] = sdpa_ops(model, setup, inputs)
-    summary["sdpa_probe"] = probe_table(setup, device=inputs["z"].device, dtype=next(model.parameters()).dtype,
-                                        text_tokens=setup.text_tokens)  # fmt: skip
+    summary["sdpa_probe"] = probe_table(
+        setup, device=inputs["z"].device, dtype=next(model.parameters()).dtype, text_tokens=setup.text_tokens
+    )
     print("sdpa kernels run by one forward:", summary["sdpa_ops"])
     write(out, summary)
     summary["sync_check"] = sync_check(model, setup, inputs)

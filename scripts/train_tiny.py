@@ -102,11 +102,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(args: argparse.Namespace, data: DataConfig) -> tuple[STDiT3, WordTextEncoder]:
     config = STDiT3Config(
-        depth=args.depth, hidden_size=args.hidden, num_heads=args.heads, patch_size=tuple(args.patch),
-        in_channels=3, caption_channels=args.text_dim, model_max_length=args.max_words, pred_sigma=False,
+        depth=args.depth,
+        hidden_size=args.hidden,
+        num_heads=args.heads,
+        patch_size=tuple(args.patch),
+        in_channels=3,
+        caption_channels=args.text_dim,
+        model_max_length=args.max_words,
+        pred_sigma=False,
         # With height/width given in pixels, this makes the 2D position table as smooth as upstream's at 512.
         input_sq_size=4 * max(data.height, data.width),
-    )  # fmt: skip
+    )
     return STDiT3(config), WordTextEncoder(output_dim=args.text_dim, model_max_length=args.max_words)
 
 
@@ -199,22 +205,34 @@ def export(args: argparse.Namespace, ckpt: dict[str, Any], data: DataConfig, sam
     config = model.config.to_dict()
     config["testbed"] = {
         "data": data.to_dict(),
-        "num_frames": data.num_frames, "height": data.height, "width": data.width, "fps": data.fps,
+        "num_frames": data.num_frames,
+        "height": data.height,
+        "width": data.width,
+        "fps": data.fps,
         "sampler": {**describe(sampler), "num_sampling_steps": args.sample_steps, "cfg_scale": args.cfg_scale},
         "model_kwargs": {"fps": data.fps, "height": data.height, "width": data.width},
         "vae": "PixelVAE (pixels in [-1, 1] are the latents)",
         "text_encoder": "WordTextEncoder (text_encoder.json + text_encoder.safetensors)",
         "training": {
-            "steps": ckpt["step"], "minutes": round(ckpt["elapsed"] / 60, 1), "final_loss": ckpt.get("last_loss"),
-            "weights": "raw" if args.export_raw else f"ema {args.ema_decay}", "seed": args.seed,
-            "batch_size": args.batch_size, "lr": args.lr, "null_prob": args.null_prob, "bf16": args.bf16,
-            "t_shift": args.t_shift, "cond_frame_prob": args.cond_frame_prob,
+            "steps": ckpt["step"],
+            "minutes": round(ckpt["elapsed"] / 60, 1),
+            "final_loss": ckpt.get("last_loss"),
+            "weights": "raw" if args.export_raw else f"ema {args.ema_decay}",
+            "seed": args.seed,
+            "batch_size": args.batch_size,
+            "lr": args.lr,
+            "null_prob": args.null_prob,
+            "bf16": args.bf16,
+            "t_shift": args.t_shift,
+            "cond_frame_prob": args.cond_frame_prob,
         },
-    }  # fmt: skip
+    }
     (args.out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     total = sum(f.stat().st_size for f in args.out.iterdir() if f.is_file())
-    print(f"exported {'raw' if args.export_raw else 'EMA'} weights of step {ckpt['step']} to {args.out} "
-          f"({total / 2**20:.2f} MiB)")  # fmt: skip
+    print(
+        f"exported {'raw' if args.export_raw else 'EMA'} weights of step {ckpt['step']} to {args.out} "
+        f"({total / 2**20:.2f} MiB)"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -259,10 +277,16 @@ def main(argv: list[str] | None = None) -> None:
 
     def state() -> dict[str, Any]:
         return {
-            "model": model.state_dict(), "text": text.state_dict(), "opt": opt.state_dict(), "ema": ema.shadow,
-            "rng": {n: g.get_state() for n, g in gens.items()}, "step": step, "elapsed": elapsed,
-            "last_loss": last_loss, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        }  # fmt: skip
+            "model": model.state_dict(),
+            "text": text.state_dict(),
+            "opt": opt.state_dict(),
+            "ema": ema.shadow,
+            "rng": {n: g.get_state() for n, g in gens.items()},
+            "step": step,
+            "elapsed": elapsed,
+            "last_loss": last_loss,
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        }
 
     videos = SyntheticVideos(data)
     limit_s = args.time_limit_min * 60

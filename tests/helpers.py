@@ -16,8 +16,9 @@ from duca_video.models import STDiT3, STDiT3Config
 from duca_video.sampling.rflow import RFlowSampler
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = dict(depth=2, hidden_size=64, num_heads=4, patch_size=(1, 2, 2), in_channels=4, caption_channels=32,
-            model_max_length=8)  # fmt: skip
+TINY = dict(
+    depth=2, hidden_size=64, num_heads=4, patch_size=(1, 2, 2), in_channels=4, caption_channels=32, model_max_length=8
+)
 
 
 def tiny_inputs(b=2, t=3, h=8, w=10, lengths=(5, 8), seed=0):
@@ -56,8 +57,9 @@ def sample(model, steps=6, seed=0, prompt_seed=0, lengths=(5, 8), frame_mask=Non
     y_null = model.y_embedder.y_embedding[None, None].expand(b, 1, 8, 32)
     sampler = RFlowSampler(num_sampling_steps=steps, use_timestep_transform=False, cfg_scale=4.0)
     kwargs = dict(fps=torch.full((b,), 24.0), height=torch.full((b,), 64.0), width=torch.full((b,), 80.0))
-    return sampler.sample(model, z, y, y_null, mask, model_kwargs=kwargs, frame_mask=frame_mask, progress=False,
-                          seed=seed)  # fmt: skip
+    return sampler.sample(
+        model, z, y, y_null, mask, model_kwargs=kwargs, frame_mask=frame_mask, progress=False, seed=seed
+    )
 
 
 # The pipeline counts FLOPs after the timed run on a meta copy; the count must equal counting the real loop.
@@ -75,8 +77,9 @@ def real_and_replayed(method: str, steps: int = 10, **overrides):
     y_null = model.y_embedder.y_embedding[None, None].expand_as(y)
     counter = flop_counter()
     with counter, torch.no_grad():
-        sampler.sample(model, z, y, y_null, torch.ones(2, 8, dtype=torch.long), model_kwargs=kw, progress=False,
-                       seed=[1, 2])  # fmt: skip
+        sampler.sample(
+            model, z, y, y_null, torch.ones(2, 8, dtype=torch.long), model_kwargs=kw, progress=False, seed=[1, 2]
+        )
     kinds = None if controller is None else [h["kind"] for h in controller.history]
     replay = SamplingFlops(model, torch.float32, None if controller is None else controller.config, sampler)
     return counter.get_total_flops(), replay.count(2, tuple(z.shape[1:]), kw, kinds), kinds
@@ -103,9 +106,18 @@ def _train_spiece() -> bytes:
 
     model = io.BytesIO()
     # T5's ids: <pad>=0, </s>=1, <unk>=2, no <s>; nmt_nfkc normalisation (the default), as the real spiece.model.
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 3), model_writer=model, vocab_size=150,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   hard_vocab_limit=False, minloglevel=2)  # fmt: skip
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS * 3),
+        model_writer=model,
+        vocab_size=150,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     return model.getvalue()
 
 
@@ -134,12 +146,27 @@ def build_deepfloyd_like_t5(path: Path, seed: int = 0) -> Path:
     extra = [f"<extra_id_{i}>" for i in range(EXTRA_IDS)]
     special = {"additional_special_tokens": extra, "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
     (path / "special_tokens_map.json").write_text(json.dumps(special))
-    config = {**special, "extra_ids": EXTRA_IDS, "model_max_length": 512, "name_or_path": "google/t5-v1_1-xxl",
-              "sp_model_kwargs": {}, "tokenizer_class": "T5Tokenizer"}  # fmt: skip
+    config = {
+        **special,
+        "extra_ids": EXTRA_IDS,
+        "model_max_length": 512,
+        "name_or_path": "google/t5-v1_1-xxl",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "T5Tokenizer",
+    }
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     # T5 v1.1: gated-gelu feed-forward, untied embeddings; the vocabulary holds the pieces and the sentinels.
-    t5 = T5Config(vocab_size=pieces + EXTRA_IDS, d_model=D_MODEL, d_kv=8, num_heads=4, num_layers=2, d_ff=64,
-                  feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)  # fmt: skip
+    t5 = T5Config(
+        vocab_size=pieces + EXTRA_IDS,
+        d_model=D_MODEL,
+        d_kv=8,
+        num_heads=4,
+        num_layers=2,
+        d_ff=64,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = T5EncoderModel(t5)
@@ -182,8 +209,17 @@ def build_word_level_t5(path: Path) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(path)
     torch.manual_seed(0)
-    config = T5Config(vocab_size=tok.get_vocab_size(), d_model=WORD_T5_WIDTH, d_kv=8, num_heads=4, num_layers=1,
-                      d_ff=64, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+    config = T5Config(
+        vocab_size=tok.get_vocab_size(),
+        d_model=WORD_T5_WIDTH,
+        d_kv=8,
+        num_heads=4,
+        num_layers=1,
+        d_ff=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     T5EncoderModel(config).save_pretrained(path)
     return path
 
@@ -191,9 +227,19 @@ def build_word_level_t5(path: Path) -> Path:
 # -- the shipped tiny model through the user's path ----------------------------------------------------------------
 # The user's command (DuCa, two prompts in one batch of 2, latents saved), run in process, and what it writes.
 NAMES = ("sample_0000", "sample_0001")
-BASE = ["--config", str(ROOT / "configs" / "tiny.py"), "--prompt", "a large red circle moving left on a dark "
-        "background", "a small blue square moving up on a light background", "--batch-size", "2",
-        "--num-sampling-steps", "9", "--save-latents", "--quiet"]  # fmt: skip
+BASE = [
+    "--config",
+    str(ROOT / "configs" / "tiny.py"),
+    "--prompt",
+    "a large red circle moving left on a dark background",
+    "a small blue square moving up on a light background",
+    "--batch-size",
+    "2",
+    "--num-sampling-steps",
+    "9",
+    "--save-latents",
+    "--quiet",
+]
 
 
 def run_tiny(save_dir: Path, *extra: str) -> int:
@@ -218,8 +264,10 @@ def mp4_times(save_dir: Path) -> dict[str, int]:
 
 # The pipeline's own loader and generator on the shipped model, as `scripts/inference.py --cache METHOD` builds them.
 TINY_CONFIG = ROOT / "configs" / "tiny.py"
-TWO_PROMPTS = ["a large red square moving left on a dark background",
-               "a small blue circle moving up on a light background"]  # fmt: skip
+TWO_PROMPTS = [
+    "a large red square moving left on a dark background",
+    "a small blue circle moving up on a light background",
+]
 TINY_STEPS = 10
 
 
@@ -235,9 +283,23 @@ def load_tiny_batch(method: str, *opts: str, flops: bool = False):
     from duca_video import pipeline
     from duca_video.configs import build_parser, load_config
 
-    argv = ["--config", str(TINY_CONFIG), "--save-dir", "unused", "--quiet", "--prompt", *TWO_PROMPTS,
-            "--batch-size", "2", "--num-sampling-steps", str(TINY_STEPS), "--cache", method,
-            *(f"--cache-opt={o}" for o in opts), "--count-flops" if flops else "--no-count-flops"]  # fmt: skip
+    argv = [
+        "--config",
+        str(TINY_CONFIG),
+        "--save-dir",
+        "unused",
+        "--quiet",
+        "--prompt",
+        *TWO_PROMPTS,
+        "--batch-size",
+        "2",
+        "--num-sampling-steps",
+        str(TINY_STEPS),
+        "--cache",
+        method,
+        *(f"--cache-opt={o}" for o in opts),
+        "--count-flops" if flops else "--no-count-flops",
+    ]
     cfg = load_config(argv[1], build_parser().parse_args(argv))
     models = pipeline.load_models(cfg, pipeline.resolve_weights(cfg), torch.device("cpu"))
     jobs = pipeline.plan_batches(cfg, pipeline.load_prompts(cfg))[0]

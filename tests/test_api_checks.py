@@ -31,14 +31,16 @@ def _inputs(batch: int) -> dict:
     model = tiny_model()
     z = torch.randn(batch, model.config.in_channels, 2, 4, 4)
     y = torch.randn(batch, 1, model.config.model_max_length, model.config.caption_channels)
-    extra = {k: torch.full((batch,), v) for k, v in (("height", 32.0), ("width", 32.0), ("num_frames", 2.0),
-                                                     ("fps", 8.0))}  # fmt: skip
+    extra = {
+        k: torch.full((batch,), v) for k, v in (("height", 32.0), ("width", 32.0), ("num_frames", 2.0), ("fps", 8.0))
+    }
     return {"model": model, "z": z, "y": y, "y_null": torch.zeros_like(y), "model_kwargs": extra}
 
 
 def _sample(a: dict, **kwargs) -> torch.Tensor:
     return RFlowSampler(num_sampling_steps=2, use_timestep_transform=False).sample(
-        a["model"], a["z"], a["y"], a["y_null"], model_kwargs=a["model_kwargs"], progress=False, **kwargs)
+        a["model"], a["z"], a["y"], a["y_null"], model_kwargs=a["model_kwargs"], progress=False, **kwargs
+    )
 
 
 @pytest.mark.parametrize("seed", ["abc", -5, 2**64, [1]])  # [1]: one seed for a batch of 2

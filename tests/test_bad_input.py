@@ -33,8 +33,18 @@ def no_models(monkeypatch):
 def refused(tmp_path, capsys, *argv, config=TINY, checked_before_start=True):
     """Run the CLI; assert exit 2 with one clean error and no video anywhere under tmp_path (and, for input
     checked before the run starts, no save folder either); return the error."""
-    code = main(["--config", str(config), "--save-dir", str(tmp_path / "d" / "out"), "--num-sampling-steps", "1",
-                 "--quiet", *argv])  # fmt: skip
+    code = main(
+        [
+            "--config",
+            str(config),
+            "--save-dir",
+            str(tmp_path / "d" / "out"),
+            "--num-sampling-steps",
+            "1",
+            "--quiet",
+            *argv,
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.startswith("error: ") and "Traceback" not in err
@@ -92,8 +102,17 @@ def test_bad_names_and_prompts(tmp_path, capsys, no_models, argv, message):
 def test_prompt_bytes_that_are_not_utf8_on_the_command_line(tmp_path):
     # The shell hands Python undecodable bytes as lone surrogates: refused, naming the prompt, before any load.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, str(SCRIPT), "--config", str(TINY), "--save-dir", str(tmp_path / "out"),
-           "--prompt", PROMPT, os.fsencode("caf") + b"\xe9"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--config",
+        str(TINY),
+        "--save-dir",
+        str(tmp_path / "out"),
+        "--prompt",
+        PROMPT,
+        os.fsencode("caf") + b"\xe9",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("error: prompt 1 (--prompt) cannot be encoded as UTF-8")
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
@@ -104,9 +123,25 @@ def test_a_prompt_only_the_text_encoder_refuses_fails_alone(tmp_path, capsys):
     # empty it and refuse it up front) but the word encoder finds no word in it: that video fails (exit 1,
     # listed), the valid prompts batched with it are still written.
     out = tmp_path / "out"
-    code = main(["--config", str(TINY), "--prompt", PROMPT, "...", PROMPT.replace("red", "blue"), "--batch-size",
-                 "3", "--save-dir", str(out), "--num-sampling-steps", "1", "--quiet", "--no-count-flops",
-                 "--no-clean-prompts"])  # fmt: skip
+    code = main(
+        [
+            "--config",
+            str(TINY),
+            "--prompt",
+            PROMPT,
+            "...",
+            PROMPT.replace("red", "blue"),
+            "--batch-size",
+            "3",
+            "--save-dir",
+            str(out),
+            "--num-sampling-steps",
+            "1",
+            "--quiet",
+            "--no-count-flops",
+            "--no-clean-prompts",
+        ]
+    )
     assert code == 1
     assert "FAILED sample_0001" in capsys.readouterr().out
     assert sorted(p.name for p in out.glob("*.mp4")) == ["sample_0000.mp4", "sample_0002.mp4"]
@@ -163,8 +198,22 @@ def test_cache_settings_are_type_checked(tmp_path, capsys, no_models, argv, mess
 
 def test_a_list_setting_given_as_one_word_is_a_list_of_words(tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["--config", str(TINY), "--prompt", PROMPT, "--save-dir", str(out), "--num-sampling-steps", "1",
-                 "--quiet", "--no-count-flops", "--cache-opt", "recompute=attn,mlp"])  # fmt: skip
+    code = main(
+        [
+            "--config",
+            str(TINY),
+            "--prompt",
+            PROMPT,
+            "--save-dir",
+            str(out),
+            "--num-sampling-steps",
+            "1",
+            "--quiet",
+            "--no-count-flops",
+            "--cache-opt",
+            "recompute=attn,mlp",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert json.loads((out / "sample_0000.json").read_text())["method_config"]["recompute"] == ["attn", "mlp"]
 
@@ -181,18 +230,28 @@ _RANDOM = "_weights = None\n"  # the tiny config's switch to random init, so `mo
         ("raise SystemExit('bye')\n", "called exit('bye') while it ran"),
         (b"\x00\x01binary", "is not a Python text file (it contains NUL bytes"),
         (b"save_dir = 'caf\xe9'\n", "is not readable Python source text"),
-        ("model = dict(type='STDiT3', depth=2, hidden_size=32, num_heads=2, patch_size=(1.7, 2, 2))\n",
-         "model: STDiT3Config.patch_size=(1.7, 2, 2) is not allowed: expected 3 positive ints"),
-        ("model = dict(type='STDiT3', depth=2, hidden_size=32, num_heads=2, qk_norm='yes')\n",
-         "model: STDiT3Config.qk_norm='yes' is not allowed: expected True or False"),
-        ("model = dict(type='STDiT3', depth=-2, hidden_size=32, num_heads=2)\n",
-         "model: STDiT3Config.depth=-2 is not allowed: expected a positive int"),
-        ("model = dict(type='STDiT3', depth=2, hidden_size=32, num_heads=2, mlp_ratio=float('nan'))\n",
-         "model: STDiT3Config.mlp_ratio=nan is not allowed: expected a finite number > 0"),
-        ("scheduler = dict(type='rflow', use_timestep_transform=False, cfg_scale=float('inf'))\n",
-         "scheduler.cfg_scale=inf is not allowed: it must be a finite number"),
+        (
+            "model = dict(type='STDiT3', depth=2, hidden_size=32, num_heads=2, patch_size=(1.7, 2, 2))\n",
+            "model: STDiT3Config.patch_size=(1.7, 2, 2) is not allowed: expected 3 positive ints",
+        ),
+        (
+            "model = dict(type='STDiT3', depth=2, hidden_size=32, num_heads=2, qk_norm='yes')\n",
+            "model: STDiT3Config.qk_norm='yes' is not allowed: expected True or False",
+        ),
+        (
+            "model = dict(type='STDiT3', depth=-2, hidden_size=32, num_heads=2)\n",
+            "model: STDiT3Config.depth=-2 is not allowed: expected a positive int",
+        ),
+        (
+            "model = dict(type='STDiT3', depth=2, hidden_size=32, num_heads=2, mlp_ratio=float('nan'))\n",
+            "model: STDiT3Config.mlp_ratio=nan is not allowed: expected a finite number > 0",
+        ),
+        (
+            "scheduler = dict(type='rflow', use_timestep_transform=False, cfg_scale=float('inf'))\n",
+            "scheduler.cfg_scale=inf is not allowed: it must be a finite number",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_config_files(tmp_path, capsys, no_models, text, message):
     config = tmp_path / "bad.py"
     if isinstance(text, bytes):  # the whole file
@@ -209,10 +268,17 @@ def test_a_config_that_exits_does_not_end_the_program_with_its_status(tmp_path):
     config = tmp_path / "exits.py"
     config.write_text("import sys\nsys.exit(0)\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--config", str(config), "--prompt", PROMPT],
-                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 2 and done.stderr == f"error: config file '{config}' called exit(0) while it ran; " \
-        "a config only sets fields\n"  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(config), "--prompt", PROMPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        done.returncode == 2
+        and done.stderr == f"error: config file '{config}' called exit(0) while it ran; a config only sets fields\n"
+    )
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -231,17 +297,22 @@ def _weights(tmp_path, **files):
 @pytest.mark.parametrize(
     "files, message",
     [
-        ({"model_safetensors": lambda p: p.read_bytes()[:-1]}, "model.safetensors cannot be read as safetensors "
-         "weights (truncated or corrupt?): Error while deserializing header: incomplete metadata"),
+        (
+            {"model_safetensors": lambda p: p.read_bytes()[:-1]},
+            "model.safetensors cannot be read as safetensors "
+            "weights (truncated or corrupt?): Error while deserializing header: incomplete metadata",
+        ),
         ({"model_safetensors": b""}, "model.safetensors cannot be read as safetensors weights"),
         ({"model_safetensors": b"\x07" * 64}, "model.safetensors cannot be read as safetensors weights"),
         ({"config_json": lambda p: p.read_bytes()[:40]}, "config.json is not valid JSON (truncated?): line"),
         ({"config_json": b"[4, 128]"}, "config.json holds a JSON list, expected an object of config keys"),
         ({"config_json": b"\xff\xfe{}"}, "config.json is not UTF-8 text"),
-        ({"config_json": b'{"depth": 4, "hidden_size": 128, "num_heads": 4, "patch_size": [4.5, 2, 2]}'},
-         "config.json, then the config's model fields): STDiT3Config.patch_size=[4.5, 2, 2] is not allowed"),
+        (
+            {"config_json": b'{"depth": 4, "hidden_size": 128, "num_heads": 4, "patch_size": [4.5, 2, 2]}'},
+            "config.json, then the config's model fields): STDiT3Config.patch_size=[4.5, 2, 2] is not allowed",
+        ),
     ],
-)  # fmt: skip
+)
 def test_unreadable_checkpoints(tmp_path, capsys, no_models, files, message):
     folder = _weights(tmp_path, **files)
     err = refused(tmp_path, capsys, "--prompt", PROMPT, "--ckpt-path", str(folder))
@@ -261,7 +332,21 @@ def test_a_torch_file_cut_inside_its_data(tmp_path, capsys):
 
 def test_a_weights_file_reads_the_config_json_beside_it(tmp_path, capsys):
     out = tmp_path / "out"
-    code = main(["--config", str(TINY), "--prompt", PROMPT, "--save-dir", str(out), "--num-sampling-steps", "1",
-                 "--quiet", "--no-count-flops", "--ckpt-path", str(WEIGHTS / "model.safetensors")])  # fmt: skip
+    code = main(
+        [
+            "--config",
+            str(TINY),
+            "--prompt",
+            PROMPT,
+            "--save-dir",
+            str(out),
+            "--num-sampling-steps",
+            "1",
+            "--quiet",
+            "--no-count-flops",
+            "--ckpt-path",
+            str(WEIGHTS / "model.safetensors"),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert (out / "sample_0000.mp4").is_file()

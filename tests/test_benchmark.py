@@ -11,15 +11,31 @@ from duca_video.metrics.fidelity import psnr, ssim
 from duca_video.models import STDiT3Config
 
 ROOT = Path(__file__).resolve().parents[1]
-KEYS = {"tflops", "flops_speedup", "latency_s", "latency_speedup", "peak_memory_bytes", "cache_bytes",
-        "psnr_vs_none", "ssim_vs_none"}  # fmt: skip
+KEYS = {
+    "tflops",
+    "flops_speedup",
+    "latency_s",
+    "latency_speedup",
+    "peak_memory_bytes",
+    "cache_bytes",
+    "psnr_vs_none",
+    "ssim_vs_none",
+}
 
 
 def tiny_setup(steps=6):
     cfg = STDiT3Config(depth=2, hidden_size=64, num_heads=4, caption_channels=32, model_max_length=8)
     fewer = {"steps": {"num_steps": 3}}
-    return BenchSetup(model=cfg, latent_shape=(3, 8, 10), image_size=(64, 80), num_frames=9, num_steps=steps,
-                      cfg_scale=4.0, use_timestep_transform=False, cache_overrides=fewer)  # fmt: skip
+    return BenchSetup(
+        model=cfg,
+        latent_shape=(3, 8, 10),
+        image_size=(64, 80),
+        num_frames=9,
+        num_steps=steps,
+        cfg_scale=4.0,
+        use_timestep_transform=False,
+        cache_overrides=fewer,
+    )
 
 
 def test_compare_reports_every_field_and_sensible_values():
@@ -38,8 +54,19 @@ def test_compare_reports_every_field_and_sensible_values():
 @pytest.mark.slow
 def test_flops_only_cli_writes_contract_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--config", str(ROOT / "configs" / "bench_cpu.py"),
-           "--methods", "none,duca", "--json", str(out), "--flops-only", "--num-sampling-steps", "6"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "benchmark.py"),
+        "--config",
+        str(ROOT / "configs" / "bench_cpu.py"),
+        "--methods",
+        "none,duca",
+        "--json",
+        str(out),
+        "--flops-only",
+        "--num-sampling-steps",
+        "6",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
     data = json.loads(out.read_text())
     assert set(data) == {"config", "methods"} and set(data["methods"]) == {"none", "duca"}
@@ -76,9 +103,28 @@ def test_testbed_benchmark_reports_adherence_per_method(tmp_path):
 
         pytest.skip("the trained testbed weights (weights/tiny) are not in this checkout")
     out, plot = tmp_path / "tiny.json", tmp_path / "tiny.png"
-    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--config", str(ROOT / "configs" / "tiny.py"),
-           "--ckpt-path", str(TINY_WEIGHTS), "--methods", "none,duca", "--prompts", "4", "--num-sampling-steps",
-           "6", "--json", str(out), "--plot", str(plot), "--threads", "1", "--mask-strategy", "0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "benchmark.py"),
+        "--config",
+        str(ROOT / "configs" / "tiny.py"),
+        "--ckpt-path",
+        str(TINY_WEIGHTS),
+        "--methods",
+        "none,duca",
+        "--prompts",
+        "4",
+        "--num-sampling-steps",
+        "6",
+        "--json",
+        str(out),
+        "--plot",
+        str(plot),
+        "--threads",
+        "1",
+        "--mask-strategy",
+        "0",
+    ]
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
     data = json.loads(out.read_text())["methods"]
     for record in data.values():

@@ -10,8 +10,6 @@ from tests.helpers import sample, tiny_model
 ALL_MODULES = ("attn", "cross", "mlp")
 
 
-
-
 PUBLISHED = {  # step -> (kind, actions for attn/cross/mlp): the published DuCa Open-Sora schedule
     **{s: ("full", "CCC") for s in (0, 1, 2, 6, 12, 18, 24)},
     **{s: ("full", "CRC") for s in (3, 9, 15, 21, 27)},
@@ -51,8 +49,16 @@ def test_none_equals_unhooked_model_and_disable_restores():
 def test_conservative_step_recomputing_every_token_equals_a_full_step(frame_mask):
     model = tiny_model()
     reference = sample(model, frame_mask=frame_mask)
-    cache.enable(model, "conservative", warmup_steps=0, cycle=2, pattern=("full", "conservative"), cross_cycle=1,
-                 recompute=ALL_MODULES, recompute_ratio=1.0)  # fmt: skip
+    cache.enable(
+        model,
+        "conservative",
+        warmup_steps=0,
+        cycle=2,
+        pattern=("full", "conservative"),
+        cross_cycle=1,
+        recompute=ALL_MODULES,
+        recompute_ratio=1.0,
+    )
     out = sample(model, frame_mask=frame_mask)
     torch.testing.assert_close(out, reference, atol=1e-6, rtol=0)
 
@@ -125,8 +131,9 @@ def test_summary_counts_recomputed_tokens():
     assert "conservative" in controller.summary()
 
 
-@pytest.mark.parametrize("selector", ["random", "random_frame", "k_norm", "v_norm", "cross_entropy",
-                                      "min_similarity", "max_similarity"])  # fmt: skip
+@pytest.mark.parametrize(
+    "selector", ["random", "random_frame", "k_norm", "v_norm", "cross_entropy", "min_similarity", "max_similarity"]
+)
 def test_every_selector_runs_end_to_end(selector, monkeypatch):
     model = tiny_model()
     picked = []
@@ -182,8 +189,12 @@ def test_unknown_method_and_field_are_clear_errors():
 
 # Folding applies when a full step's outputs have a single conservative reader (DuCa's published schedule);
 # ToCa and the paper preset read them twice, so they keep the separate tensors.
-FOLD_CASES = [("duca", {}, True), ("duca", {"selector": "k_norm"}, True), ("toca", {}, False),
-              ("duca", {"preset": "paper"}, False)]  # fmt: skip
+FOLD_CASES = [
+    ("duca", {}, True),
+    ("duca", {"selector": "k_norm"}, True),
+    ("toca", {}, False),
+    ("duca", {"preset": "paper"}, False),
+]
 
 
 @pytest.mark.parametrize("method, extra, smaller", FOLD_CASES)

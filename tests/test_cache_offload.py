@@ -8,8 +8,17 @@ from duca_video import cache
 from tests.helpers import NAMES, latent, mp4_times, record, run_tiny, sample, tiny_model
 
 
-@pytest.mark.parametrize("method, extra", [("duca", {}), ("toca", {}), ("fora", {}), ("taylorseer", {"interval": 3}),
-                                           ("toca", {"selector": "random", "age_bonus": 0.5}), ("pab", {})])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("duca", {}),
+        ("toca", {}),
+        ("fora", {}),
+        ("taylorseer", {"interval": 3}),
+        ("toca", {"selector": "random", "age_bonus": 0.5}),
+        ("pab", {}),
+    ],
+)
 def test_offloaded_cache_gives_the_resident_result_with_two_blocks_on_the_device(method, extra):
     model = tiny_model()
     resident = cache.enable(model, method, **extra)

@@ -41,6 +41,7 @@ def _upstream_cleaner(root: Path):
     source = (root / "opensora" / "models" / "text_encoder" / "t5.py").read_text()
     tree = ast.parse(source)
     wanted = {"basic_clean", "clean_caption", "text_preprocessing", "BAD_PUNCT_REGEX"}
+
     def wanted_node(node: ast.stmt) -> bool:
         if isinstance(node, ast.FunctionDef):
             return node.name in wanted

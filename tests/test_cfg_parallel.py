@@ -41,16 +41,46 @@ def test_cfg_halves_on_two_ranks_give_the_one_process_video_with_one_exchange_pe
 @pytest.mark.multiprocess
 def test_cli_cfg_parallel_writes_the_one_process_latents(tmp_path):
     pytest.importorskip("colossalai")
-    flags = ["--config", str(ROOT / "configs" / "tiny.py"), "--prompt", "a large red circle moving left on a dark "
-             "background", "a small blue square moving up on a light background", "--batch-size", "2",
-             "--num-sampling-steps", "8", "--save-latents", "--quiet", "--cache", "duca"]  # fmt: skip
+    flags = [
+        "--config",
+        str(ROOT / "configs" / "tiny.py"),
+        "--prompt",
+        "a large red circle moving left on a dark background",
+        "a small blue square moving up on a light background",
+        "--batch-size",
+        "2",
+        "--num-sampling-steps",
+        "8",
+        "--save-latents",
+        "--quiet",
+        "--cache",
+        "duca",
+    ]
     script = str(ROOT / "scripts" / "inference.py")
-    one = subprocess.run([sys.executable, script, *flags, "--save-dir", str(tmp_path / "one")], env=ENV,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    one = subprocess.run(
+        [sys.executable, script, *flags, "--save-dir", str(tmp_path / "one")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([*TORCHRUN, "--standalone", "--nproc_per_node=2", script, *flags, "--cfg-parallel",
-                          "--save-dir", str(tmp_path / "two")], env=ENV, capture_output=True, text=True,
-                         timeout=600)  # fmt: skip
+    two = subprocess.run(
+        [
+            *TORCHRUN,
+            "--standalone",
+            "--nproc_per_node=2",
+            script,
+            *flags,
+            "--cfg-parallel",
+            "--save-dir",
+            str(tmp_path / "two"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     for name in ("sample_0000", "sample_0001"):
         a = load_file(str(tmp_path / "one" / f"{name}.latent.safetensors"))["latent"]
@@ -65,8 +95,15 @@ def test_cfg_parallel_without_guidance_or_processes_is_a_clear_error(tmp_path, c
     sys.path.insert(0, str(ROOT / "scripts"))
     from inference import main
 
-    base = ["--config", str(ROOT / "configs" / "tiny.py"), "--prompt", "a red circle", "--save-dir",
-            str(tmp_path / "out"), "--cfg-parallel"]  # fmt: skip
+    base = [
+        "--config",
+        str(ROOT / "configs" / "tiny.py"),
+        "--prompt",
+        "a red circle",
+        "--save-dir",
+        str(tmp_path / "out"),
+        "--cfg-parallel",
+    ]
     assert main([*base, "--cfg-scale", "1"]) == 2
     assert "cfg_parallel needs classifier-free guidance" in capsys.readouterr().err
     assert main(base) == 2

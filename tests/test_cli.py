@@ -51,8 +51,21 @@ def frames_of(path):
 def test_end_to_end_then_everything_is_skipped(tmp_path, capsys):
     out = tmp_path / "out"
     # 5 steps: DuCa's default schedule (3 warm-up steps) reads its cache from step 4 on.
-    argv = ["--prompt", *PROMPTS[:2], "--num-sample", "2", "--batch-size", "2", "--num-sampling-steps", "5",
-            "--save-latents", "--save-dir", str(out), "--seed", "5"]  # fmt: skip
+    argv = [
+        "--prompt",
+        *PROMPTS[:2],
+        "--num-sample",
+        "2",
+        "--batch-size",
+        "2",
+        "--num-sampling-steps",
+        "5",
+        "--save-latents",
+        "--save-dir",
+        str(out),
+        "--seed",
+        "5",
+    ]
     first = cli(*argv)
     assert first.returncode == 0, first.stderr
     assert "4 written, 0 skipped (already complete), 0 failed" in first.stdout
@@ -84,9 +97,27 @@ def test_prompt_file_range_and_vbench_names(tmp_path, capsys):
     path = tmp_path / "prompts.txt"
     path.write_text("\n".join([PROMPTS[0], "", PROMPTS[1], "   ", PROMPTS[2]]) + "\n")
     out = tmp_path / "out"
-    code = main(["--config", str(TINY), "--prompt-path", str(path), "--start-index", "1", "--end-index", "3",
-                 "--prompt-as-path", "--num-sampling-steps", "1", "--save-dir", str(out), "--quiet",
-                 "--cache", "none", "--no-count-flops"])  # fmt: skip
+    code = main(
+        [
+            "--config",
+            str(TINY),
+            "--prompt-path",
+            str(path),
+            "--start-index",
+            "1",
+            "--end-index",
+            "3",
+            "--prompt-as-path",
+            "--num-sampling-steps",
+            "1",
+            "--save-dir",
+            str(out),
+            "--quiet",
+            "--cache",
+            "none",
+            "--no-count-flops",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{p}-0.{e}" for p in PROMPTS[1:3] for e in ("mp4", "json"))
     record = json.loads((out / f"{PROMPTS[1]}-0.json").read_text())
@@ -138,8 +169,19 @@ def test_bad_config_and_missing_weights(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_a_killed_job_leaves_no_partial_file_and_resumes(tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["--prompt", *PROMPTS, *PROMPTS, "--batch-size", "1", "--save-dir", str(out), "--quiet",
-            "--num-sampling-steps", "8", "--no-count-flops"]  # fmt: skip
+    argv = [
+        "--prompt",
+        *PROMPTS,
+        *PROMPTS,
+        "--batch-size",
+        "1",
+        "--save-dir",
+        str(out),
+        "--quiet",
+        "--num-sampling-steps",
+        "8",
+        "--no-count-flops",
+    ]
     proc = cli(*argv, wait=False)
     deadline = time.time() + 90
     while not list(out.glob("*.json")) and proc.poll() is None and time.time() < deadline:
@@ -173,8 +215,22 @@ def test_a_stop_while_claiming_a_batch_leaves_no_lock(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(job_module, "check_output", stop_at_the_second)
     out = tmp_path / "out"
-    code = main(["--config", str(TINY), "--prompt", *PROMPTS[:3], "--batch-size", "3", "--save-dir", str(out),
-                 "--num-sampling-steps", "2", "--quiet", "--no-count-flops"])  # fmt: skip
+    code = main(
+        [
+            "--config",
+            str(TINY),
+            "--prompt",
+            *PROMPTS[:3],
+            "--batch-size",
+            "3",
+            "--save-dir",
+            str(out),
+            "--num-sampling-steps",
+            "2",
+            "--quiet",
+            "--no-count-flops",
+        ]
+    )
     assert code == 130 and len(calls) == 2
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
@@ -182,8 +238,19 @@ def test_a_stop_while_claiming_a_batch_leaves_no_lock(tmp_path, monkeypatch, cap
 @pytest.mark.slow
 def test_sigterm_stops_cleanly(tmp_path):
     out = tmp_path / "out"
-    proc = cli("--prompt", *PROMPTS, "--batch-size", "1", "--save-dir", str(out), "--num-sampling-steps", "12",
-               "--quiet", "--no-count-flops", wait=False)  # fmt: skip
+    proc = cli(
+        "--prompt",
+        *PROMPTS,
+        "--batch-size",
+        "1",
+        "--save-dir",
+        str(out),
+        "--num-sampling-steps",
+        "12",
+        "--quiet",
+        "--no-count-flops",
+        wait=False,
+    )
     deadline = time.time() + 90
     while not list(out.glob("*.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -201,11 +268,23 @@ def test_sigterm_stops_cleanly(tmp_path):
 def test_shards_of_a_job_array_write_disjoint_shares_that_cover_the_job(tmp_path, capsys):
     # A SLURM array writing into one folder: --shard I/N takes the I-th of N contiguous shares of the videos.
     prompts = tmp_path / "p.txt"
-    prompts.write_text("".join(f"a red circle moving {d} on a dark background\n" for d in
-                               ("left", "right", "up", "down", "left")))  # fmt: skip
+    prompts.write_text(
+        "".join(f"a red circle moving {d} on a dark background\n" for d in ("left", "right", "up", "down", "left"))
+    )
     out = tmp_path / "out"
-    flags = ["--config", str(TINY), "--save-dir", str(out), "--prompt-path", str(prompts), "--num-sampling-steps",
-             "1", "--quiet", "--batch-size", "2"]  # fmt: skip
+    flags = [
+        "--config",
+        str(TINY),
+        "--save-dir",
+        str(out),
+        "--prompt-path",
+        str(prompts),
+        "--num-sampling-steps",
+        "1",
+        "--quiet",
+        "--batch-size",
+        "2",
+    ]
     written = []
     for i in range(3):
         assert main([*flags, "--shard", f"{i}/3"]) == 0

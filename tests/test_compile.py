@@ -99,8 +99,10 @@ def test_cli_compile_writes_the_eager_video_and_resumes_it(tmp_path, one_thread)
 
 def test_enabling_the_cache_loads_no_compiler():
     # torch._dynamo costs ~70 MiB and ~1 s to import: a run that never compiles must not pay for it.
-    code = ("import sys; from duca_video import cache; from tests.helpers import tiny_model; "
-            "cache.enable(tiny_model(), 'duca'); print('torch._dynamo' in sys.modules)")  # fmt: skip
+    code = (
+        "import sys; from duca_video import cache; from tests.helpers import tiny_model; "
+        "cache.enable(tiny_model(), 'duca'); print('torch._dynamo' in sys.modules)"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-2000:]
 

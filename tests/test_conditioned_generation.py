@@ -40,8 +40,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 def _clip(config: DataConfig, **fields) -> torch.Tensor:
     """(3, T, H, W) in [-1, 1]: one testbed clip (a shape moving over a background)."""
-    values = {"shape": "square", "colour": "red", "radius": 3.0, "direction": "left", "speed": 1.0,
-              "background": "dark", "size": "large", "speed_word": "", "start": (10.0, 8.0)}  # fmt: skip
+    values = {
+        "shape": "square",
+        "colour": "red",
+        "radius": 3.0,
+        "direction": "left",
+        "speed": 1.0,
+        "background": "dark",
+        "size": "large",
+        "speed_word": "",
+        "start": (10.0, 8.0),
+    }
     clip = Clip(**{**values, **fields})
     return render([clip], config)[0]
 
@@ -64,8 +73,19 @@ def refs(tmp_path_factory) -> dict[str, Path]:
 
 
 def _run(tmp_path: Path, save: str, *flags: str, steps: int = 6) -> Path:
-    code = main(["--config", str(TINY), "--save-dir", str(tmp_path / save), "--quiet", "--save-latents",
-                 "--num-sampling-steps", str(steps), *flags])  # fmt: skip
+    code = main(
+        [
+            "--config",
+            str(TINY),
+            "--save-dir",
+            str(tmp_path / save),
+            "--quiet",
+            "--save-latents",
+            "--num-sampling-steps",
+            str(steps),
+            *flags,
+        ]
+    )
     assert code == 0
     return tmp_path / save
 
@@ -86,8 +106,9 @@ def test_image_to_video_keeps_the_reference_with_and_without_caching_in_any_batc
     prompts = [RED, BLUE + '{"mask_strategy": "0,0,0,-1"}', BLUE]
     image = str(refs["image"])
     flags = ["--prompt", *prompts, "--reference-path", image, image, "", "--mask-strategy", "0", "0", ""]
-    runs = {method: _run(tmp_path, method, *flags, "--cache", method, "--batch-size", "3")
-            for method in ("none", "duca")}  # fmt: skip
+    runs = {
+        method: _run(tmp_path, method, *flags, "--cache", method, "--batch-size", "3") for method in ("none", "duca")
+    }
     for method, folder in runs.items():
         plain = _run(tmp_path, f"plain_{method}", "--prompt", RED, BLUE, BLUE, "--batch-size", "3", "--cache", method)
         first, last = _latent(folder, "sample_0000"), _latent(folder, "sample_0001")
@@ -115,8 +136,20 @@ def test_image_to_video_keeps_the_reference_with_and_without_caching_in_any_batc
 def test_video_extension_continues_the_given_frames(tmp_path, refs):
     given = read_media(str(refs["video"]), (16, 16))  # the mp4 as decoded: (3, 8, 16, 16)
     # The last 4 frames of the given video open the new one; the model continues from them.
-    out = _latent(_run(tmp_path, "ext", "--prompt", RED, "--reference-path", str(refs["video"]),
-                       "--mask-strategy", "0,0,-4,0,4", "--cache", "duca"))  # fmt: skip
+    out = _latent(
+        _run(
+            tmp_path,
+            "ext",
+            "--prompt",
+            RED,
+            "--reference-path",
+            str(refs["video"]),
+            "--mask-strategy",
+            "0,0,-4,0,4",
+            "--cache",
+            "duca",
+        )
+    )
     assert out.shape == (3, 8, 16, 16) and torch.equal(out[:, :4], given[:, 4:])
     # The generated frames follow on: the first one is closer to the last given frame than to the first.
     assert psnr(given[:, 7], out[:, 4], 2.0) > psnr(given[:, 0], out[:, 4], 2.0)
@@ -145,13 +178,20 @@ def _recompute_all_vs_full(model, z, y, mask, model_kwargs, frames: int) -> floa
     frame_mask[0, 0], frame_mask[1, 2:4] = 0.0, 0.3  # a kept frame; edited frames released mid-way
 
     def sample():
-        return sampler.sample(model, z, y, y_null, mask, model_kwargs=model_kwargs, frame_mask=frame_mask,
-                              progress=False, seed=[1, 2])  # fmt: skip
+        return sampler.sample(
+            model, z, y, y_null, mask, model_kwargs=model_kwargs, frame_mask=frame_mask, progress=False, seed=[1, 2]
+        )
 
     full = sample()
     assert torch.equal(full[0, :, 0], z[0, :, 0])  # the reference frame is kept
-    controller = cache.enable(model, "duca", pattern=("full", "conservative", "conservative"), cross_cycle=1,
-                              recompute=("attn", "cross", "mlp"), recompute_ratio=1.0)  # fmt: skip
+    controller = cache.enable(
+        model,
+        "duca",
+        pattern=("full", "conservative", "conservative"),
+        cross_cycle=1,
+        recompute=("attn", "cross", "mlp"),
+        recompute_ratio=1.0,
+    )
     try:
         recomputed = sample()
         assert "conservative" in [h["kind"] for h in controller.history]
@@ -163,8 +203,16 @@ def _recompute_all_vs_full(model, z, y, mask, model_kwargs, frames: int) -> floa
 def test_conservative_step_recomputing_every_token_equals_a_full_step_with_reference_frames():
     # Open-Sora's patch (1, 2, 2): one time token per latent frame.
     torch.manual_seed(0)
-    config = STDiT3Config(depth=2, hidden_size=64, num_heads=4, patch_size=(1, 2, 2), in_channels=3,
-                          caption_channels=32, model_max_length=8, pred_sigma=False)  # fmt: skip
+    config = STDiT3Config(
+        depth=2,
+        hidden_size=64,
+        num_heads=4,
+        patch_size=(1, 2, 2),
+        in_channels=3,
+        caption_channels=32,
+        model_max_length=8,
+        pred_sigma=False,
+    )
     model = STDiT3(config).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.05)
@@ -186,22 +234,31 @@ def test_same_on_the_tiny_model_whose_temporal_patch_is_4():
         assert _recompute_all_vs_full(bed.model, z, text["y"], text["mask"], bed.model_kwargs(2), 8) <= 1e-5
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--reference-path", "missing.png", "--mask-strategy", "0"], "reference 0: reference 'missing.png' does not"),
-    (["--reference-path", "{video}", "--mask-strategy", "0,0,8"],
-     "mask_strategy: group 1 ('0,0,8,0,1,0.0'): reference start 8 is outside the reference (8 latent frames"),
-    (["--reference-path", "{image}", "--mask-strategy", "0,0,0,-9"], "target start -9 is outside the video"),
-    (["--reference-path", "{image}", "--mask-strategy", "0,1"], "reference index 1 does not exist"),
-    (["--reference-path", "{bad}", "--mask-strategy", "0"], "cannot be read as an image"),
-    (["--reference-path", "{image}", "{image}", "--mask-strategy", "0"], "--reference-path / reference_path: 2 "
-     "values for 1 prompt(s)"),
-    (["--loop", "2", "--condition-frame-length", "9"], "--condition-frame-length 9 leaves no new frame for a loop"),
-    # A loop whose condition covers the whole clip adds no frame at twice the cost.
-    (["--loop", "2", "--condition-frame-length", "8"], "it must be less than the clip's 8 latent frames; "
-     "allowed: 1..7"),
-    (["--loop", "1001"], "loop=1001 is not allowed: at most 1000 clips per video"),
-    (["--condition-frame-edit", "1.5"], "condition_frame_edit=1.5 is not allowed"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--reference-path", "missing.png", "--mask-strategy", "0"], "reference 0: reference 'missing.png' does not"),
+        (
+            ["--reference-path", "{video}", "--mask-strategy", "0,0,8"],
+            "mask_strategy: group 1 ('0,0,8,0,1,0.0'): reference start 8 is outside the reference (8 latent frames",
+        ),
+        (["--reference-path", "{image}", "--mask-strategy", "0,0,0,-9"], "target start -9 is outside the video"),
+        (["--reference-path", "{image}", "--mask-strategy", "0,1"], "reference index 1 does not exist"),
+        (["--reference-path", "{bad}", "--mask-strategy", "0"], "cannot be read as an image"),
+        (
+            ["--reference-path", "{image}", "{image}", "--mask-strategy", "0"],
+            "--reference-path / reference_path: 2 values for 1 prompt(s)",
+        ),
+        (["--loop", "2", "--condition-frame-length", "9"], "--condition-frame-length 9 leaves no new frame for a loop"),
+        # A loop whose condition covers the whole clip adds no frame at twice the cost.
+        (
+            ["--loop", "2", "--condition-frame-length", "8"],
+            "it must be less than the clip's 8 latent frames; allowed: 1..7",
+        ),
+        (["--loop", "1001"], "loop=1001 is not allowed: at most 1000 clips per video"),
+        (["--condition-frame-edit", "1.5"], "condition_frame_edit=1.5 is not allowed"),
+    ],
+)
 def test_bad_conditioning_input_is_named_before_any_model_loads(tmp_path, refs, capsys, monkeypatch, flags, message):
     from duca_video import pipeline
 
@@ -209,8 +266,18 @@ def test_bad_conditioning_input_is_named_before_any_model_loads(tmp_path, refs, 
     bad.write_bytes(b"not a png")
     paths = {"image": str(refs["image"]), "video": str(refs["video"]), "bad": str(bad)}
     monkeypatch.setattr(pipeline, "load_models", lambda *a, **k: pytest.fail("models loaded before the check"))
-    code = main(["--config", str(TINY), "--save-dir", str(tmp_path / "out"), "--prompt", RED, "--quiet",
-                 *[f.format(**paths) for f in flags]])  # fmt: skip
+    code = main(
+        [
+            "--config",
+            str(TINY),
+            "--save-dir",
+            str(tmp_path / "out"),
+            "--prompt",
+            RED,
+            "--quiet",
+            *[f.format(**paths) for f in flags],
+        ]
+    )
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
@@ -258,11 +325,26 @@ def test_sequence_and_data_parallel_give_the_one_process_videos(tmp_path, refs):
     pytest.importorskip("colossalai")
     # Image to video with DuCa (tiny.py's method), a loop of 2 (the previous clip is broadcast to the SP group
     # and encoded on every rank), per-prompt strategies, batches of 2.
-    flags = ["--prompt", RED, BLUE + '{"mask_strategy": "0,0,0,-1"}', "--reference-path", str(refs["image"]),
-             "--mask-strategy", "0", "--loop", "2", "--condition-frame-length", "4", "--batch-size", "2"]  # fmt: skip
+    flags = [
+        "--prompt",
+        RED,
+        BLUE + '{"mask_strategy": "0,0,0,-1"}',
+        "--reference-path",
+        str(refs["image"]),
+        "--mask-strategy",
+        "0",
+        "--loop",
+        "2",
+        "--condition-frame-length",
+        "4",
+        "--batch-size",
+        "2",
+    ]
     single = _launch(tmp_path, "single", 1, *flags)
-    for other in (_launch(tmp_path, "sp", 2, *flags, "--sp-size", "2"),
-                  _launch(tmp_path, "dp", 2, *flags, "--sp-size", "1", "--batch-size", "1")):  # fmt: skip
+    for other in (
+        _launch(tmp_path, "sp", 2, *flags, "--sp-size", "2"),
+        _launch(tmp_path, "dp", 2, *flags, "--sp-size", "1", "--batch-size", "1"),
+    ):
         for name in ("sample_0000", "sample_0001"):
             ref, theirs = _latent(single, name), _latent(other, name)
             assert ref.shape == (3, 12, 16, 16)

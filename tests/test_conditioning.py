@@ -39,18 +39,38 @@ JEEP = (
 D0 = "https://cdn.openai.com/tmp/s/interp/d0.mp4"
 # (name, prompt exactly as in the docs, loops, text before the JSON, references)
 DOC_PROMPTS = [
-    ("image", 'A breathtaking sunrise scene.{"reference_path": "assets/images/condition/wave.png",'
-     '"mask_strategy": "0"}', 1, "A breathtaking sunrise scene.", ("assets/images/condition/wave.png",)),
-    ("extend", f'A car driving on the ocean.{{"reference_path": "{D0}","mask_strategy": "0,0,0,-8,8"}}',
-     1, "A car driving on the ocean.", (D0,)),
+    (
+        "image",
+        'A breathtaking sunrise scene.{"reference_path": "assets/images/condition/wave.png","mask_strategy": "0"}',
+        1,
+        "A breathtaking sunrise scene.",
+        ("assets/images/condition/wave.png",),
+    ),
+    (
+        "extend",
+        f'A car driving on the ocean.{{"reference_path": "{D0}","mask_strategy": "0,0,0,-8,8"}}',
+        1,
+        "A car driving on the ocean.",
+        (D0,),
+    ),
     ("long", JEEP + f'{{"reference_path": "{D0}", "mask_strategy": "0,0,0,0,16"}}', 16, JEEP, (D0,)),
-    ("connect", 'A breathtaking sunrise scene.{"reference_path": "assets/images/condition/sunset1.png;'
-     'assets/images/condition/sunset2.png","mask_strategy": "0;0,1,0,-1,1"}', 1, "A breathtaking sunrise scene.",
-     ("assets/images/condition/sunset1.png", "assets/images/condition/sunset2.png")),
-    ("edit", 'A cyberpunk-style city at night.{"reference_path": "https://cdn.pixabay.com/video/2021/10/12/'
-     '91744-636709154_large.mp4","mask_strategy": "0,0,0,0,32,0.4"}', 1, "A cyberpunk-style city at night.",
-     ("https://cdn.pixabay.com/video/2021/10/12/91744-636709154_large.mp4",)),
-]  # fmt: skip
+    (
+        "connect",
+        'A breathtaking sunrise scene.{"reference_path": "assets/images/condition/sunset1.png;'
+        'assets/images/condition/sunset2.png","mask_strategy": "0;0,1,0,-1,1"}',
+        1,
+        "A breathtaking sunrise scene.",
+        ("assets/images/condition/sunset1.png", "assets/images/condition/sunset2.png"),
+    ),
+    (
+        "edit",
+        'A cyberpunk-style city at night.{"reference_path": "https://cdn.pixabay.com/video/2021/10/12/'
+        '91744-636709154_large.mp4","mask_strategy": "0,0,0,0,32,0.4"}',
+        1,
+        "A cyberpunk-style city at night.",
+        ("https://cdn.pixabay.com/video/2021/10/12/91744-636709154_large.mp4",),
+    ),
+]
 
 K, G = 0.0, 1.0  # keep (a reference frame), generate
 P = Placement
@@ -99,7 +119,7 @@ CASES = [
     ("0,0,0,0,16;1,1,-8,0,8,0.0", 15, [15, 15], 1, 5, _mask(15, s0_8=K), [P(1, 5, 0, 8, K)]),
     ("0,0,0,0,16;1,1,-8,0,8,0.0", 32, [32, 32], 1, None, _mask(32, s0_8=K), [P(1, 24, 0, 8, K)]),
     ("2,1,-5,0,5,0.25", 15, [15, 15, 15], 2, None, _mask(15, s0_5=0.25), [P(1, 10, 0, 5, 0.25)]),
-]  # fmt: skip
+]
 
 
 def test_parser_defaults_and_groups():
@@ -124,8 +144,10 @@ def test_documented_strategies_give_the_expected_masks(case):
 def test_condition_latents_writes_the_reference_frames():
     z = torch.randn(2, 4, 15, 2, 3)
     refs = [[torch.randn(4, 1, 2, 3), torch.randn(4, 1, 2, 3)], [torch.randn(4, 15, 2, 3)]]
-    plans = [plan_frames(parse_mask_strategy("0;0,1,0,-1,1"), 15, [1, 1]),
-             plan_frames(parse_mask_strategy("0,0,0,-8,8,0.5"), 15, [15], align=5)]  # fmt: skip
+    plans = [
+        plan_frames(parse_mask_strategy("0;0,1,0,-1,1"), 15, [1, 1]),
+        plan_frames(parse_mask_strategy("0,0,0,-8,8,0.5"), 15, [15], align=5),
+    ]
     out, mask = condition_latents(z, refs, plans)
     assert torch.equal(out[0, :, 0], refs[0][0][:, 0]) and torch.equal(out[0, :, 14], refs[0][1][:, 0])
     assert torch.equal(out[0, :, 1:14], z[0, :, 1:14])
@@ -175,41 +197,50 @@ def test_bad_strategies_are_named(text, message):
     assert isinstance(info.value, PromptError)  # the CLI reports it as "error: ..." with exit status 2
 
 
-@pytest.mark.parametrize("text, frames, refs, message", [
-    ("0,2", 15, [1, 1], "reference index 2 does not exist: loop 0 has 2 reference(s)"),
-    ("0,0,-3", 15, [1], "reference start -3 is outside the reference (1 latent frame: allowed -1..0)"),
-    ("0,0,1", 15, [1], "reference start 1 is outside the reference"),
-    ("0,0,0,15", 15, [1], "target start 15 is outside the video (15 latent frames: allowed -15..14)"),
-    ("0,0,0,-16", 15, [1], "target start -16 is outside the video"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "text, frames, refs, message",
+    [
+        ("0,2", 15, [1, 1], "reference index 2 does not exist: loop 0 has 2 reference(s)"),
+        ("0,0,-3", 15, [1], "reference start -3 is outside the reference (1 latent frame: allowed -1..0)"),
+        ("0,0,1", 15, [1], "reference start 1 is outside the reference"),
+        ("0,0,0,15", 15, [1], "target start 15 is outside the video (15 latent frames: allowed -15..14)"),
+        ("0,0,0,-16", 15, [1], "target start -16 is outside the video"),
+    ],
+)
 def test_strategies_pointing_outside(text, frames, refs, message):
     with pytest.raises(MaskStrategyError, match="group 1") as info:
         plan_frames(parse_mask_strategy(text), frames, refs, align=5)
     assert message in str(info.value)
 
 
-@pytest.mark.parametrize("prompt, kwargs, message", [
-    ('a cat{"reference_path": "a.png", "mask_strategy": "0"', {}, "is not valid JSON"),
-    ('a cat{"reference_path": "a.png"} more text', {}, "is not valid JSON (Extra data"),
-    ("a cat{'reference_path': 'a.png'}", {}, "is not valid JSON"),
-    ('a cat{"reference": "a.png"}', {}, "unknown JSON key 'reference'; allowed: reference_path, mask_strategy"),
-    ('a cat{"mask_strategy": 0}', {"reference_path": "a.png"}, "JSON 'mask_strategy' is 0, it must be a string"),
-    ('a cat{"reference_path": null}', {}, "JSON 'reference_path' is null"),
-    ('a {big} cat{"mask_strategy": "0"}', {}, "2 '{' found (at characters [2, 11])"),
-    ('a cat{"mask_strategy": "0", "mask_strategy": "1"}', {}, "JSON key 'mask_strategy' is given twice"),
-    ('a cat{"mask_strategy": "0,1"}', {"reference_path": "a.png"},
-     "reference index 1 does not exist: there is 1 reference path (indices 0..0)"),
-    ('a cat{"mask_strategy": "0"}', {}, "no reference path is given"),
-    ('a cat{"mask_strategy": "0,0,0,0,1,2"}', {"reference_path": "a.png"}, "prompt 3: mask_strategy: group 1"),
-    ('a cat{"reference_path": "a.png;"}', {}, "reference 1 of 'a.png;' is empty"),
-    ("|0|a cat|2", {"loops": 3}, "the last '|' ('2' after it) has no text"),
-    ("|0|a cat|x|a dog", {"loops": 3}, "loop segment 1 starts with 'x', which is not a loop index"),
-    ("|0|a cat|2|a dog|1|a cow", {"loops": 3}, "loop segment 2 starts at loop 1, after a segment for loop 2"),
-    ("|0|a cat|2| ", {"loops": 3}, "loop segment 1 (loop 2) has no text"),
-    ("|1|a cat", {}, "loop segments must start with '|0|'"),
-    ("|0|a cat|4|a dog", {"loops": 3}, "it uses loop 4, but the run has 3 loops (0..2)"),
-    ("a cat", {"reference_path": "a.png", "mask_strategy": "1,0"}, "it uses loop 1, but the run has 1 loop"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "prompt, kwargs, message",
+    [
+        ('a cat{"reference_path": "a.png", "mask_strategy": "0"', {}, "is not valid JSON"),
+        ('a cat{"reference_path": "a.png"} more text', {}, "is not valid JSON (Extra data"),
+        ("a cat{'reference_path': 'a.png'}", {}, "is not valid JSON"),
+        ('a cat{"reference": "a.png"}', {}, "unknown JSON key 'reference'; allowed: reference_path, mask_strategy"),
+        ('a cat{"mask_strategy": 0}', {"reference_path": "a.png"}, "JSON 'mask_strategy' is 0, it must be a string"),
+        ('a cat{"reference_path": null}', {}, "JSON 'reference_path' is null"),
+        ('a {big} cat{"mask_strategy": "0"}', {}, "2 '{' found (at characters [2, 11])"),
+        ('a cat{"mask_strategy": "0", "mask_strategy": "1"}', {}, "JSON key 'mask_strategy' is given twice"),
+        (
+            'a cat{"mask_strategy": "0,1"}',
+            {"reference_path": "a.png"},
+            "reference index 1 does not exist: there is 1 reference path (indices 0..0)",
+        ),
+        ('a cat{"mask_strategy": "0"}', {}, "no reference path is given"),
+        ('a cat{"mask_strategy": "0,0,0,0,1,2"}', {"reference_path": "a.png"}, "prompt 3: mask_strategy: group 1"),
+        ('a cat{"reference_path": "a.png;"}', {}, "reference 1 of 'a.png;' is empty"),
+        ("|0|a cat|2", {"loops": 3}, "the last '|' ('2' after it) has no text"),
+        ("|0|a cat|x|a dog", {"loops": 3}, "loop segment 1 starts with 'x', which is not a loop index"),
+        ("|0|a cat|2|a dog|1|a cow", {"loops": 3}, "loop segment 2 starts at loop 1, after a segment for loop 2"),
+        ("|0|a cat|2| ", {"loops": 3}, "loop segment 1 (loop 2) has no text"),
+        ("|1|a cat", {}, "loop segments must start with '|0|'"),
+        ("|0|a cat|4|a dog", {"loops": 3}, "it uses loop 4, but the run has 3 loops (0..2)"),
+        ("a cat", {"reference_path": "a.png", "mask_strategy": "1,0"}, "it uses loop 1, but the run has 1 loop"),
+    ],
+)
 def test_bad_prompts_are_named(prompt, kwargs, message):
     with pytest.raises(PromptError, match="^prompt 3") as info:
         parse_conditioned_prompt(prompt, **kwargs, where="prompt 3")
@@ -227,9 +258,16 @@ def test_loop_references_include_generated_clips():
 
 # ----------------------------------------------------------------------------------------- upstream's own code
 _UPSTREAM_NAMES = {
-    "MASK_DEFAULT", "parse_mask_strategy", "find_nearest_point", "apply_mask_strategy", "extract_json_from_prompts",
-    "extract_prompts_loop", "split_prompt", "merge_prompt", "append_generated",
-}  # fmt: skip
+    "MASK_DEFAULT",
+    "parse_mask_strategy",
+    "find_nearest_point",
+    "apply_mask_strategy",
+    "extract_json_from_prompts",
+    "extract_prompts_loop",
+    "split_prompt",
+    "merge_prompt",
+    "append_generated",
+}
 
 
 @pytest.fixture(scope="module")

@@ -129,8 +129,12 @@ def test_num_frames_errors():
 def test_tables_match_upstream():
     if not UPSTREAM.exists():
         pytest.skip("upstream Open-Sora mirror not present")
-    source = subprocess.run(["git", "-C", str(UPSTREAM), "show", "v1.2.0:opensora/datasets/aspect.py"],
-                            capture_output=True, text=True, check=True).stdout  # fmt: skip
+    source = subprocess.run(
+        ["git", "-C", str(UPSTREAM), "show", "v1.2.0:opensora/datasets/aspect.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     namespace: dict = {}
     exec(compile(source, "aspect.py", "exec"), namespace)  # upstream's tables, read as data
     for res in sizes.RESOLUTIONS:
@@ -248,8 +252,11 @@ def test_weight_paths_flag_config_env(tmp_path, monkeypatch):
     with pytest.raises(InputError) as err:
         resolve_weights(cfg)
     text = str(err.value)
-    for needle in ("--ckpt-path PATH, set DUCA_CKPT_PATH", "--vae-path PATH, set DUCA_VAE_PATH",
-                   "--text-encoder-path PATH, set DUCA_T5_PATH"):  # fmt: skip
+    for needle in (
+        "--ckpt-path PATH, set DUCA_CKPT_PATH",
+        "--vae-path PATH, set DUCA_VAE_PATH",
+        "--text-encoder-path PATH, set DUCA_T5_PATH",
+    ):
         assert needle in text
     save_file({"w": torch.zeros(1)}, str(tmp_path / "dit.safetensors"))  # a readable header is checked, not keys
     (tmp_path / "vae").mkdir()
@@ -262,8 +269,11 @@ def test_weight_paths_flag_config_env(tmp_path, monkeypatch):
     (tmp_path / "t5").mkdir()
     cfg = load_config(CONFIGS / "duca_480p.py", args("--text-encoder-path", str(tmp_path / "t5")))
     paths = resolve_weights(cfg)
-    assert paths == {"model": str(tmp_path / "dit.safetensors"), "vae": str(tmp_path / "vae"),
-                     "text_encoder": str(tmp_path / "t5")}  # fmt: skip
+    assert paths == {
+        "model": str(tmp_path / "dit.safetensors"),
+        "vae": str(tmp_path / "vae"),
+        "text_encoder": str(tmp_path / "t5"),
+    }
     # Testbed sections never read the variables (a global DUCA_CKPT_PATH must not leak into the tiny model).
     shipped = str(CONFIGS.parent / "weights" / "tiny")
     assert resolve_weights(load_config(CONFIGS / "tiny.py")) == {"model": shipped, "vae": None, "text_encoder": shipped}

@@ -22,8 +22,10 @@ def test_every_relative_link_resolves(page):
         resolved = (page.parent / path).resolve() if path else page
         assert resolved.exists(), f"{page.name}: link to {target} does not resolve"
         if anchor and resolved.suffix == ".md":
-            headings = [re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-")
-                        for h in re.findall(r"^#+ (.+)$", resolved.read_text(), re.M)]  # fmt: skip
+            headings = [
+                re.sub(r"[^\w\- ]", "", h).strip().lower().replace(" ", "-")
+                for h in re.findall(r"^#+ (.+)$", resolved.read_text(), re.M)
+            ]
             assert anchor in headings, f"{page.name}: no heading for #{anchor} in {resolved.name}"
 
 

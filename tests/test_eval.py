@@ -97,8 +97,10 @@ def test_shards_are_disjoint_and_cover_everything(full_info):
 
 def test_list_imports_no_torch(full_info):
     # torch (and so duca_video) made unimportable: --list must still work, so it loads no model.
-    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
-            "runpy.run_path(sys.argv[0], run_name='__main__')")  # fmt: skip
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; sys.argv = sys.argv[1:]; "
+        "runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
     argv = [str(ROOT / "eval/vbench/generate.py"), "--full-info", str(full_info), "--list", "--num-samples", "2"]
     out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -122,9 +124,22 @@ def test_batches_are_contiguous_whatever_the_seeds():
 
 # ---------------------------------------------------------------------------------------------------- generating
 def _generate(full_info, save_dir, *extra):
-    return generate.main(["--full-info", str(full_info), "--config", str(ROOT / "configs" / "tiny.py"),
-                          "--num-samples", "2", "--num-sampling-steps", "2", "--save-dir", str(save_dir),
-                          "--quiet", *extra])  # fmt: skip
+    return generate.main(
+        [
+            "--full-info",
+            str(full_info),
+            "--config",
+            str(ROOT / "configs" / "tiny.py"),
+            "--num-samples",
+            "2",
+            "--num-sampling-steps",
+            "2",
+            "--save-dir",
+            str(save_dir),
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 def test_generation_resumes_after_a_kill(full_info, tmp_path, capsys):
@@ -168,14 +183,29 @@ def test_score_dry_run_prints_one_worker_per_dimension(full_info, tmp_path, caps
         (videos / f"{name}.mp4").write_bytes(b"")
         (videos / f"{name}.json").write_text("{}")  # records beside the videos: VBench must not see them
     monkeypatch.setenv("VBENCH_CACHE_DIR", str(tmp_path / "cache"))
-    args = ["--videos", str(videos), "--score-dir", str(scores), "--full-info", str(full_info), "--num-samples", "2",
-            "--gpus", "0,1,2", "--dry-run", "--local"]  # fmt: skip
+    args = [
+        "--videos",
+        str(videos),
+        "--score-dir",
+        str(scores),
+        "--full-info",
+        str(full_info),
+        "--num-samples",
+        "2",
+        "--gpus",
+        "0,1,2",
+        "--dry-run",
+        "--local",
+    ]
     assert score.main(args) == 0
     out = capsys.readouterr().out
     commands = [line for line in out.splitlines() if "--worker" in line]
     assert sorted(c.split("--dimension ")[1].split()[0] for c in commands) == sorted(DIMENSIONS)
-    assert {c.split()[0] for c in commands} == {"CUDA_VISIBLE_DEVICES=0", "CUDA_VISIBLE_DEVICES=1",
-                                                "CUDA_VISIBLE_DEVICES=2"}  # fmt: skip
+    assert {c.split()[0] for c in commands} == {
+        "CUDA_VISIBLE_DEVICES=0",
+        "CUDA_VISIBLE_DEVICES=1",
+        "CUDA_VISIBLE_DEVICES=2",
+    }
     assert all("HF_HUB_OFFLINE=1" in c and c.rstrip().endswith(".log 2>&1") and "--local" in c for c in commands)
     assert f"--videos {scores / 'videos'}" in commands[0]  # the links-only folder, not the records' folder
     assert "warning: --local: missing" in out
@@ -204,17 +234,42 @@ def test_score_assignment_and_links(full_info, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------- tabulating
 # The notes' table (min, max, weight), written out again here so the test checks the code against the notes.
-NOTES = {"subject_consistency": (0.1462, 1.0, 1), "background_consistency": (0.2615, 1.0, 1),
-         "temporal_flickering": (0.6293, 1.0, 1), "motion_smoothness": (0.706, 0.9975, 1),
-         "dynamic_degree": (0.0, 1.0, 0.5), "aesthetic_quality": (0, 1, 1), "imaging_quality": (0, 1, 1),
-         "object_class": (0, 1, 1), "multiple_objects": (0, 1, 1), "human_action": (0, 1, 1), "color": (0, 1, 1),
-         "spatial_relationship": (0, 1, 1), "scene": (0.0, 0.8222, 1), "appearance_style": (0.0009, 0.2855, 1),
-         "temporal_style": (0.0, 0.364, 1), "overall_consistency": (0.0, 0.364, 1)}  # fmt: skip
-RAW = {"subject_consistency": 0.9609, "background_consistency": 0.9717, "temporal_flickering": 0.9918,
-       "motion_smoothness": 0.9887, "dynamic_degree": 0.4222, "aesthetic_quality": 0.5663, "imaging_quality": 0.6399,
-       "object_class": 0.8276, "multiple_objects": 0.4514, "human_action": 0.91, "color": 0.8195,
-       "spatial_relationship": 0.6808, "scene": 0.4220, "appearance_style": 0.2368, "temporal_style": 0.2437,
-       "overall_consistency": 0.2670}  # fmt: skip
+NOTES = {
+    "subject_consistency": (0.1462, 1.0, 1),
+    "background_consistency": (0.2615, 1.0, 1),
+    "temporal_flickering": (0.6293, 1.0, 1),
+    "motion_smoothness": (0.706, 0.9975, 1),
+    "dynamic_degree": (0.0, 1.0, 0.5),
+    "aesthetic_quality": (0, 1, 1),
+    "imaging_quality": (0, 1, 1),
+    "object_class": (0, 1, 1),
+    "multiple_objects": (0, 1, 1),
+    "human_action": (0, 1, 1),
+    "color": (0, 1, 1),
+    "spatial_relationship": (0, 1, 1),
+    "scene": (0.0, 0.8222, 1),
+    "appearance_style": (0.0009, 0.2855, 1),
+    "temporal_style": (0.0, 0.364, 1),
+    "overall_consistency": (0.0, 0.364, 1),
+}
+RAW = {
+    "subject_consistency": 0.9609,
+    "background_consistency": 0.9717,
+    "temporal_flickering": 0.9918,
+    "motion_smoothness": 0.9887,
+    "dynamic_degree": 0.4222,
+    "aesthetic_quality": 0.5663,
+    "imaging_quality": 0.6399,
+    "object_class": 0.8276,
+    "multiple_objects": 0.4514,
+    "human_action": 0.91,
+    "color": 0.8195,
+    "spatial_relationship": 0.6808,
+    "scene": 0.4220,
+    "appearance_style": 0.2368,
+    "temporal_style": 0.2437,
+    "overall_consistency": 0.2670,
+}
 
 
 def _write_results(folder, raw, per_file=1):
@@ -287,8 +342,15 @@ def test_bad_results_name_the_file_and_field(tmp_path):
 # ---------------------------------------------------------------------------------------------------- the report
 def _identity(i, **changed):
     """The record fields that say which video NAME.mp4 is (eval.common.PAIR_FIELDS), as the pipeline writes them."""
-    fields = {"prompt": f"prompt {i}", "text": f"prompt {i}", "seed": 42 + i, "image_size": [16, 16],
-              "video_size": [16, 16], "frames": 8, "fps": 8}  # fmt: skip
+    fields = {
+        "prompt": f"prompt {i}",
+        "text": f"prompt {i}",
+        "seed": 42 + i,
+        "image_size": [16, 16],
+        "video_size": [16, 16],
+        "frames": 8,
+        "fps": 8,
+    }
     return {**fields, **changed}
 
 
@@ -296,8 +358,12 @@ def _records(folder, latencies, tflops, changed=None):
     folder.mkdir()
     for i, (lat, fl) in enumerate(zip(latencies, tflops)):
         (folder / f"v{i}.mp4").write_bytes(b"")
-        record = {**_identity(i, **(changed or {}).get(i, {})), "latency_s": lat, "dit_tflops": fl,
-                  "cache_bytes": 2**20}  # fmt: skip
+        record = {
+            **_identity(i, **(changed or {}).get(i, {})),
+            "latency_s": lat,
+            "dit_tflops": fl,
+            "cache_bytes": 2**20,
+        }
         (folder / f"v{i}.json").write_text(json.dumps(record))
 
 
@@ -306,8 +372,10 @@ def test_report_side_by_side(tmp_path):
     _records(tmp_path / "duca", [2.0, 2.0], [40.0, 40.0])
     folders = {"none": tmp_path / "none", "duca": tmp_path / "duca"}
     vbench = {"duca": {"total": 79.5, "quality": 80.0, "semantic": 77.5, "missing": []}}
-    fidelity = {"summary": {"duca": {"psnr_mean": 30.0, "ssim_mean": 0.9, "lpips_mean": None}},
-                "lpips": {"available": False, "reason": "no lpips here"}}  # fmt: skip
+    fidelity = {
+        "summary": {"duca": {"psnr_mean": 30.0, "ssim_mean": 0.9, "lpips_mean": None}},
+        "lpips": {"available": False, "reason": "no lpips here"},
+    }
     rows, notes = build_rows("none", folders, vbench, fidelity)
     assert rows[0][:4] == ["none", "2", "5.00", "1.00"]
     assert rows[1][:6] == ["duca", "2", "2.00", "2.50", "40", "2.50"]  # 10 s / 4 s, 200 / 80 TFLOPs
@@ -320,8 +388,12 @@ def test_report_side_by_side(tmp_path):
 def test_report_refuses_costs_of_other_videos(tmp_path, capsys):
     # v1 of the method was sampled with another seed, v2 at another size: their costs are not v1's and v2's.
     _records(tmp_path / "none", [4.0, 6.0, 8.0], [100.0, 100.0, 100.0])
-    _records(tmp_path / "duca", [2.0, 1.0, 1.0], [40.0, 10.0, 10.0],
-             changed={1: {"seed": 7}, 2: {"frames": 16, "video_size": [32, 32]}})  # fmt: skip
+    _records(
+        tmp_path / "duca",
+        [2.0, 1.0, 1.0],
+        [40.0, 10.0, 10.0],
+        changed={1: {"seed": 7}, 2: {"frames": 16, "video_size": [32, 32]}},
+    )
     folders = {"none": tmp_path / "none", "duca": tmp_path / "duca"}
     with pytest.raises(EvalError, match=r"(?s)2 video pair\(s\).*video 'v1': seed differs: reference 43, method 7"):
         build_rows("none", folders, {}, None)
@@ -330,8 +402,10 @@ def test_report_refuses_costs_of_other_videos(tmp_path, capsys):
     assert report_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: 2 video pair(s)") and "Traceback" not in err
-    assert "video 'v2': video_size differs: reference [16, 16], method [32, 32]; frames differs: reference 8, " \
-        "method 16" in err  # fmt: skip
+    assert (
+        "video 'v2': video_size differs: reference [16, 16], method [32, 32]; frames differs: reference 8, "
+        "method 16" in err
+    )
     assert report_main([*argv, "--exclude-mismatched"]) == 0
     out = capsys.readouterr()
     assert "| duca | 1 | 2.00 | 2.00 | 40 | 2.50 |" in out.out  # v0 alone: 4 s / 2 s, 100 / 40 TFLOPs
@@ -352,6 +426,12 @@ def test_scripts_run_from_any_folder(tmp_path):
     # As files (python eval/...), from another working directory: the repository root is found from __file__.
     _write_results(tmp_path / "s", RAW)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    out = subprocess.run([sys.executable, str(ROOT / "eval/vbench/tabulate.py"), "--score-dir", str(tmp_path / "s")],
-                         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "eval/vbench/tabulate.py"), "--score-dir", str(tmp_path / "s")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr

@@ -81,9 +81,21 @@ def test_read_video_round_trip(tmp_path):
 def _record(name, frames, latency, tflops, **changed):
     """The fields of duca_video.jobs.make_record that say which video this is, for the frames written."""
     t, h, w, _ = frames.shape
-    record = {"name": name, "prompt": f"prompt of {name}", "text": f"prompt of {name}", "seed": 42, "sample_index": 0,
-              "method": "none", "image_size": [h, w], "video_size": [h, w], "frames": t, "fps": 8,
-              "latency_s": latency, "dit_tflops": tflops, "files": {"video": f"{name}.mp4"}}  # fmt: skip
+    record = {
+        "name": name,
+        "prompt": f"prompt of {name}",
+        "text": f"prompt of {name}",
+        "seed": 42,
+        "sample_index": 0,
+        "method": "none",
+        "image_size": [h, w],
+        "video_size": [h, w],
+        "frames": t,
+        "fps": 8,
+        "latency_s": latency,
+        "dit_tflops": tflops,
+        "files": {"video": f"{name}.mp4"},
+    }
     return {**record, **changed}
 
 
@@ -103,8 +115,14 @@ def test_fidelity_command_end_to_end(tmp_path, capsys):
     noisy = {"p-0": (ref["p-0"].int() + 40).clamp(0, 255).to(torch.uint8)}  # p-1 missing
     _folder(tmp_path / "fast", noisy, latency=1.0, tflops=25.0)
     out = tmp_path / "out"
-    argv = ["--reference", str(tmp_path / "none"), "--methods", f"copy={tmp_path / 'copy'},fast={tmp_path / 'fast'}",
-            "--out", str(out)]  # fmt: skip
+    argv = [
+        "--reference",
+        str(tmp_path / "none"),
+        "--methods",
+        f"copy={tmp_path / 'copy'},fast={tmp_path / 'fast'}",
+        "--out",
+        str(out),
+    ]
     assert fidelity_cli.main(argv) == 0
 
     rows = list(csv.DictReader((out / "fidelity_per_video.csv").open()))
@@ -178,8 +196,20 @@ def runs(tmp_path_factory):
     torch.set_num_threads(1)  # 2 shared cores: one thread is much faster than two fighting
     try:
         for folder, seed, method, prompts in (("none", 42, "none", [RED, BLUE]), ("other", 7, "duca", [RED, GREEN])):
-            argv = ["--config", str(ROOT / "configs" / "tiny.py"), "--prompt", *prompts, "--seed", str(seed),
-                    "--cache", method, "--num-sampling-steps", "2", "--save-dir", str(root / folder)]  # fmt: skip
+            argv = [
+                "--config",
+                str(ROOT / "configs" / "tiny.py"),
+                "--prompt",
+                *prompts,
+                "--seed",
+                str(seed),
+                "--cache",
+                method,
+                "--num-sampling-steps",
+                "2",
+                "--save-dir",
+                str(root / folder),
+            ]
             assert inference(argv) == 0
     finally:
         torch.set_num_threads(threads)
@@ -225,8 +255,20 @@ def test_another_seed_or_prompt_is_refused(runs, tmp_path, capsys):
     assert report_cli.main(["--reference", str(runs / "none"), "--methods", f"other={runs / 'other'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: 2 video pair(s)") and "seed differs: reference 42, method 7" in err
-    assert report_cli.main(["--reference", str(runs / "none"), "--methods", f"mixed={mixed}", "--fidelity",
-                            str(out / "fidelity_summary.json"), "--exclude-mismatched"]) == 0  # fmt: skip
+    assert (
+        report_cli.main(
+            [
+                "--reference",
+                str(runs / "none"),
+                "--methods",
+                f"mixed={mixed}",
+                "--fidelity",
+                str(out / "fidelity_summary.json"),
+                "--exclude-mismatched",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "| mixed | 1 | " in text
     assert f"excluded as mismatched (--exclude-mismatched): method 'mixed', video '{names[1]}'" in text
@@ -237,12 +279,25 @@ def test_other_frames_size_or_a_missing_record_is_refused(tmp_path, capsys):
     ref = {f"p-{i}": video(i, h=16, w=16) for i in range(5)}
     _folder(tmp_path / "none", ref, latency=2.0, tflops=10.0)
     (tmp_path / "none" / "p-4.json").unlink()  # the reference's writer died before its record
-    method = {"p-0": video(0, t=4, h=16, w=16), "p-1": video(1, h=16, w=24), "p-2": video(7, h=16, w=16),
-              "p-3": ref["p-3"], "p-4": ref["p-4"]}  # fmt: skip
+    method = {
+        "p-0": video(0, t=4, h=16, w=16),
+        "p-1": video(1, h=16, w=24),
+        "p-2": video(7, h=16, w=16),
+        "p-3": ref["p-3"],
+        "p-4": ref["p-4"],
+    }
     _folder(tmp_path / "m", method, latency=1.0, tflops=5.0)
     (tmp_path / "m" / "p-3.json").unlink()
-    argv = ["--reference", str(tmp_path / "none"), "--methods", f"m={tmp_path / 'm'}", "--lpips", "off",
-            "--out", str(tmp_path / "out")]  # fmt: skip
+    argv = [
+        "--reference",
+        str(tmp_path / "none"),
+        "--methods",
+        f"m={tmp_path / 'm'}",
+        "--lpips",
+        "off",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     capsys.readouterr()
     assert fidelity_cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -257,13 +312,32 @@ def test_other_frames_size_or_a_missing_record_is_refused(tmp_path, capsys):
     summary = json.loads((tmp_path / "out" / "fidelity_summary.json").read_text())
     m = summary["summary"]["m"]
     assert (m["pairs"], m["excluded"], m["missing"]) == (1, 4, 0) and m["latency_speedup"] == 2.0
-    assert [(e["method"], e["name"]) for e in summary["excluded"]] == [(None, "p-4"), ("m", "p-0"), ("m", "p-1"),
-                                                                      ("m", "p-3")]  # fmt: skip
+    assert [(e["method"], e["name"]) for e in summary["excluded"]] == [
+        (None, "p-4"),
+        ("m", "p-0"),
+        ("m", "p-1"),
+        ("m", "p-3"),
+    ]
     assert 0 < summary["per_video"][0]["psnr"] < 40  # p-2, scored
 
     # Only mismatched pairs: excluding them all leaves nothing to report, which is said rather than a table.
-    assert fidelity_cli.main([*argv[:2], "--methods", f"m={tmp_path / 'm'}", "--limit", "2", "--lpips", "off",
-                              "--out", str(tmp_path / "out"), "--exclude-mismatched"]) == 2  # fmt: skip
+    assert (
+        fidelity_cli.main(
+            [
+                *argv[:2],
+                "--methods",
+                f"m={tmp_path / 'm'}",
+                "--limit",
+                "2",
+                "--lpips",
+                "off",
+                "--out",
+                str(tmp_path / "out"),
+                "--exclude-mismatched",
+            ]
+        )
+        == 2
+    )
     assert "every video it shares with the reference was excluded" in capsys.readouterr().err
 
 
@@ -276,10 +350,19 @@ def test_a_video_that_is_not_its_records_file_is_refused(tmp_path, capsys):
     (tmp_path / "m" / "p-0.json").write_text(json.dumps({**record, "files": {"video": "q-9.mp4"}}))
     size = (tmp_path / "m" / "p-1.mp4").stat().st_size
     record = json.loads((tmp_path / "m" / "p-1.json").read_text())
-    (tmp_path / "m" / "p-1.json").write_text(json.dumps({**record, "files": {"video": {
-        "name": "p-1.mp4", "bytes": size, "sha256": "0" * 64}}}))  # fmt: skip
-    argv = ["--reference", str(tmp_path / "none"), "--methods", f"m={tmp_path / 'm'}", "--lpips", "off",
-            "--out", str(tmp_path / "out")]  # fmt: skip
+    (tmp_path / "m" / "p-1.json").write_text(
+        json.dumps({**record, "files": {"video": {"name": "p-1.mp4", "bytes": size, "sha256": "0" * 64}}})
+    )
+    argv = [
+        "--reference",
+        str(tmp_path / "none"),
+        "--methods",
+        f"m={tmp_path / 'm'}",
+        "--lpips",
+        "off",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     capsys.readouterr()
     assert fidelity_cli.main(argv) == 2
     err = capsys.readouterr().err

@@ -27,8 +27,6 @@ def test_flops_scale_with_batch_and_count_a_known_matmul():
     assert flops == 2 * 3 * 5 * 7
 
 
-
-
 @pytest.mark.slow
 def test_meta_replay_counts_the_flops_of_the_real_loop():
     for method in ("none", "duca", "toca", "pab"):

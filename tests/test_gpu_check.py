@@ -19,8 +19,19 @@ main = runpy.run_path(str(SCRIPT), run_name="gpu_check")["main"]
 @pytest.fixture(scope="module")
 def tiny_summary(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu") / "tiny.json"
-    argv = ["--tiny", "--steps", "5", "--methods", "none,duca,fora", "--offload", "duca", "--compile", "duca",
-            "--compile-backend", "eager"]  # inductor's numerics: tests/test_compile.py
+    argv = [
+        "--tiny",
+        "--steps",
+        "5",
+        "--methods",
+        "none,duca,fora",
+        "--offload",
+        "duca",
+        "--compile",
+        "duca",
+        "--compile-backend",
+        "eager",
+    ]  # inductor's numerics: tests/test_compile.py
     assert main([*argv, "--out", str(out)]) == 0
     return json.loads(out.read_text()), out
 
@@ -59,8 +70,9 @@ def test_tiny_run_times_every_step_by_kind_and_reports_each_part(tiny_summary):
 def test_scaling_model_reads_the_measured_rate(tiny_summary):
     data, path = tiny_summary
     setup = data["setup"]
-    flops, _ = forward_cost(STDiT3Config.from_dict(setup["model"]), tuple(setup["latent_shape"]),
-                            tuple(setup["image_size"]), rows=2)  # fmt: skip
+    flops, _ = forward_cost(
+        STDiT3Config.from_dict(setup["model"]), tuple(setup["latent_shape"]), tuple(setup["image_size"]), rows=2
+    )
     rate = rate_from_kernel_times(str(path))
     assert rate == pytest.approx(flops / (data["methods"]["none"]["step_ms"]["full"] / 1e3) / 1e12)
 

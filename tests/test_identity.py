@@ -44,7 +44,8 @@ def test_identity_holds_exactly_the_pixel_changing_settings(method, flags):
 
 def test_fastercache_without_its_cfg_cache_is_the_same_video_on_any_layout():
     assert _identity("fastercache", "--cache-opt cfg_cache=False --cfg-parallel") == _identity(
-        "fastercache", "--cache-opt cfg_cache=False")  # fmt: skip
+        "fastercache", "--cache-opt cfg_cache=False"
+    )
     assert _identity("fastercache", "--cfg-parallel")["layout"] == {"cfg_cache_off": "cfg_parallel"}
 
 
@@ -53,6 +54,9 @@ def test_a_step_variant_that_runs_more_steps_than_the_job_is_refused(tmp_path):
     from duca_video.configs.preflight import check_cache_settings
 
     cfg, _ = config_from_args([*BASE, "--cache", "steps", "--cache-opt", "num_steps=50", "--num-sampling-steps", "6"])
-    with pytest.raises(ConfigError, match=r"steps.num_steps=50 is more than the job's num_sampling_steps \(6\); "
-                                          r"allowed: 1..6"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"steps.num_steps=50 is more than the job's num_sampling_steps \(6\); "
+        r"allowed: 1..6",
+    ):
         check_cache_settings(cfg)

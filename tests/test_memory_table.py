@@ -11,8 +11,15 @@ CFG = STDiT3Config(depth=2, hidden_size=64, num_heads=4, caption_channels=32, mo
 
 
 def small_setup(steps=8):
-    return BenchSetup(model=CFG, latent_shape=(3, 6, 10), image_size=(48, 80), num_frames=9, num_steps=steps,
-                      cfg_scale=4.0, use_timestep_transform=False)  # fmt: skip
+    return BenchSetup(
+        model=CFG,
+        latent_shape=(3, 6, 10),
+        image_size=(48, 80),
+        num_frames=9,
+        num_steps=steps,
+        cfg_scale=4.0,
+        use_timestep_transform=False,
+    )
 
 
 def test_live_bytes_tracker_on_a_hand_counted_sequence():

@@ -19,8 +19,9 @@ from tests.torchrun import run_workers
 
 
 def kinds(models) -> str:
-    return "".join("F" if h["kind"] == "full" else "A" if h["kind"] == "aggressive" else "m"
-                   for h in models.controller.history)  # fmt: skip
+    return "".join(
+        "F" if h["kind"] == "full" else "A" if h["kind"] == "aggressive" else "m" for h in models.controller.history
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +68,16 @@ def test_the_flop_count_replays_the_decisions():
     z = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
     sizes = {k: torch.full((2,), v) for k, v in (("height", 16.0), ("width", 16.0), ("num_frames", 8.0), ("fps", 8.0))}
     with flop_counter() as counter, torch.no_grad():
-        models.sampler.sample(models.model, z, y, null_caption(models.model, 2), torch.ones_like(mask),
-                              model_kwargs=sizes, progress=False, seed=[1, 2])  # fmt: skip
+        models.sampler.sample(
+            models.model,
+            z,
+            y,
+            null_caption(models.model, 2),
+            torch.ones_like(mask),
+            model_kwargs=sizes,
+            progress=False,
+            seed=[1, 2],
+        )
     decided = [h["kind"] for h in models.controller.history]
     assert any(k != "full" for k in decided) and "full" in decided[2:-1], decided
     assert models.flops.count(2, models.latent_shape, sizes, decided) == counter.get_total_flops() > 0
@@ -76,9 +85,22 @@ def test_the_flop_count_replays_the_decisions():
 
 def test_cli_generates_with_easycache_and_records_its_settings(tmp_path):
     def cli(name: str, *flags: str) -> int:
-        return inference_main(["--config", str(TINY_CONFIG), "--save-dir", str(tmp_path / name), "--quiet",
-                               "--prompt", *TWO_PROMPTS, "--batch-size", "2", "--num-sampling-steps", str(TINY_STEPS),
-                               *flags])  # fmt: skip
+        return inference_main(
+            [
+                "--config",
+                str(TINY_CONFIG),
+                "--save-dir",
+                str(tmp_path / name),
+                "--quiet",
+                "--prompt",
+                *TWO_PROMPTS,
+                "--batch-size",
+                "2",
+                "--num-sampling-steps",
+                str(TINY_STEPS),
+                *flags,
+            ]
+        )
 
     assert cli("none", "--cache", "none") == 0
     assert cli("ec", "--cache", "easycache", "--cache-opt", "threshold=0.2", "--cache-opt", "warmup_steps=2") == 0
@@ -91,8 +113,18 @@ def test_cli_generates_with_easycache_and_records_its_settings(tmp_path):
 
 @pytest.mark.parametrize("opt, field", [("threshold=-1", "threshold"), ("warmup_steps=1", "warmup_steps")])
 def test_bad_settings_are_clear_errors(tmp_path, capsys, opt, field):
-    argv = ["--config", str(TINY_CONFIG), "--save-dir", str(tmp_path), "--prompt", TWO_PROMPTS[0], "--cache",
-            "easycache", "--cache-opt", opt]  # fmt: skip
+    argv = [
+        "--config",
+        str(TINY_CONFIG),
+        "--save-dir",
+        str(tmp_path),
+        "--prompt",
+        TWO_PROMPTS[0],
+        "--cache",
+        "easycache",
+        "--cache-opt",
+        opt,
+    ]
     assert inference_main(argv) == 2
     err = capsys.readouterr().err
     assert "easycache" in err and field in err and "allowed" in err, err
@@ -107,6 +139,11 @@ def test_two_sequence_parallel_ranks_decide_as_one_process(tmp_path):
     for report in reports:
         assert report["kinds_sp"] == report["kinds_single"] == single
         assert report["max_diff"] <= 1e-5
-        pairs = [(a, b) for sp, one in zip(report["signals_sp"], report["signals_single"])
-                 if sp is not None for a, b in zip(sp, one) if a is not None]  # fmt: skip
+        pairs = [
+            (a, b)
+            for sp, one in zip(report["signals_sp"], report["signals_single"])
+            if sp is not None
+            for a, b in zip(sp, one)
+            if a is not None
+        ]
         assert pairs and all(abs(a - b) < 1e-6 and abs(a - threshold) > 1e-3 for a, b in pairs)

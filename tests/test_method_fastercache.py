@@ -127,9 +127,24 @@ def test_cli_runs_fastercache_close_to_none(tmp_path, capsys):
     for method in ("none", "fastercache"):
         out = tmp_path / method
         opts = [a for k, v in SHORT.items() for a in ("--cache-opt", f"{k}={v}")] if method != "none" else []
-        argv = ["--config", str(ROOT / "configs" / "tiny.py"), "--prompt", *prompts, "--batch-size", "2",
-                "--num-sampling-steps", "8", "--save-latents", "--save-dir", str(out), "--quiet", "--cache", method,
-                "--no-count-flops", *opts]  # fmt: skip
+        argv = [
+            "--config",
+            str(ROOT / "configs" / "tiny.py"),
+            "--prompt",
+            *prompts,
+            "--batch-size",
+            "2",
+            "--num-sampling-steps",
+            "8",
+            "--save-latents",
+            "--save-dir",
+            str(out),
+            "--quiet",
+            "--cache",
+            method,
+            "--no-count-flops",
+            *opts,
+        ]
         assert main(argv) == 0, capsys.readouterr().err
         record = json.loads((out / "sample_0001.json").read_text())
         assert record["method"] == method and record["batch_size"] == 2

@@ -72,8 +72,16 @@ def test_the_flop_count_replays_the_decisions_and_counts_block_zero_on_skipped_s
     z = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
     sizes = {k: torch.full((2,), v) for k, v in (("height", 16.0), ("width", 16.0), ("num_frames", 8.0), ("fps", 8.0))}
     with flop_counter() as counter, torch.no_grad():
-        models.sampler.sample(models.model, z, y, null_caption(models.model, 2), torch.ones_like(mask),
-                              model_kwargs=sizes, progress=False, seed=[1, 2])  # fmt: skip
+        models.sampler.sample(
+            models.model,
+            z,
+            y,
+            null_caption(models.model, 2),
+            torch.ones_like(mask),
+            model_kwargs=sizes,
+            progress=False,
+            seed=[1, 2],
+        )
     decided = [h["kind"] for h in models.controller.history]
     assert "first_block" in decided and decided.count("full") >= 3
     count = lambda ks: models.flops.count(2, models.latent_shape, sizes, ks)  # noqa: E731
@@ -88,8 +96,22 @@ def test_the_flop_count_replays_the_decisions_and_counts_block_zero_on_skipped_s
 @pytest.mark.slow
 def test_cli_generates_with_fbcache_and_records_its_settings(tmp_path):
     def cli(name: str, *flags: str) -> int:
-        return main(["--config", str(TINY), "--save-dir", str(tmp_path / name), "--quiet", "--prompt", *PROMPTS,
-                     "--batch-size", "2", "--num-sampling-steps", str(STEPS), *flags])  # fmt: skip
+        return main(
+            [
+                "--config",
+                str(TINY),
+                "--save-dir",
+                str(tmp_path / name),
+                "--quiet",
+                "--prompt",
+                *PROMPTS,
+                "--batch-size",
+                "2",
+                "--num-sampling-steps",
+                str(STEPS),
+                *flags,
+            ]
+        )
 
     assert cli("none", "--cache", "none") == 0
     assert cli("fb", "--cache", "fbcache", "--cache-opt", "threshold=0.2", "--cache-opt", "warmup_steps=2") == 0
@@ -103,8 +125,18 @@ def test_cli_generates_with_fbcache_and_records_its_settings(tmp_path):
 
 def test_bad_settings_are_clear_errors(tmp_path, capsys):
     for opt, field in (("threshold=-1", "threshold"), ("warmup_steps=0", "warmup_steps"), ("max_skips=-2", "max")):
-        argv = ["--config", str(TINY), "--save-dir", str(tmp_path), "--prompt", PROMPTS[0], "--cache", "fbcache",
-                "--cache-opt", opt]  # fmt: skip
+        argv = [
+            "--config",
+            str(TINY),
+            "--save-dir",
+            str(tmp_path),
+            "--prompt",
+            PROMPTS[0],
+            "--cache",
+            "fbcache",
+            "--cache-opt",
+            opt,
+        ]
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "fbcache" in err and field in err and "allowed" in err, err
@@ -120,6 +152,10 @@ def test_two_sequence_parallel_ranks_decide_as_one_process(tmp_path):
     for report in reports:
         assert report["kinds_sp"] == report["kinds_single"] == single
         assert report["max_diff"] <= 1e-5
-        pairs = [(a, b) for sp, one in zip(report["signals_sp"], report["signals_single"])
-                 if sp is not None for a, b in zip(sp, one)]  # one signal per video and step
+        pairs = [
+            (a, b)
+            for sp, one in zip(report["signals_sp"], report["signals_single"])
+            if sp is not None
+            for a, b in zip(sp, one)
+        ]  # one signal per video and step
         assert pairs and all(abs(a - b) < 1e-6 and abs(a - threshold) > 1e-3 for a, b in pairs)

@@ -81,8 +81,10 @@ def _stack_io(model):
     """Forward hooks: per model call, the first block's input and the last block's output."""
     blocks = cache.find_blocks(model)
     seen = {"in": [], "out": []}
-    handles = [blocks[0].register_forward_hook(lambda _m, args, _o: seen["in"].append(args[0])),
-               blocks[-1].register_forward_hook(lambda _m, _a, out: seen["out"].append(out))]  # fmt: skip
+    handles = [
+        blocks[0].register_forward_hook(lambda _m, args, _o: seen["in"].append(args[0])),
+        blocks[-1].register_forward_hook(lambda _m, _a, out: seen["out"].append(out)),
+    ]
     return seen, handles
 
 
@@ -128,8 +130,9 @@ def test_calibration_policy_changes_nothing_and_records_the_norm_ratios(bed):
 
 def test_calibration_file_round_trip_and_use(tmp_path):
     out = tmp_path / "mag.json"
-    code = calibrate_main(["--config", str(TINY), "--prompts", "3", "--out", str(out), "--num-sampling-steps", "6",
-                           "--batch-size", "2"])  # fmt: skip
+    code = calibrate_main(
+        ["--config", str(TINY), "--prompts", "3", "--out", str(out), "--num-sampling-steps", "6", "--batch-size", "2"]
+    )
     assert code == 0
     data = read_ratios_file(out)
     assert data["num_steps"] == 6 and data["prompts"] == 3 and len(data["prompt_texts"]) == 3
@@ -185,16 +188,45 @@ def test_cli_runs_magcache_with_a_ratios_file(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"num_steps": STEPS, "ratios": list(RATIOS)}))
     save = tmp_path / "out"
-    code = main(["--config", str(TINY), "--save-dir", str(save), "--quiet", "--num-sampling-steps", str(STEPS),
-                 "--batch-size", "2", "--prompt", *PROMPTS, "--cache", "magcache",
-                 "--cache-opt", f"ratios_path={path}"])  # fmt: skip
+    code = main(
+        [
+            "--config",
+            str(TINY),
+            "--save-dir",
+            str(save),
+            "--quiet",
+            "--num-sampling-steps",
+            str(STEPS),
+            "--batch-size",
+            "2",
+            "--prompt",
+            *PROMPTS,
+            "--cache",
+            "magcache",
+            "--cache-opt",
+            f"ratios_path={path}",
+        ]
+    )
     assert code == 0
     records = [json.loads(p.read_text()) for p in sorted(save.glob("*.json"))]
     assert len(records) == 2 and all(r["method"] == "magcache" for r in records)
     assert records[0]["method_config"]["ratios_path"] == str(path)
     assert len(list(save.glob("*.mp4"))) == 2
-    code = main(["--config", str(TINY), "--save-dir", str(save), "--quiet", "--prompt", PROMPTS[0], "--cache",
-                 "magcache", "--cache-opt", f"ratios_path={tmp_path / 'nope.json'}"])  # fmt: skip
+    code = main(
+        [
+            "--config",
+            str(TINY),
+            "--save-dir",
+            str(save),
+            "--quiet",
+            "--prompt",
+            PROMPTS[0],
+            "--cache",
+            "magcache",
+            "--cache-opt",
+            f"ratios_path={tmp_path / 'nope.json'}",
+        ]
+    )
     assert code == 2
 
 

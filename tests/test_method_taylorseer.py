@@ -25,8 +25,9 @@ def test_order_zero_is_foras_reuse():
 
 
 def test_schedule_full_at_warmup_and_every_interval():
-    rows = schedule_table(cache.build_schedule(cache.make_config("taylorseer", interval=4, warmup_steps=3),
-                                               tuple(range(12, 0, -1))))  # fmt: skip
+    rows = schedule_table(
+        cache.build_schedule(cache.make_config("taylorseer", interval=4, warmup_steps=3), tuple(range(12, 0, -1)))
+    )
     full = [int(r["step"]) for r in rows if r["kind"] == "full"]
     assert full == [0, 1, 2, 3, 7, 11]
     assert all(r["spatial"] == "RRR" for r in rows if r["kind"] != "full")

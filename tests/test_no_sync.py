@@ -116,8 +116,9 @@ def test_cached_30_step_loop_has_no_sync_on_gpu():
     from duca_video.sampling.rflow import RFlowSampler
 
     sampler = RFlowSampler(num_sampling_steps=30, use_timestep_transform=False, cfg_scale=4.0)
-    kwargs = dict(fps=torch.full((b,), 24.0, device="cuda"), height=torch.full((b,), 64.0),
-                  width=torch.full((b,), 80.0))  # fmt: skip
+    kwargs = dict(
+        fps=torch.full((b,), 24.0, device="cuda"), height=torch.full((b,), 64.0), width=torch.full((b,), 80.0)
+    )
     # The caption mask stays on the CPU, as the pipeline passes it: the sampler reads it once per sample (to cut
     # the text keys) at no device cost; a CUDA mask would make that one read a sync.
     torch.cuda.synchronize()

@@ -76,9 +76,17 @@ def _save_tiny_vae(folder: Path) -> None:
 
     torch.manual_seed(0)
     # Four blocks: 8x spatial downsampling, as the patch size (1, 8, 8) upstream's VideoAutoencoderKL assumes.
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                        layers_per_block=1, norm_num_groups=4, sample_size=64)  # fmt: skip
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+    )
     vae.save_pretrained(folder)
 
 
@@ -89,7 +97,9 @@ STDIT3_ID = "hpcai-tech/OpenSora-STDiT-v3"
 # transformers 5 cannot run upstream's STDiT3.from_pretrained (its model code predates it): there a small STDiT3
 # is registered by the config itself and loaded by upstream's load_checkpoint (a .pth path). Only our mmengine
 # stand-in reads such a config; the real mmengine refuses code that defines functions in a config file.
-REGISTERED_MODEL = ("STDiT3-tiny/2", """def _register_tiny_stdit3():
+REGISTERED_MODEL = (
+    "STDiT3-tiny/2",
+    """def _register_tiny_stdit3():
     # Upstream registers only STDiT3-XL/2 and 3B: a small STDiT3 under a name of its own, built like those and
     # loaded by upstream's load_checkpoint (a .pth path).
     from opensora.models.stdit.stdit3 import STDiT3, STDiT3Config
@@ -107,7 +117,8 @@ REGISTERED_MODEL = ("STDiT3-tiny/2", """def _register_tiny_stdit3():
 _register_tiny_stdit3()
 del _register_tiny_stdit3
 
-""")
+""",
+)
 
 
 def _importable_without(root: Path, module: str) -> bool:
@@ -161,26 +172,47 @@ def setup(root, tmp_path_factory) -> dict:
         _tiny_upstream_stdit3().save_pretrained(_hub_folder(hub, STDIT3_ID))
     else:
         if importlib.util.find_spec("mmengine") is not None:
-            pytest.skip("transformers 5 cannot load upstream's STDiT3.from_pretrained, and the installed mmengine "
-                        "refuses a config that registers a small model in code")  # fmt: skip
+            pytest.skip(
+                "transformers 5 cannot load upstream's STDiT3.from_pretrained, and the installed mmengine "
+                "refuses a config that registers a small model in code"
+            )
         (model_type, model_code), stdit = REGISTERED_MODEL, str(base / "stdit3_tiny.pth")
         torch.save(_tiny_upstream_stdit3().state_dict(), stdit)
     _save_tiny_vae(base / "vae")
     config = base / "tiny_sample.py"
-    config.write_text(CONFIG.format(model=model_code, model_type=model_type, stdit=stdit, hub=str(hub),
-                                    vae=str(base / "vae"), t5=T5_ID))  # fmt: skip
+    config.write_text(
+        CONFIG.format(
+            model=model_code, model_type=model_type, stdit=stdit, hub=str(hub), vae=str(base / "vae"), t5=T5_ID
+        )
+    )
     # Open-Sora installed as its README does (`pip install -v .`): its scripts import the installed package.
     upstream = [] if _importable_without(root, "opensora") else [str(root)]
     paths = [*upstream, str(STARTUP), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "HF_HUB_CACHE": str(hub), "DUCA_TEST_FRAMES": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(paths),
+        "HF_HUB_CACHE": str(hub),
+        "DUCA_TEST_FRAMES": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     return {"base": base, "config": config, "env": env, "root": root}
 
 
 def _run(setup: dict, name: str, entry: list[str], extra: list[str] = ()) -> tuple[Path, str]:
     save_dir = setup["base"] / name
-    cmd = [sys.executable, *entry, str(setup["config"]), "--prompt", *PROMPTS, *FLAGS, "--save-dir", str(save_dir),
-           *extra]  # fmt: skip
+    cmd = [
+        sys.executable,
+        *entry,
+        str(setup["config"]),
+        "--prompt",
+        *PROMPTS,
+        *FLAGS,
+        "--save-dir",
+        str(save_dir),
+        *extra,
+    ]
     start = time.perf_counter()
     done = subprocess.run(cmd, env=setup["env"], cwd=setup["base"], capture_output=True, text=True, timeout=300)
     print(f"{name}: rc {done.returncode} in {time.perf_counter() - start:.1f} s")

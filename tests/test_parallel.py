@@ -62,8 +62,19 @@ def _inference(tmp_path: Path, save: str, nproc: int, *flags: str) -> subprocess
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     script = str(ROOT / "scripts" / "inference.py")
     launcher = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    args = ["--config", str(ROOT / "configs" / "tiny.py"), "--save-dir", str(tmp_path / save), "--quiet",
-            "--num-sampling-steps", "6", "--save-latents", "--batch-size", "1", *flags]  # fmt: skip
+    args = [
+        "--config",
+        str(ROOT / "configs" / "tiny.py"),
+        "--save-dir",
+        str(tmp_path / save),
+        "--quiet",
+        "--num-sampling-steps",
+        "6",
+        "--save-latents",
+        "--batch-size",
+        "1",
+        *flags,
+    ]
     return subprocess.run([*launcher, script, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -73,10 +84,12 @@ def test_cli_data_parallel_writes_each_prompt_once_and_sequence_parallel_matches
     from safetensors.torch import load_file
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle moving left on a dark background\n"
-                       "a blue square moving up on a light background\n"
-                       "a green circle moving right on a dark background\n"
-                       "a small yellow square moving down on a dark background\n")  # fmt: skip
+    prompts.write_text(
+        "a red circle moving left on a dark background\n"
+        "a blue square moving up on a light background\n"
+        "a green circle moving right on a dark background\n"
+        "a small yellow square moving down on a dark background\n"
+    )
     names = [f"sample_{i:04d}" for i in range(4)]
     # DuCa (tiny.py's method) with batches > 1: one process puts the 4 prompts in one batch, the 2 data-parallel
     # groups put prompts 2 and 3 on rows 0 and 1 of their batch. Each video's selection follows its own seed.
@@ -90,8 +103,9 @@ def test_cli_data_parallel_writes_each_prompt_once_and_sequence_parallel_matches
     # One summary for the whole job, printed once.
     assert dp.stdout.count("summary:") == 1 and "4 written" in dp.stdout, dp.stdout
     assert "job: 4 of 4 video(s) complete on disk" in dp.stdout
-    sp = _inference(tmp_path, "sp", 2, "--prompt-path", str(prompts), "--sp-size", "2", "--end-index", "2",
-                    "--batch-size", "2")  # fmt: skip
+    sp = _inference(
+        tmp_path, "sp", 2, "--prompt-path", str(prompts), "--sp-size", "2", "--end-index", "2", "--batch-size", "2"
+    )
     assert sp.returncode == 0, sp.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "sp").glob("*.mp4")) == ["sample_0000.mp4", "sample_0001.mp4"]
     for name in names:
@@ -108,7 +122,8 @@ def test_parallel_dims_lay_out_video_groups_on_consecutive_ranks(world, sp, cfg)
     dims = ParallelDims(world, sp, cfg)
     assert dims.shape == (world // (sp * cfg), cfg, sp)
     assert [dims.coordinate(r) for r in range(world)] == [
-        (d, c, s) for d in range(dims.dp) for c in range(cfg) for s in range(sp)]  # fmt: skip
+        (d, c, s) for d in range(dims.dp) for c in range(cfg) for s in range(sp)
+    ]
     video_groups = dims.groups_along((1, 2))
     assert video_groups == [list(range(i, i + sp * cfg)) for i in range(0, world, sp * cfg)]
     for axes in [(0,), (1,), (2,)]:

@@ -12,11 +12,17 @@ from duca_video.metrics.flops import SamplingFlops, flop_counter
 from duca_video.sampling.rflow import RFlowSampler
 from duca_video.testbed.tiny import load_tiny
 
-PROMPTS = ["a large red circle moving left on a dark background", "a small blue square moving up on a light background",
-           "a large green circle moving right on a dark background",
-           "a small yellow square moving down on a dark background"]  # fmt: skip
-CASES = [("teacache", {"threshold": 0.6}, "mixed"), ("fbcache", {"threshold": 0.2}, "first_block"),
-         ("easycache", {"threshold": 0.2, "warmup_steps": 2}, "mixed")]
+PROMPTS = [
+    "a large red circle moving left on a dark background",
+    "a small blue square moving up on a light background",
+    "a large green circle moving right on a dark background",
+    "a small yellow square moving down on a dark background",
+]
+CASES = [
+    ("teacache", {"threshold": 0.6}, "mixed"),
+    ("fbcache", {"threshold": 0.2}, "first_block"),
+    ("easycache", {"threshold": 0.2, "warmup_steps": 2}, "mixed"),
+]
 
 
 @pytest.fixture(scope="module")

@@ -36,8 +36,16 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def tiny(tmp_path, *argv):
-    flags = ["--config", str(ROOT / "configs" / "tiny.py"), "--save-dir", str(tmp_path / "out"), "--quiet",
-             "--num-sampling-steps", "2", *argv]  # fmt: skip
+    flags = [
+        "--config",
+        str(ROOT / "configs" / "tiny.py"),
+        "--save-dir",
+        str(tmp_path / "out"),
+        "--quiet",
+        "--num-sampling-steps",
+        "2",
+        *argv,
+    ]
     if "--prompt" not in argv:
         flags += ["--prompt", *PROMPTS[:2]]
     return load_config(flags[1], build_parser().parse_args(flags))
@@ -87,12 +95,14 @@ def test_names():
 
 
 def test_batches_seed_and_order(tmp_path):
-    cfg = tiny(tmp_path, "--prompt", *PROMPTS, "--batch-size", "2", "--num-sample", "2", "--seed", "10",
-               "--aes", "6.5")  # fmt: skip
+    cfg = tiny(tmp_path, "--prompt", *PROMPTS, "--batch-size", "2", "--num-sample", "2", "--seed", "10", "--aes", "6.5")
     batches = plan_batches(cfg, list(enumerate(PROMPTS)))
     assert [[(j.index, j.k, j.seed) for j in b] for b in batches] == [
-        [(0, 0, 10), (1, 0, 10)], [(0, 1, 11), (1, 1, 11)], [(2, 0, 10)], [(2, 1, 11)],
-    ]  # fmt: skip
+        [(0, 0, 10), (1, 0, 10)],
+        [(0, 1, 11), (1, 1, 11)],
+        [(2, 0, 10)],
+        [(2, 1, 11)],
+    ]
     assert batches[0][0].text == PROMPTS[0] + " aesthetic score: 6.5." and batches[0][0].prompt == PROMPTS[0]
     assert batches[1][1].name == "sample_0001-1"
 
@@ -308,8 +318,12 @@ def test_a_kill_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", real_replace)
     out = tmp_path / "out"
     assert summary.interrupted and summary.exit_code == 130 and summary.written == ["sample_0000"]
-    assert renamed == ["sample_0000.latent.safetensors", "sample_0000.mp4", "sample_0000.json",
-                       "sample_0001.latent.safetensors"]  # fmt: skip
+    assert renamed == [
+        "sample_0000.latent.safetensors",
+        "sample_0000.mp4",
+        "sample_0000.json",
+        "sample_0001.latent.safetensors",
+    ]
     # sample_0001's latent was written but not its video: the stop removes it with the video's other files, so
     # the folder holds whole videos only (and the next run makes sample_0001 again).
     assert sorted(p.name for p in out.iterdir()) == sorted(renamed[:3])
@@ -342,7 +356,7 @@ def test_complete_outputs_need_no_model(tmp_path, monkeypatch):
         (["--dtype", "bf16"], "dtype"),
         (["--prompt", PROMPTS[2], PROMPTS[1]], "prompt"),
     ],
-)  # fmt: skip
+)
 def test_a_video_made_with_other_settings_is_refused_before_any_model_loads(tmp_path, monkeypatch, flags, field):
     pipeline.run(tiny(tmp_path))
     monkeypatch.setattr(pipeline, "load_models", lambda *a, **k: pytest.fail("models loaded"))
@@ -413,11 +427,26 @@ def test_two_jobs_sharing_a_folder_never_leave_a_record_of_another_video(tmp_pat
     script = str(ROOT / "scripts" / "inference.py")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(FOUR) + "\n")
-    base = [sys.executable, script, "--config", str(ROOT / "configs" / "tiny.py"), "--save-dir", str(tmp_path / "out"),
-            "--prompt-path", str(prompts), "--num-sampling-steps", "4", "--batch-size", "1", "--quiet"]  # fmt: skip
+    base = [
+        sys.executable,
+        script,
+        "--config",
+        str(ROOT / "configs" / "tiny.py"),
+        "--save-dir",
+        str(tmp_path / "out"),
+        "--prompt-path",
+        str(prompts),
+        "--num-sampling-steps",
+        "4",
+        "--batch-size",
+        "1",
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    jobs = [subprocess.Popen([*base, "--cache", method], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for method in ("duca", "fora")]  # fmt: skip
+    jobs = [
+        subprocess.Popen([*base, "--cache", method], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for method in ("duca", "fora")
+    ]
     results = [job.communicate(timeout=300) + (job.returncode,) for job in jobs]
     assert all(code in (0, 1, 2) for *_, code in results), results
     assert all("Traceback" not in err for _, err, _ in results), results
@@ -452,8 +481,17 @@ def opensora_weights(tmp_path_factory):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     tokenizer.save_pretrained(root / "t5")
     torch.manual_seed(0)
-    t5 = T5Config(vocab_size=words.get_vocab_size(), d_model=32, d_kv=8, num_heads=4, num_layers=1, d_ff=64,
-                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+    t5 = T5Config(
+        vocab_size=words.get_vocab_size(),
+        d_model=32,
+        d_kv=8,
+        num_heads=4,
+        num_layers=1,
+        d_ff=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
     T5EncoderModel(t5).save_pretrained(root / "t5")
     vae = OpenSoraVAE.from_config(VAE_SPATIAL, VAE_TEMPORAL)
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, root / "vae.safetensors")
@@ -465,8 +503,13 @@ def opensora_weights(tmp_path_factory):
 
 
 VAE_SPATIAL = {"block_out_channels": (8, 16), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4}
-VAE_TEMPORAL = {"filters": 8, "num_res_blocks": 1, "num_groups": 4, "channel_multipliers": (1, 2, 2, 4),
-                "temporal_downsample": (False, True, True)}  # fmt: skip
+VAE_TEMPORAL = {
+    "filters": 8,
+    "num_res_blocks": 1,
+    "num_groups": 4,
+    "channel_multipliers": (1, 2, 2, 4),
+    "temporal_downsample": (False, True, True),
+}
 
 
 def test_opensora_components_from_environment_variables(tmp_path, monkeypatch, opensora_weights):
@@ -474,14 +517,25 @@ def test_opensora_components_from_environment_variables(tmp_path, monkeypatch, o
     text = (ROOT / "configs" / "duca_480p.py").read_text()
     text = text.replace('resolution = "480p"', "image_size = (32, 48)").replace("num_frames = 51", "num_frames = 17")
     text = text.replace("model_max_length=300)", "model_max_length=24)")
-    text = text.replace("micro_batch_size=4)", f"micro_batch_size=4, spatial_config={VAE_SPATIAL!r}, "
-                                               f"temporal_config={VAE_TEMPORAL!r})")  # fmt: skip
+    text = text.replace(
+        "micro_batch_size=4)", f"micro_batch_size=4, spatial_config={VAE_SPATIAL!r}, temporal_config={VAE_TEMPORAL!r})"
+    )
     config.write_text(text)
     monkeypatch.setenv("DUCA_CKPT_PATH", str(opensora_weights / "dit"))
     monkeypatch.setenv("DUCA_VAE_PATH", str(opensora_weights / "vae.safetensors"))
     monkeypatch.setenv("DUCA_T5_PATH", str(opensora_weights / "t5"))
-    argv = ["--config", str(config), "--prompt", PROMPTS[0], "--save-dir", str(tmp_path / "out"), "--quiet",
-            "--num-sampling-steps", "5", "--save-latents"]  # fmt: skip
+    argv = [
+        "--config",
+        str(config),
+        "--prompt",
+        PROMPTS[0],
+        "--save-dir",
+        str(tmp_path / "out"),
+        "--quiet",
+        "--num-sampling-steps",
+        "5",
+        "--save-latents",
+    ]
     summary = pipeline.run(load_config(config, build_parser().parse_args(argv)))
     assert summary.exit_code == 0, summary.format()
     record = json.loads((tmp_path / "out" / "sample_0000.json").read_text())
@@ -504,8 +558,16 @@ def test_tiny_config_with_trained_weights_is_a_one_line_switch(tmp_path):
     weights = tmp_path / "weights"
     encoder = WordTextEncoder(output_dim=24, model_max_length=12)
     encoder.save_pretrained(weights)
-    arch = STDiT3Config(depth=1, hidden_size=32, num_heads=2, in_channels=3, caption_channels=24,
-                        model_max_length=12, pred_sigma=False, input_sq_size=64)  # fmt: skip
+    arch = STDiT3Config(
+        depth=1,
+        hidden_size=32,
+        num_heads=2,
+        in_channels=3,
+        caption_channels=24,
+        model_max_length=12,
+        pred_sigma=False,
+        input_sq_size=64,
+    )
     (weights / "config.json").write_text(json.dumps({**arch.to_dict(), "testbed": {"fps": 8}}))
     save_file({k: v.contiguous() for k, v in STDiT3(arch).state_dict().items()}, weights / "model.safetensors")
     import re
@@ -517,8 +579,17 @@ def test_tiny_config_with_trained_weights_is_a_one_line_switch(tmp_path):
     for value, expected in ((repr(str(weights)), str(weights)), ("None", None)):  # trained weights, random init
         config.write_text(line.sub(f"_weights = {value}", text))
         out = tmp_path / f"out-{value[:4]}"
-        argv = ["--config", str(config), "--prompt", PROMPTS[0], "--save-dir", str(out), "--quiet",
-                "--num-sampling-steps", "2"]  # fmt: skip
+        argv = [
+            "--config",
+            str(config),
+            "--prompt",
+            PROMPTS[0],
+            "--save-dir",
+            str(out),
+            "--quiet",
+            "--num-sampling-steps",
+            "2",
+        ]
         assert pipeline.run(load_config(config, build_parser().parse_args(argv))).exit_code == 0
         record = json.loads((out / "sample_0000.json").read_text())
         if expected is not None:
@@ -530,11 +601,18 @@ def test_tiny_config_with_trained_weights_is_a_one_line_switch(tmp_path):
 def test_testbed_settings_are_checked_against_the_constructors(tmp_path):
     from duca_video.configs import ConfigError, InferenceConfig
 
-    cfg = InferenceConfig.from_dict({
-        "image_size": (16, 16), "num_frames": 8, "prompt": [PROMPTS[0]], "save_dir": str(tmp_path / "out"),
-        "scheduler": {"use_timestep_transform": False}, "model": {"type": "STDiT3"}, "vae": {"type": "PixelVAE"},
-        "text_encoder": {"type": "word", "colour": "red"},
-    })  # fmt: skip
+    cfg = InferenceConfig.from_dict(
+        {
+            "image_size": (16, 16),
+            "num_frames": 8,
+            "prompt": [PROMPTS[0]],
+            "save_dir": str(tmp_path / "out"),
+            "scheduler": {"use_timestep_transform": False},
+            "model": {"type": "STDiT3"},
+            "vae": {"type": "PixelVAE"},
+            "text_encoder": {"type": "word", "colour": "red"},
+        }
+    )
     with pytest.raises(ConfigError, match="text_encoder: unknown key 'colour' for WordTextEncoder; allowed: words"):
         pipeline.run(cfg)
     with pytest.raises(ConfigError, match="vae.from_pretrained: PixelVAE has no weights"):

@@ -24,8 +24,15 @@ def test_ulysses_bytes_by_hand_and_equal_to_what_our_sp_sends():
 
 
 def test_cached_steps_send_nothing_and_full_steps_send_the_forward_bytes():
-    setup = BenchSetup(model=CFG, latent_shape=(3, 6, 10), image_size=(48, 80), num_frames=9, num_steps=8,
-                       cfg_scale=4.0, use_timestep_transform=False)  # fmt: skip
+    setup = BenchSetup(
+        model=CFG,
+        latent_shape=(3, 6, 10),
+        image_size=(48, 80),
+        num_frames=9,
+        num_steps=8,
+        cfg_scale=4.0,
+        use_timestep_transform=False,
+    )
     steps = loop_steps(setup, "fora", sp_size=2)
     full_bytes = ulysses_bytes_per_forward(CFG, (3, 6, 10), rows=2, sp_size=2)
     assert {s.kind for s in steps} == {"full", "conservative"}

@@ -32,8 +32,25 @@ def test_sites_carry_the_cut_shapes():
 
 def test_probe_cli_reports_each_site_and_backend_on_cpu(tmp_path, capsys):
     out = tmp_path / "probe.json"
-    assert main(["--resolution", "240p", "--frames", "17", "--sp", "4", "--text-tokens", "12", "--dtype", "fp32",
-                 "--json", str(out)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "--resolution",
+                "240p",
+                "--frames",
+                "17",
+                "--sp",
+                "4",
+                "--text-tokens",
+                "12",
+                "--dtype",
+                "fp32",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "CPU: PyTorch offers its math kernel" in printed and "spatial self" in printed
     report = json.loads(out.read_text())

@@ -44,8 +44,15 @@ def test_config_defaults_are_xl2():
 
 
 def test_hf_config_keys_are_accepted():
-    hf = {**TINY, "architectures": ["STDiT3"], "model_type": "STDiT3", "enable_flash_attn": True,
-          "input_size": [None, None, None], "class_dropout_prob": 0.1, "torch_dtype": "float32"}  # fmt: skip
+    hf = {
+        **TINY,
+        "architectures": ["STDiT3"],
+        "model_type": "STDiT3",
+        "enable_flash_attn": True,
+        "input_size": [None, None, None],
+        "class_dropout_prob": 0.1,
+        "torch_dtype": "float32",
+    }
     assert STDiT3Config.from_dict(hf).hidden_size == 64
 
 

@@ -34,8 +34,22 @@ def _full(*_args, **_kwargs):
 
 
 def _run(tmp_path: Path, *flags: str) -> int:
-    return main(["--config", str(TINY), "--save-dir", str(tmp_path / "out"), "--num-sampling-steps", "2", "--quiet",
-                 "--prompt", *PROMPTS, "--batch-size", "1", *flags])  # fmt: skip
+    return main(
+        [
+            "--config",
+            str(TINY),
+            "--save-dir",
+            str(tmp_path / "out"),
+            "--num-sampling-steps",
+            "2",
+            "--quiet",
+            "--prompt",
+            *PROMPTS,
+            "--batch-size",
+            "1",
+            *flags,
+        ]
+    )
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -85,8 +99,19 @@ def test_a_complete_job_on_a_folder_it_cannot_write_is_reported_complete(tmp_pat
 
 
 def _cli(tmp_path: Path, prompt_path: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(SCRIPT), "--config", str(TINY), "--save-dir", str(tmp_path / "out"),
-           "--num-sampling-steps", "2", "--quiet", "--prompt-path", prompt_path]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--config",
+        str(TINY),
+        "--save-dir",
+        str(tmp_path / "out"),
+        "--num-sampling-steps",
+        "2",
+        "--quiet",
+        "--prompt-path",
+        prompt_path,
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, input=stdin, env=env, capture_output=True, text=True, timeout=180)
 

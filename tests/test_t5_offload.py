@@ -17,6 +17,8 @@ PROMPTS, MAX_LEN = WORD_SENTENCES[:2], WORD_T5_MAX_LEN
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory):
     return build_word_level_t5(tmp_path_factory.mktemp("tiny_t5"))
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -31,12 +31,6 @@ LAYOUT = ["config.json", *SHARDS, "special_tokens_map.json", "spiece.model", "to
 PROMPTS = ["a red circle moving left on a dark background", "waves crash on a sandy beach under a cloudy sky"]
 
 
-
-
-
-
-
-
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory) -> Path:
     return build_deepfloyd_like_t5(tmp_path_factory.mktemp("deepfloyd_t5"))
@@ -107,15 +101,32 @@ def _inference(tmp_path: Path, t5_dir: Path, dtype: str, nproc: int) -> dict[str
     config.write_text(CONFIG.format(t5=str(t5_dir), length=MAX_LEN, dtype=dtype))
     save = tmp_path / f"{dtype}_{nproc}"
     # DuCa's default schedule warms up for 3 steps: with 5 its cache is read on the last two.
-    args = ["--config", str(config), "--save-dir", str(save), "--quiet", "--cache", "duca", "--save-latents",
-            "--batch-size", "2", "--prompt", *PROMPTS]  # fmt: skip
+    args = [
+        "--config",
+        str(config),
+        "--save-dir",
+        str(save),
+        "--quiet",
+        "--cache",
+        "duca",
+        "--save-latents",
+        "--batch-size",
+        "2",
+        "--prompt",
+        *PROMPTS,
+    ]
     if nproc == 1:
         assert cli_main(args) == 0
     else:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-        done = subprocess.run([*launcher, str(SCRIPT), *args, "--sp-size", str(nproc)], env=env,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        done = subprocess.run(
+            [*launcher, str(SCRIPT), *args, "--sp-size", str(nproc)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
     latents = {p.name: load_file(str(p))["latent"] for p in sorted(save.glob("*.latent.safetensors"))}
     assert len(latents) == len(PROMPTS), sorted(p.name for p in save.iterdir())

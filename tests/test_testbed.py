@@ -63,8 +63,14 @@ def test_data_is_seeded_and_shapes_stay_inside(clips):
 
 def test_caption_parsing():
     parsed = parse_caption("A large red square moving left on a dark background")
-    assert parsed == {"colour": "red", "shape": "square", "direction": "left", "background": "dark",
-                      "size": "large", "speed": None}  # fmt: skip
+    assert parsed == {
+        "colour": "red",
+        "shape": "square",
+        "direction": "left",
+        "background": "dark",
+        "size": "large",
+        "speed": None,
+    }
     with pytest.raises(ValueError, match="names no direction"):
         parse_caption("a red square on a dark background")
     with pytest.raises(ValueError, match="several colours"):
@@ -128,8 +134,9 @@ def test_word_encoder_shapes_masks_and_unknown_words(tmp_path):
 
 def test_word_encoder_null_caption_is_the_models():
     enc = WordTextEncoder(output_dim=8, model_max_length=12)
-    cfg = STDiT3Config(depth=1, hidden_size=16, num_heads=2, in_channels=3, caption_channels=8,
-                       model_max_length=12, pred_sigma=False)  # fmt: skip
+    cfg = STDiT3Config(
+        depth=1, hidden_size=16, num_heads=2, in_channels=3, caption_channels=8, model_max_length=12, pred_sigma=False
+    )
     model = STDiT3(cfg)
     with pytest.raises(RuntimeError, match="needs a model"):
         enc.null(2)
@@ -162,8 +169,25 @@ def _train_module():
 
 def test_train_script_resume_matches_an_uninterrupted_run(tmp_path):
     train = _train_module()
-    common = ["--depth", "1", "--hidden", "32", "--heads", "2", "--batch-size", "2", "--no-bf16", "--warmup", "1",
-              "--threads", "1", "--log-every", "1", "--text-dim", "8"]  # fmt: skip
+    common = [
+        "--depth",
+        "1",
+        "--hidden",
+        "32",
+        "--heads",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-bf16",
+        "--warmup",
+        "1",
+        "--threads",
+        "1",
+        "--log-every",
+        "1",
+        "--text-dim",
+        "8",
+    ]
     train.main([*common, "--out", str(tmp_path / "a"), "--steps", "3"])
     train.main([*common, "--out", str(tmp_path / "b"), "--steps", "3", "--stop-at", "2"])
     train.main([*common, "--out", str(tmp_path / "b"), "--steps", "3", "--resume"])
@@ -188,8 +212,9 @@ def test_shipped_tiny_model_loads_strictly_and_generates():
     bed = load_tiny(DEFAULT_TINY_DIR)  # strict: any missing/unexpected key raises
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every caption word is in the vocabulary
-        video = bed.generate(["a large red square moving left on a dark background"], seeds=[0],
-                             sampler=_few_steps(bed.sampler))  # fmt: skip
+        video = bed.generate(
+            ["a large red square moving left on a dark background"], seeds=[0], sampler=_few_steps(bed.sampler)
+        )
     t, h, w = testbed["num_frames"], testbed["height"], testbed["width"]
     assert video.shape == (1, 3, t, h, w) and video.abs().max() <= 1 and torch.isfinite(video).all()
 

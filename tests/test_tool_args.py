@@ -25,8 +25,16 @@ MEMORY = ["-m", "duca_video.metrics.memory"]
 SCALING = ["-m", "duca_video.metrics.scaling", "--published-only"]
 FLOPS = ["-m", "duca_video.metrics.flops"]
 PROBE = ["-m", "duca_video.models.sdpa_probe", "--resolution", "144p", "--frames", "17"]
-CALIBRATE = ["-m", "duca_video.cache.methods.magcache_calibrate", "--config", "configs/tiny.py", "--prompts", "1",
-             "--num-sampling-steps", "2"]  # fmt: skip
+CALIBRATE = [
+    "-m",
+    "duca_video.cache.methods.magcache_calibrate",
+    "--config",
+    "configs/tiny.py",
+    "--prompts",
+    "1",
+    "--num-sampling-steps",
+    "2",
+]
 FIDELITY = ["eval/fidelity.py", "--reference", "{base}/videos/none", "--methods", "a={base}/videos/a", "--lpips", "off"]
 REPORT = ["eval/report.py", "--reference", "{base}/videos/none", "--methods", "a={base}/videos/a"]
 OPENSORA = ["-m", "duca_video.opensora"]
@@ -51,12 +59,29 @@ CASES = [
     Case("bench-prompts-0", [*TESTBED, "--prompts", "0"], "--prompts", ("bench.json",)),
     Case("bench-sp-sizes-empty", [*FLOPS_BENCH, "--sp-sizes", ""], "--sp-sizes", ("bench.json",)),
     Case("bench-sp-sizes-3", [*FLOPS_BENCH, "--sp-sizes", "3"], "--sp-sizes", ("bench.json",)),
-    Case("bench-config-missing", ["scripts/benchmark.py", "--config", "{base}/none.py", "--json", "{base}/bench.json"],
-         "--config", ("bench.json",)),  # fmt: skip
-    Case("bench-json-folder", ["scripts/benchmark.py", "--config", "configs/bench_cpu.py", "--json", "{base}/folder",
-                               "--flops-only"], "--json"),  # fmt: skip
-    Case("bench-json-under-file", ["scripts/benchmark.py", "--config", "configs/bench_cpu.py", "--json",
-                                   "{base}/list.json/bench.json", "--flops-only"], "--json"),  # fmt: skip
+    Case(
+        "bench-config-missing",
+        ["scripts/benchmark.py", "--config", "{base}/none.py", "--json", "{base}/bench.json"],
+        "--config",
+        ("bench.json",),
+    ),
+    Case(
+        "bench-json-folder",
+        ["scripts/benchmark.py", "--config", "configs/bench_cpu.py", "--json", "{base}/folder", "--flops-only"],
+        "--json",
+    ),
+    Case(
+        "bench-json-under-file",
+        [
+            "scripts/benchmark.py",
+            "--config",
+            "configs/bench_cpu.py",
+            "--json",
+            "{base}/list.json/bench.json",
+            "--flops-only",
+        ],
+        "--json",
+    ),
     Case("bench-plot-no-folder", [*FLOPS_BENCH, "--plot", "{base}/missing/plot.png"], "--plot", ("bench.json",)),
     Case("bench-device", [*BENCH, "--device", "bogus"], "--device", ("bench.json",)),
     Case("bench-ckpt-missing", [*BENCH, "--ckpt-path", "{base}/missing"], "--ckpt-path", ("bench.json",)),
@@ -68,8 +93,12 @@ CASES = [
     Case("gpu-text-tokens-over", [*GPU, "--text-tokens", "9"], "--text-tokens", ("gpu.json",)),
     Case("gpu-out-no-folder", ["scripts/gpu_check.py", "--tiny", "--out", "{base}/missing/gpu.json"], "--out"),
     Case("gpu-out-folder", ["scripts/gpu_check.py", "--tiny", "--out", "{base}/folder"], "--out"),
-    Case("gpu-compile-backend-empty", [*GPU, "--compile", "none", "--compile-backend", ""], "--compile-backend",
-         ("gpu.json",)),  # fmt: skip
+    Case(
+        "gpu-compile-backend-empty",
+        [*GPU, "--compile", "none", "--compile-backend", ""],
+        "--compile-backend",
+        ("gpu.json",),
+    ),
     # python -m duca_video.metrics.memory / scaling / flops
     Case("memory-steps-0", [*MEMORY, "--steps", "0"], "--steps"),
     Case("memory-frames-0", [*MEMORY, "--sizes", "480p:0"], "--sizes"),
@@ -102,9 +131,22 @@ CASES = [
     Case("fidelity-out-file", [*FIDELITY, "--out", "{base}/list.json"], "--out"),
     Case("fidelity-out-empty", [*FIDELITY, "--out", ""], "--out"),
     Case("fidelity-device-empty", [*FIDELITY, "--out", "{base}/fid", "--device", ""], "--device", ("fid",)),
-    Case("fidelity-record-cost-type", ["eval/fidelity.py", "--reference", "{base}/videos/none", "--methods",
-                                       "a={base}/videos/badrec", "--out", "{base}/fid", "--lpips", "off"],
-         "latency_s", ("fid",)),  # fmt: skip
+    Case(
+        "fidelity-record-cost-type",
+        [
+            "eval/fidelity.py",
+            "--reference",
+            "{base}/videos/none",
+            "--methods",
+            "a={base}/videos/badrec",
+            "--out",
+            "{base}/fid",
+            "--lpips",
+            "off",
+        ],
+        "latency_s",
+        ("fid",),
+    ),
     Case("report-out-no-folder", [*REPORT, "--out", "{base}/missing/r.md"], "--out"),
     Case("report-out-folder", [*REPORT, "--out", "{base}/folder"], "--out"),
     Case("report-out-empty", [*REPORT, "--out", ""], "--out"),
@@ -114,10 +156,16 @@ CASES = [
     Case("report-fidelity-type", [*REPORT, "--fidelity", "{base}/badtypes.json"], "summary"),
     # python -m duca_video.opensora (a stand-in Open-Sora checkout: see _checkout)
     Case("opensora-script-missing", [*OPENSORA, "{base}/checkout/scripts/missing.py", "{base}/cfg.py"], "missing.py"),
-    Case("opensora-script-not-upstream", [*OPENSORA, "--open-sora-root", "{base}/checkout", "--script",
-                                          "scripts/benchmark.py", "{base}/cfg.py"], "--script"),  # fmt: skip
-    Case("opensora-leading-not-upstream", [*OPENSORA, "--open-sora-root", "{base}/checkout", "scripts/benchmark.py",
-                                           "{base}/cfg.py"], "benchmark.py"),  # fmt: skip
+    Case(
+        "opensora-script-not-upstream",
+        [*OPENSORA, "--open-sora-root", "{base}/checkout", "--script", "scripts/benchmark.py", "{base}/cfg.py"],
+        "--script",
+    ),
+    Case(
+        "opensora-leading-not-upstream",
+        [*OPENSORA, "--open-sora-root", "{base}/checkout", "scripts/benchmark.py", "{base}/cfg.py"],
+        "benchmark.py",
+    ),
     Case("opensora-config-missing", [*OPENSORA, SCRIPT, "{base}/none.py", "--cache", "duca"], "none.py"),
     Case("opensora-config-folder", [*OPENSORA, SCRIPT, "{base}/folder", "--cache", "duca"], "folder"),
     Case("opensora-root-empty", [*OPENSORA, "--open-sora-root", "", "{base}/cfg.py"], "--open-sora-root ''"),
@@ -168,8 +216,15 @@ def _videos(base: Path) -> None:
 
     from duca_video.io import write_video
 
-    record = {"prompt": "p", "text": "p", "seed": 0, "image_size": [16, 16], "video_size": [16, 16], "frames": 4,
-              "fps": 8}  # fmt: skip
+    record = {
+        "prompt": "p",
+        "text": "p",
+        "seed": 0,
+        "image_size": [16, 16],
+        "video_size": [16, 16],
+        "frames": 4,
+        "fps": 8,
+    }
     for name, seed, latency in (("none", 0, 1.0), ("a", 1, 0.5), ("badrec", 1, "fast")):
         folder = base / "videos" / name
         folder.mkdir(parents=True)
@@ -181,8 +236,11 @@ def _videos(base: Path) -> None:
 def _fixtures(base: Path) -> None:
     (base / "folder").mkdir()
     (base / "list.json").write_text("[1, 2]")
-    (base / "badtypes.json").write_text(json.dumps({"device": "cpu", "setup": [1, 2], "summary": ["a"],
-                                                    "methods": {"none": {"step_ms": {"full": "x"}}}}))  # fmt: skip
+    (base / "badtypes.json").write_text(
+        json.dumps(
+            {"device": "cpu", "setup": [1, 2], "summary": ["a"], "methods": {"none": {"step_ms": {"full": "x"}}}}
+        )
+    )
     (base / "vbench_bad.json").write_text(json.dumps({"total": "high", "quality": 80.0, "semantic": 70.0}))
     (base / "cfg.py").write_text(CONFIG)
     for rel, text in CHECKOUT.items():

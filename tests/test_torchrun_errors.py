@@ -11,14 +11,27 @@ from tests.torchrun import ROOT, TORCHRUN, worker_env
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("flags, message", [
-    (["--cache", "nosuch"], "error: argument --cache: invalid choice: 'nosuch'"),  # argparse's own check
-    (["--seed", "-1"], "error: seed=-1 is not allowed"),  # the config's check
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--cache", "nosuch"], "error: argument --cache: invalid choice: 'nosuch'"),  # argparse's own check
+        (["--seed", "-1"], "error: seed=-1 is not allowed"),  # the config's check
+    ],
+)
 def test_bad_input_under_torchrun_gives_one_error_line(tmp_path, flags, message):
-    cmd = [*TORCHRUN, "--standalone", "--nproc_per_node=2", str(ROOT / "scripts" / "inference.py"),
-           "--config", str(ROOT / "configs" / "tiny.py"), "--prompt", "a red circle", "--save-dir", str(tmp_path),
-           *flags]  # fmt: skip
+    cmd = [
+        *TORCHRUN,
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "scripts" / "inference.py"),
+        "--config",
+        str(ROOT / "configs" / "tiny.py"),
+        "--prompt",
+        "a red circle",
+        "--save-dir",
+        str(tmp_path),
+        *flags,
+    ]
     done = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True, timeout=300)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message), done.stderr[-3000:]

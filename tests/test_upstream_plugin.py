@@ -84,8 +84,11 @@ def test_a_second_prompt_starts_clean_and_summary_describes_it(up, models):
     cache.disable(theirs)
     torch.testing.assert_close(after_first, alone, atol=0, rtol=0)
     e = second["extra"]
-    assert steps_seen == pytest.approx(expected_timesteps(SamplingSettings(STEPS, use_timestep_transform=True),
-                                                          e["height"], e["width"], e["num_frames"]))  # fmt: skip
+    assert steps_seen == pytest.approx(
+        expected_timesteps(
+            SamplingSettings(STEPS, use_timestep_transform=True), e["height"], e["width"], e["num_frames"]
+        )
+    )
     assert [h["step"] for h in controller.history] == list(range(STEPS))
     lines = controller.summary().splitlines()
     assert len(lines) == STEPS + 3 and "conservative" in controller.summary()
@@ -132,8 +135,10 @@ def test_settings_as_a_dict_or_a_step_count_and_announcements_win(up, models):
     cache.enable(theirs, "duca", scheduler=rflow)
     expected = sample_upstream(rflow, theirs, data)
     # Open-Sora's config entry, and the shorthand for its 1.2 inference sampler, give the same schedule.
-    for settings in ({"scheduler": dict(type="rflow", use_timestep_transform=True, num_sampling_steps=STEPS)},
-                     {"num_sampling_steps": STEPS}):  # fmt: skip
+    for settings in (
+        {"scheduler": dict(type="rflow", use_timestep_transform=True, num_sampling_steps=STEPS)},
+        {"num_sampling_steps": STEPS},
+    ):
         cache.enable(theirs, "duca", **settings)
         assert torch.equal(sample_upstream(rflow, theirs, data), expected)
     # Our sampler announces its samples: settings given for another sampler do not get in the way.
@@ -148,8 +153,10 @@ def test_followed_timesteps_are_upstreams_in_its_dtype(up):
     # Upstream builds height/width/num_frames in the model dtype: in bf16 its transform ratio is rounded.
     for dtype, (h, w, f) in ((torch.bfloat16, (480, 854, 51)), (torch.float32, (720, 1280, 102))):
         args = {k: torch.tensor([float(v)], dtype=dtype) for k, v in (("height", h), ("width", w), ("num_frames", f))}
-        theirs = [up.rf.timestep_transform(torch.tensor([(1 - i / 30) * 1000]), args, num_timesteps=1000).item()
-                  for i in range(30)]  # fmt: skip
+        theirs = [
+            up.rf.timestep_transform(torch.tensor([(1 - i / 30) * 1000]), args, num_timesteps=1000).item()
+            for i in range(30)
+        ]
         mine = expected_timesteps(SamplingSettings(30, use_timestep_transform=True), *args.values())
         assert mine == theirs
 
@@ -157,10 +164,13 @@ def test_followed_timesteps_are_upstreams_in_its_dtype(up):
 @pytest.mark.multiprocess
 def test_upstream_sequence_parallel_on_two_ranks_equals_one_process(up, tmp_path):
     # Upstream's SP exchanges tokens with dist.all_to_all, which torch 2.3's gloo lacks (newer gloo has it).
-    no_gloo = {"Backend gloo does not support alltoall": f"torch {torch.__version__}'s gloo backend has no all_to_all, "
-               "which upstream's sequence parallelism uses: it runs on NCCL (a GPU) or on newer torch's gloo"}
-    reports = run_workers("upstream_sp_worker.py", 2, tmp_path, env=worker_env(OPEN_SORA_ROOT=str(up.root)),
-                          skip_if=no_gloo)
+    no_gloo = {
+        "Backend gloo does not support alltoall": f"torch {torch.__version__}'s gloo backend has no all_to_all, "
+        "which upstream's sequence parallelism uses: it runs on NCCL (a GPU) or on newer torch's gloo"
+    }
+    reports = run_workers(
+        "upstream_sp_worker.py", 2, tmp_path, env=worker_env(OPEN_SORA_ROOT=str(up.root)), skip_if=no_gloo
+    )
     for rank, report in enumerate(reports):
         for method, result in report["methods"].items():
             print(f"rank {rank} {method}: max |2 ranks - 1 process| = {result['max_diff']:.2e}")
@@ -198,8 +208,21 @@ def run_cli(up, tmp_path, *args, config_extra=""):
     from duca_video.opensora import main
 
     out = tmp_path / "out"
-    argv = ["--open-sora-root", str(up.root), "--script", str(DRIVER), str(write_config(tmp_path, config_extra)),
-            "--prompt", "a", "b", "--save-dir", str(out), "--num-sampling-steps", str(STEPS), *args]  # fmt: skip
+    argv = [
+        "--open-sora-root",
+        str(up.root),
+        "--script",
+        str(DRIVER),
+        str(write_config(tmp_path, config_extra)),
+        "--prompt",
+        "a",
+        "b",
+        "--save-dir",
+        str(out),
+        "--num-sampling-steps",
+        str(STEPS),
+        *args,
+    ]
     code = main(argv)
     return code, (torch.load(out / "latent.pt") if code == 0 else None)
 
@@ -260,8 +283,9 @@ def test_upstreams_inference_script_builds_through_the_functions_the_cli_wraps(u
     # The reduced script above stands in for scripts/inference.py, which needs T5 and VAE weights to run; this
     # checks that the real script takes its model, sampler and config through the names the CLI wraps.
     tree = ast.parse((up.root / "scripts" / "inference.py").read_text())
-    imported = {(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-                for alias in node.names}  # fmt: skip
+    imported = {
+        (node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
+    }
     assert {("opensora.registry", "build_module"), ("opensora.utils.config_utils", "parse_configs")} <= imported
     calls = [ast.unparse(node) for node in ast.walk(tree) if isinstance(node, ast.Call)]
     assert any(c.startswith("build_module(cfg.model, MODELS") for c in calls)
@@ -274,8 +298,10 @@ def test_follows_upstreams_bf16_inference(up):
     model = tiny_upstream_model(up).to(torch.bfloat16)
     data = tiny_inputs(frames=51)
     data["z"] = data["z"].to(torch.bfloat16)
-    data["extra"] = {k: torch.full((2,), v, dtype=torch.bfloat16) for k, v in
-                     (("height", 480.0), ("width", 854.0), ("num_frames", 51.0), ("fps", 24.0))}  # fmt: skip
+    data["extra"] = {
+        k: torch.full((2,), v, dtype=torch.bfloat16)
+        for k, v in (("height", 480.0), ("width", 854.0), ("num_frames", 51.0), ("fps", 24.0))
+    }
     rflow = upstream_rflow(up, STEPS)
     seen = []
     handle = model.register_forward_pre_hook(lambda _m, args: seen.append(float(args[1][0])))

@@ -27,7 +27,6 @@ REF_JSON = REFERENCE_DIR / "temporal_vae_reference_public.json"
 FULL_SIZE_NUM_PARAMETERS = 309_687_144
 
 
-
 def _need_reference() -> dict:
     if not (REF_WEIGHTS.is_file() and REF_JSON.is_file()):
         pytest.skip(f"reference data not found in {REFERENCE_DIR}")

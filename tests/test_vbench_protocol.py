@@ -27,8 +27,14 @@ N = 2  # videos per prompt in these suites
 
 
 def run(script, *argv, env=None, cwd=None):
-    return subprocess.run([sys.executable, str(SCRIPTS[script]), *map(str, argv)], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=120)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, str(SCRIPTS[script]), *map(str, argv)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def make_suite(path, dims=DIMENSIONS):
@@ -85,25 +91,58 @@ def test_a_rerun_scores_again_a_partial_nan_or_other_suite_dimension(layout):
     write_vbench_result(scores, "scene", 0.5, [*suite_names("scene"), "another prompt-0"])  # another suite's
     # color lists only the videos where GRiT found the object: covered by the videos its run was given
     write_vbench_result(scores, "color", 0.4, suite_names("color")[:1], given=suite_names("color"))
-    out = run("score", "--videos", layout / "videos", "--score-dir", scores, "--full-info", layout / "full_info.json",
-              "--num-samples", N, "--dry-run")  # fmt: skip
+    out = run(
+        "score",
+        "--videos",
+        layout / "videos",
+        "--score-dir",
+        scores,
+        "--full-info",
+        layout / "full_info.json",
+        "--num-samples",
+        N,
+        "--dry-run",
+    )
     assert out.returncode == 0, out.stderr
     assert workers(out.stdout) == ["scene", "subject_consistency", "temporal_flickering"]
-    assert ("re-scoring temporal_flickering: its results cover 1 of the 2 videos the suite lists for it, e.g. no "
-            "result for 'a prompt for temporal_flickering-1.mp4'") in out.stdout  # fmt: skip
+    assert (
+        "re-scoring temporal_flickering: its results cover 1 of the 2 videos the suite lists for it, e.g. no "
+        "result for 'a prompt for temporal_flickering-1.mp4'"
+    ) in out.stdout
     assert "re-scoring subject_consistency: its score is nan, not a finite fraction" in out.stdout
     assert "re-scoring scene: its results hold 1 video(s) the suite does not list for it" in out.stdout
     assert "color" in out.stdout.split("already scored (skipped; --force to redo): ")[1].splitlines()[0]
 
     (scores / "color_full_info.json").unlink()  # now the color result's coverage cannot be read
-    out = run("score", "--videos", layout / "videos", "--score-dir", scores, "--full-info", layout / "full_info.json",
-              "--num-samples", N, "--dry-run", "--dimensions", "color,dynamic_degree")  # fmt: skip
+    out = run(
+        "score",
+        "--videos",
+        layout / "videos",
+        "--score-dir",
+        scores,
+        "--full-info",
+        layout / "full_info.json",
+        "--num-samples",
+        N,
+        "--dry-run",
+        "--dimensions",
+        "color,dynamic_degree",
+    )
     assert workers(out.stdout) == ["color"] and "re-scoring color: its results cover 1 of the 2" in out.stdout
 
 
 def test_device_cpu_runs_the_cpu_dimensions_on_the_cpu(layout):
-    base = ["--videos", layout / "videos", "--score-dir", layout / "s", "--full-info", layout / "full_info.json",
-            "--num-samples", N, "--dry-run"]  # fmt: skip
+    base = [
+        "--videos",
+        layout / "videos",
+        "--score-dir",
+        layout / "s",
+        "--full-info",
+        layout / "full_info.json",
+        "--num-samples",
+        N,
+        "--dry-run",
+    ]
     out = run("score", *base, "--device", "cpu")
     assert out.returncode == 0, out.stderr
     commands = [line for line in out.stdout.splitlines() if "--worker" in line]
@@ -120,21 +159,42 @@ def test_device_cpu_runs_the_cpu_dimensions_on_the_cpu(layout):
 
 def test_local_dry_run_lists_every_offline_file(layout):
     caches = layout / "caches"
-    env = {**os.environ, "VBENCH_CACHE_DIR": str(caches / "vbench"), "TORCH_HOME": str(caches / "torch"),
-           "HF_HOME": str(caches / "hf")}  # fmt: skip
+    env = {
+        **os.environ,
+        "VBENCH_CACHE_DIR": str(caches / "vbench"),
+        "TORCH_HOME": str(caches / "torch"),
+        "HF_HOME": str(caches / "hf"),
+    }
     for var in ("TRANSFORMERS_CACHE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         env.pop(var, None)
-    argv = ["--videos", layout / "videos", "--score-dir", layout / "s", "--full-info", layout / "full_info.json",
-            "--num-samples", N, "--dry-run", "--local", "--force", "--dimensions", "subject_consistency,scene,color"]
+    argv = [
+        "--videos",
+        layout / "videos",
+        "--score-dir",
+        layout / "s",
+        "--full-info",
+        layout / "full_info.json",
+        "--num-samples",
+        N,
+        "--dry-run",
+        "--local",
+        "--force",
+        "--dimensions",
+        "subject_consistency,scene,color",
+    ]
     missing = [line for line in run("score", *argv, env=env).stdout.splitlines() if "missing" in line]
     assert any(line.endswith("torch/hub/checkpoints/dino_vitbase16_pretrain.pth") for line in missing)
     assert any("hf/hub/models--bert-base-uncased" in line for line in missing)
     # every file in place (the check is existence): nothing is reported
-    for rel in ("vbench/dino_model/dino_vitbase16_pretrain.pth", "vbench/caption_model/tag2text_swin_14m.pth",
-                "vbench/grit_model/grit_b_densecap_objectdet.pth", "torch/hub/checkpoints/dino_vitbase16_pretrain.pth",
-                "hf/hub/models--bert-base-uncased/snapshots/abc/config.json",
-                "hf/hub/models--bert-base-uncased/snapshots/abc/vocab.txt",
-                "hf/hub/models--bert-base-uncased/snapshots/abc/model.safetensors"):  # fmt: skip
+    for rel in (
+        "vbench/dino_model/dino_vitbase16_pretrain.pth",
+        "vbench/caption_model/tag2text_swin_14m.pth",
+        "vbench/grit_model/grit_b_densecap_objectdet.pth",
+        "torch/hub/checkpoints/dino_vitbase16_pretrain.pth",
+        "hf/hub/models--bert-base-uncased/snapshots/abc/config.json",
+        "hf/hub/models--bert-base-uncased/snapshots/abc/vocab.txt",
+        "hf/hub/models--bert-base-uncased/snapshots/abc/model.safetensors",
+    ):
         (caches / rel).parent.mkdir(parents=True, exist_ok=True)
         (caches / rel).write_bytes(b"")
     (caches / "vbench/dino_model/facebookresearch_dino_main").mkdir()
@@ -151,8 +211,10 @@ def test_tabulate_refuses_a_dimension_scored_on_fewer_videos(layout):
     write_suite_record(scores, layout / "full_info.json", N)  # as score.py leaves it: the suite of the results
     out = run("tabulate", "--score-dir", scores)
     assert out.returncode == 2 and out.stdout == "" and len(out.stderr.splitlines()) == 1, out
-    assert out.stderr.startswith("error: dimension(s) scored on fewer videos than the suite lists: "
-                                 "'temporal_flickering' on 1 of the 2 videos the suite lists for it")  # fmt: skip
+    assert out.stderr.startswith(
+        "error: dimension(s) scored on fewer videos than the suite lists: "
+        "'temporal_flickering' on 1 of the 2 videos the suite lists for it"
+    )
     assert not (scores / "scaled_results.json").exists()
     # the same from the suite given on the command line
     (scores / "suite.json").unlink()
@@ -210,8 +272,22 @@ def bad_cases(tmp):
         ("generate", ["--full-info", "", "--list"], "argument --full-info: must not be empty"),
         ("generate", ["--full-info", tmp / "nested.json", "--list"], "field 'dimension' must be a non-empty list"),
         ("generate", ["--full-info", tmp / "aux.json", "--list"], "field 'auxiliary_info' must be an object"),
-        ("generate", ["--full-info", fi, "--num-samples", 1, "--config", ROOT / "configs/tiny.py", "--manifest", tmp,
-                      "--save-dir", tmp / "new"], "is a folder, not a file"),  # fmt: skip
+        (
+            "generate",
+            [
+                "--full-info",
+                fi,
+                "--num-samples",
+                1,
+                "--config",
+                ROOT / "configs/tiny.py",
+                "--manifest",
+                tmp,
+                "--save-dir",
+                tmp / "new",
+            ],
+            "is a folder, not a file",
+        ),
         ("score", [*score_args, "--videos", ""], "argument --videos: must not be empty"),
         ("score", [*score_args, "--score-dir", "", "--dry-run"], "argument --score-dir: must not be empty"),
         ("score", [*score_args, "--score-dir", tmp / "afile", "--dry-run"], "is a file, not a folder"),
@@ -250,16 +326,43 @@ def test_malformed_results_fields_are_an_error(layout, value):
 # ---------------------------------------------------------------------------------------------------- closed pipe
 def test_a_closed_pipe_is_not_a_traceback(layout):
     big = layout / "big.json"  # ~1 MB of names: more than a pipe holds
-    big.write_text(json.dumps([{"prompt_en": f"prompt {i} " + "x" * 80, "dimension": ["color"],
-                                "auxiliary_info": {"color": {"color": "red"}}} for i in range(2000)]))  # fmt: skip
+    big.write_text(
+        json.dumps(
+            [
+                {
+                    "prompt_en": f"prompt {i} " + "x" * 80,
+                    "dimension": ["color"],
+                    "auxiliary_info": {"color": {"color": "red"}},
+                }
+                for i in range(2000)
+            ]
+        )
+    )
     for script, argv in [
         ("generate", ["--full-info", big, "--list"]),
-        ("score", ["--videos", layout / "videos", "--score-dir", layout / "s", "--full-info", layout / "full_info.json",
-                   "--num-samples", N, "--dry-run", "--force"]),  # fmt: skip
+        (
+            "score",
+            [
+                "--videos",
+                layout / "videos",
+                "--score-dir",
+                layout / "s",
+                "--full-info",
+                layout / "full_info.json",
+                "--num-samples",
+                N,
+                "--dry-run",
+                "--force",
+            ],
+        ),
         ("tabulate", ["--score-dir", layout / "scores", "--full-info", layout / "full_info.json", "--num-samples", N]),
     ]:
-        proc = subprocess.Popen([sys.executable, str(SCRIPTS[script]), *map(str, argv)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPTS[script]), *map(str, argv)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         proc.stdout.close()  # the reader is gone before anything is written (`| head -0`)
         err = proc.stderr.read()
         assert proc.wait(timeout=120) == 0 and err == "", (script, err)
@@ -282,8 +385,20 @@ def test_temporal_flickering_on_cpu_with_the_real_vbench(tmp_path):
         for t in range(8):
             writer.write(np.full((32, 32, 3), 40 + 10 * k + (5 * t) % 15, np.uint8))
         writer.release()
-    argv = ["--videos", videos, "--score-dir", scores, "--full-info", tmp_path / "full_info.json", "--num-samples", N,
-            "--device", "cpu", "--dimensions", "temporal_flickering"]  # fmt: skip
+    argv = [
+        "--videos",
+        videos,
+        "--score-dir",
+        scores,
+        "--full-info",
+        tmp_path / "full_info.json",
+        "--num-samples",
+        N,
+        "--device",
+        "cpu",
+        "--dimensions",
+        "temporal_flickering",
+    ]
     first = run("score", *argv)
     assert first.returncode == 0, first.stdout + first.stderr + (scores / "logs/temporal_flickering.log").read_text()
     data = json.loads((scores / "temporal_flickering_eval_results.json").read_text())["temporal_flickering"]

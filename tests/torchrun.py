@@ -17,12 +17,24 @@ def worker_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
 
 
-def run_workers(script: str, n: int, out_dir: Path, *args: str, env: dict[str, str] | None = None,
-                skip_if: dict[str, str] | None = None) -> list[dict]:
+def run_workers(
+    script: str,
+    n: int,
+    out_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    skip_if: dict[str, str] | None = None,
+) -> list[dict]:
     """Run tests/dist/`script` on `n` gloo ranks with (out_dir, *args); the reports rank0.json, rank1.json, ...
     `skip_if` maps a message of a failed run to the reason the test skips (something this machine lacks)."""
-    cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={n}", str(ROOT / "tests" / "dist" / script), str(out_dir),
-           *args]  # fmt: skip
+    cmd = [
+        *TORCHRUN,
+        "--standalone",
+        f"--nproc_per_node={n}",
+        str(ROOT / "tests" / "dist" / script),
+        str(out_dir),
+        *args,
+    ]
     done = subprocess.run(cmd, env=env or worker_env(), capture_output=True, text=True, timeout=600)
     for message, reason in (skip_if or {}).items():
         if done.returncode != 0 and message in done.stderr:

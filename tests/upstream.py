@@ -97,8 +97,10 @@ def _package_dir(root: Path, top: types.ModuleType) -> Path:
     except importlib.metadata.PackageNotFoundError:
         version = None
     if version != RELEASE.lstrip("v"):
-        raise RuntimeError(f"`opensora` resolves to {top.__file__} (installed version {version}), neither "
-                           f"OPEN_SORA_ROOT={root} nor an installed Open-Sora {RELEASE}")  # fmt: skip
+        raise RuntimeError(
+            f"`opensora` resolves to {top.__file__} (installed version {version}), neither "
+            f"OPEN_SORA_ROOT={root} nor an installed Open-Sora {RELEASE}"
+        )
     return package
 
 
@@ -136,14 +138,26 @@ def upstream_or_skip() -> Upstream:
 
 # -- tiny upstream models and inputs, shared by the tests and the multi-process worker ------------------------
 
-TINY = dict(depth=2, hidden_size=64, num_heads=4, patch_size=(1, 2, 2), in_channels=4, caption_channels=32,
-            model_max_length=8)  # fmt: skip
+TINY = dict(
+    depth=2, hidden_size=64, num_heads=4, patch_size=(1, 2, 2), in_channels=4, caption_channels=32, model_max_length=8
+)
 # Token methods with their test overrides: PAB's window covers every step, TeaCache skips some steps.
-METHODS = {"none": {}, "duca": {}, "toca": {}, "fora": {}, "aggressive": {}, "conservative": {},
-           "pab": {"threshold": (0.0, 2000.0)}, "teacache": {"threshold": 0.3}, "duca_forecast": {},
-           "taylorseer": {"interval": 3, "warmup_steps": 1}, "magcache": {"retention_ratio": 0.1},
-           "fbcache": {"threshold": 0.3}, "fastercache": {"attn_start": 2, "cfg_start": 3},
-           "easycache": {"threshold": 0.05, "warmup_steps": 2}}  # fmt: skip
+METHODS = {
+    "none": {},
+    "duca": {},
+    "toca": {},
+    "fora": {},
+    "aggressive": {},
+    "conservative": {},
+    "pab": {"threshold": (0.0, 2000.0)},
+    "teacache": {"threshold": 0.3},
+    "duca_forecast": {},
+    "taylorseer": {"interval": 3, "warmup_steps": 1},
+    "magcache": {"retention_ratio": 0.1},
+    "fbcache": {"threshold": 0.3},
+    "fastercache": {"attn_start": 2, "cfg_start": 3},
+    "easycache": {"threshold": 0.05, "warmup_steps": 2},
+}
 
 
 def tiny_upstream_model(up: Upstream, seed: int = 0, **config) -> torch.nn.Module:
@@ -179,10 +193,18 @@ def tiny_inputs(seed: int = 1, batch: int = 2, frames: int = 34) -> dict:
     mask = torch.zeros(batch, 8, dtype=torch.long)
     for i in range(batch):
         mask[i, : 3 + 4 * (i % 2)] = 1
-    extra = {"height": torch.full((batch,), 64.0), "width": torch.full((batch,), 80.0),
-             "num_frames": torch.full((batch,), float(frames)), "fps": torch.full((batch,), 24.0)}  # fmt: skip
-    return {"z": torch.randn(batch, 4, 3, 8, 10, generator=g), "y": torch.randn(batch, 1, 8, 32, generator=g),
-            "mask": mask, "extra": extra}  # fmt: skip
+    extra = {
+        "height": torch.full((batch,), 64.0),
+        "width": torch.full((batch,), 80.0),
+        "num_frames": torch.full((batch,), float(frames)),
+        "fps": torch.full((batch,), 24.0),
+    }
+    return {
+        "z": torch.randn(batch, 4, 3, 8, 10, generator=g),
+        "y": torch.randn(batch, 1, 8, 32, generator=g),
+        "mask": mask,
+        "extra": extra,
+    }
 
 
 def upstream_rflow(up: Upstream, steps: int = 10):
@@ -194,8 +216,15 @@ def sample_upstream(rflow, model: torch.nn.Module, data: dict) -> torch.Tensor:
     encoder = FixedTextEncoder(model, data["y"], data["mask"])
     prompts = [f"prompt {i}" for i in range(data["z"].shape[0])]
     with torch.no_grad():
-        return rflow.sample(model, encoder, z=data["z"].clone(), prompts=prompts, device=data["z"].device,
-                            additional_args=dict(data["extra"]), progress=False)  # fmt: skip
+        return rflow.sample(
+            model,
+            encoder,
+            z=data["z"].clone(),
+            prompts=prompts,
+            device=data["z"].device,
+            additional_args=dict(data["extra"]),
+            progress=False,
+        )
 
 
 def sample_ours(model: torch.nn.Module, data: dict, steps: int = 10, seed: int = 0) -> torch.Tensor:
@@ -204,5 +233,6 @@ def sample_ours(model: torch.nn.Module, data: dict, steps: int = 10, seed: int =
 
     sampler = RFlowSampler(num_sampling_steps=steps, cfg_scale=4.0, use_timestep_transform=True)
     y_null = model.y_embedder.y_embedding[None, None].expand_as(data["y"])
-    return sampler.sample(model, data["z"].clone(), data["y"], y_null, data["mask"], model_kwargs=data["extra"],
-                          progress=False, seed=seed)  # fmt: skip
+    return sampler.sample(
+        model, data["z"].clone(), data["y"], y_null, data["mask"], model_kwargs=data["extra"], progress=False, seed=seed
+    )

@@ -26,8 +26,15 @@ def main() -> None:
     model = build_module(cfg.model, MODELS, enable_sequence_parallelism=False).eval()
     scheduler = build_module(cfg.scheduler, SCHEDULERS)
     data = tiny_inputs(batch=len(cfg.prompt))
-    z = scheduler.sample(model, FixedTextEncoder(model, data["y"], data["mask"]), z=data["z"], prompts=cfg.prompt,
-                         device="cpu", additional_args=data["extra"], progress=False)  # fmt: skip
+    z = scheduler.sample(
+        model,
+        FixedTextEncoder(model, data["y"], data["mask"]),
+        z=data["z"],
+        prompts=cfg.prompt,
+        device="cpu",
+        additional_args=data["extra"],
+        progress=False,
+    )
     Path(cfg.save_dir).mkdir(parents=True, exist_ok=True)
     torch.save(z, Path(cfg.save_dir) / "latent.pt")
 

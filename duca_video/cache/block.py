@@ -121,8 +121,9 @@ class BlockMixin:
             return self.sample.policy.approximate(index, "cross")
         if act is Action.PARTIAL:
             idx, pad = rows
-            return write_rows(self.state.get(index, "cross"), idx, pad, block.cross_attn(sel.gather_tokens(x, idx),
-                                                                                         y, mask))  # fmt: skip
+            return write_rows(
+                self.state.get(index, "cross"), idx, pad, block.cross_attn(sel.gather_tokens(x, idx), y, mask)
+            )
         with self._capturing(grabbed, *(("q", "kv") if capture == "cross" else ())):
             return block.cross_attn(x, y, mask)
 

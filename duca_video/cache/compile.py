@@ -48,7 +48,6 @@ def compile_blocks(model: nn.Module, **options: Any) -> list[str]:
     return compiled
 
 
-
 def keep_out_of_tracing(fn: Any) -> Any:
     """`fn` kept out of torch.compile's tracing (it runs as Python between the compiled graphs), when compiling
     is in use in this process (torch._dynamo imported). Marking needs torch._dynamo, whose import costs ~70 MiB

@@ -56,15 +56,22 @@ def settings_from(scheduler: Any = None, num_sampling_steps: int | None = None) 
         return None
     if scheduler is None:
         return SamplingSettings(num_sampling_steps=num_sampling_steps, use_timestep_transform=True)
-    fields = ("num_sampling_steps", "num_timesteps", "use_timestep_transform", "use_discrete_timesteps",
-              "transform_scale")  # fmt: skip
+    fields = (
+        "num_sampling_steps",
+        "num_timesteps",
+        "use_timestep_transform",
+        "use_discrete_timesteps",
+        "transform_scale",
+    )
     if isinstance(scheduler, Mapping):
         values = {k: scheduler[k] for k in fields if k in scheduler}
     else:
         values = {k: getattr(scheduler, k) for k in fields if hasattr(scheduler, k)}
     if "num_sampling_steps" not in values and not isinstance(scheduler, Mapping):
-        raise ValueError(f"cache: scheduler={type(scheduler).__name__} has no num_sampling_steps; pass the sampler"
-                         " that drives the model (e.g. upstream's RFLOW) or num_sampling_steps=N")  # fmt: skip
+        raise ValueError(
+            f"cache: scheduler={type(scheduler).__name__} has no num_sampling_steps; pass the sampler"
+            " that drives the model (e.g. upstream's RFLOW) or num_sampling_steps=N"
+        )
     if num_sampling_steps is not None:
         values["num_sampling_steps"] = num_sampling_steps
     return SamplingSettings(**values)
@@ -83,8 +90,10 @@ def expected_timesteps(settings: SamplingSettings, height: Any, width: Any, num_
         return [float(t) for t in ts]
     missing = [k for k, v in (("height", height), ("width", width), ("num_frames", num_frames)) if v is None]
     if missing:
-        raise RuntimeError(f"cache: the timestep transform needs the model's {', '.join(missing)} argument(s), "
-                           "which this call does not pass; pass them to the model as Open-Sora does")  # fmt: skip
+        raise RuntimeError(
+            f"cache: the timestep transform needs the model's {', '.join(missing)} argument(s), "
+            "which this call does not pass; pass them to the model as Open-Sora does"
+        )
     h, w, f = (torch.as_tensor(v).flatten()[:1] for v in (height, width, num_frames))
     t = torch.tensor(ts, device=h.device) / total
     ratio_space = (h * w / _BASE_RESOLUTION).sqrt()
@@ -120,8 +129,10 @@ class ModelCall:
     def uniform_t(self) -> float:
         t = self.timestep.detach().flatten().float()
         if t.numel() and bool(t.isnan().any()):
-            raise RuntimeError("cache: the sampler passed NaN timesteps; Open-Sora 1.2's timestep transform gives NaN "
-                               "below 17 frames (num_frames // 17 * 5 = 0): generate at least 17 frames")  # fmt: skip
+            raise RuntimeError(
+                "cache: the sampler passed NaN timesteps; Open-Sora 1.2's timestep transform gives NaN "
+                "below 17 frames (num_frames // 17 * 5 = 0): generate at least 17 frames"
+            )
         if t.numel() == 0 or not bool((t == t[0]).all()):
             raise RuntimeError(f"cache: one timestep per model call is expected, got {t.tolist()}")
         return float(t[0].item())
@@ -152,9 +163,11 @@ class SampleFollower:
         if ctl.announced or (self.settings is None and not ctl.caches):
             return
         if self.settings is None:
-            raise RuntimeError(f"cache {ctl.config.method!r}: {type(model).__name__} was called outside a sample "
-                               f"that a sampler announced, and the cache was not told how sampling goes: "
-                               f"{self._help()}")  # fmt: skip
+            raise RuntimeError(
+                f"cache {ctl.config.method!r}: {type(model).__name__} was called outside a sample "
+                f"that a sampler announced, and the cache was not told how sampling goes: "
+                f"{self._help()}"
+            )
         call = ModelCall.parse(model, args, kwargs)
         t, total, nxt = call.uniform_t(), self.settings.num_timesteps, self.step + 1
         waiting = ctl.timesteps[nxt] if self.open and nxt < len(ctl.timesteps) else None
@@ -165,11 +178,16 @@ class SampleFollower:
             start = self._prepare(model, call)
             self._close_sample()  # an unfinished sample (e.g. interrupted) ends here
             if not _close(t, start.timesteps[0], total):
-                where = f"step {nxt} expects t={waiting:.4f}" if waiting is not None else (
-                    f"a sample starts at t={start.timesteps[0]:.4f}")  # fmt: skip
-                raise RuntimeError(f"cache: {type(model).__name__} was called at t={t:.4f}, but {where} with the "
-                                   f"sampling settings given ({self.settings}); {self._help()}, matching the "
-                                   "sampler that drives the model")  # fmt: skip
+                where = (
+                    f"step {nxt} expects t={waiting:.4f}"
+                    if waiting is not None
+                    else (f"a sample starts at t={start.timesteps[0]:.4f}")
+                )
+                raise RuntimeError(
+                    f"cache: {type(model).__name__} was called at t={t:.4f}, but {where} with the "
+                    f"sampling settings given ({self.settings}); {self._help()}, matching the "
+                    "sampler that drives the model"
+                )
             ctl.begin_sample(start)
             self.open, nxt = True, 0
         self.step = nxt
@@ -201,8 +219,10 @@ class SampleFollower:
             seeds = tuple(int(s) for s in self.seed)
             if len(seeds) != videos:
                 layout = f" (the CFG halves of {rows} rows)" if cfg else ""
-                raise ValueError(f"cache: seed= gives {len(seeds)} seeds for a batch of {videos} video(s){layout}; "
-                                 "pass one per video or a single int")  # fmt: skip
+                raise ValueError(
+                    f"cache: seed= gives {len(seeds)} seeds for a batch of {videos} video(s){layout}; "
+                    "pass one per video or a single int"
+                )
         return SampleStart(len(timesteps), tuple(timesteps), videos, cfg, seeds[0], seeds)
 
 

@@ -72,8 +72,10 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
     # -- installation ---------------------------------------------------------------------------------
     def __deepcopy__(self, memo: dict) -> Any:
         # The copy's blocks and hooks would still call this controller (bound to the original model's blocks).
-        raise TypeError("copy.deepcopy of a model with the cache enabled: the cache belongs to the original model. "
-                        "Call duca_video.cache.disable(model) before copying it, then enable the cache on each copy")
+        raise TypeError(
+            "copy.deepcopy of a model with the cache enabled: the cache belongs to the original model. "
+            "Call duca_video.cache.disable(model) before copying it, then enable the cache on each copy"
+        )
 
     def install(self) -> None:
         # The cache's Python (the schedule, the policy's decisions, the store) runs outside torch.compile's
@@ -191,8 +193,9 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
             self.sample.store.reset()
         seeds = tuple(event.seeds) if event.seeds else (event.seed or 0,) * event.batch_size
         rows = event.batch_size * (2 if event.cfg else 1)
-        self.sample = Sample(tuple(event.timesteps), event.cfg, rows, seeds, layout=self.sp,
-                             row_group=getattr(event, "row_group", None))  # fmt: skip
+        self.sample = Sample(
+            tuple(event.timesteps), event.cfg, rows, seeds, layout=self.sp, row_group=getattr(event, "row_group", None)
+        )
         if self.offload:
             self.sample.store = OffloadedState()
         self.sample.policy = self.config.make_policy(self.sample)
@@ -204,9 +207,17 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         if sample is None or event.index >= len(sample.plans):
             raise RuntimeError("cache: step announced outside a sample (the sampler must announce the sample first)")
         sample.step, sample.plan = event.index, sample.plans[event.index]
-        sample.history.append({"step": event.index, "t": event.t, "kind": sample.plan.kind,
-                               "spatial": sample.plan.short("spatial"), "temporal": sample.plan.short("temporal"),
-                               "recomputed": {}, "tokens": {}})  # fmt: skip
+        sample.history.append(
+            {
+                "step": event.index,
+                "t": event.t,
+                "kind": sample.plan.kind,
+                "spatial": sample.plan.short("spatial"),
+                "temporal": sample.plan.short("temporal"),
+                "recomputed": {},
+                "tokens": {},
+            }
+        )
 
     def finish_sample(self) -> None:
         if self.sample is None:
@@ -280,8 +291,9 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
             return [b == "1" for b in bits] if kind == ("first_block" if after_first else "mixed") else True
         return kind != skipped
 
-    def _start_stack(self, sample: Sample, block: nn.Module, x: torch.Tensor, y: Any, mask: Any, t: torch.Tensor,
-                     T, S) -> None:  # fmt: skip
+    def _start_stack(
+        self, sample: Sample, block: nn.Module, x: torch.Tensor, y: Any, mask: Any, t: torch.Tensor, T, S
+    ) -> None:
         if self._layout is not None:  # upstream's split of this forward: S is this rank's share
             self._layout.set_local(S)
         if sample.predraw_due:  # the sample's first forward: the token grid is known from now on

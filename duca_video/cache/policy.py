@@ -122,8 +122,10 @@ class CachePolicy:
     def approximate(self, index: int, module: str) -> torch.Tensor:
         value = self.store.get(index, module)
         if value is None:
-            raise RuntimeError(f"cache {self.config.method!r}: step {self.sample.step} reuses {module} of block "
-                               f"{index}, which no earlier step stored")  # fmt: skip
+            raise RuntimeError(
+                f"cache {self.config.method!r}: step {self.sample.step} reuses {module} of block "
+                f"{index}, which no earlier step stored"
+            )
         return value
 
     def update(self, index: int, module: str, value: torch.Tensor, keep: bool) -> None:

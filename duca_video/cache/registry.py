@@ -11,8 +11,7 @@ from typing import Any
 
 from .config import CacheConfig
 
-METHOD_MODULES = ("none", "token", "pab", "teacache", "taylorseer", "fbcache", "magcache", "fastercache",
-                  "easycache")
+METHOD_MODULES = ("none", "token", "pab", "teacache", "taylorseer", "fbcache", "magcache", "fastercache", "easycache")
 
 METHODS: dict[str, type[CacheConfig]] = {}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {}

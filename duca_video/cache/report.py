@@ -18,8 +18,10 @@ def summary_text(config: CacheConfig, history: list[dict[str, Any]], cache_bytes
     for h in history:
         kind, _, bits = h["kind"].partition(":")
         counts[kind] = counts.get(kind, 0) + 1
-        lines.append(f"{h['step']:>4} {h['t']:>8.2f}  {h['kind']:<12} {h['spatial']:<8} {h['temporal']:<8} "
-                     f"{_share(h, kind, bits)}")  # fmt: skip
+        lines.append(
+            f"{h['step']:>4} {h['t']:>8.2f}  {h['kind']:<12} {h['spatial']:<8} {h['temporal']:<8} "
+            f"{_share(h, kind, bits)}"
+        )
     lines.append(f"steps: {counts}; peak cache {cache_bytes / 2**20:.1f} MiB")
     return "\n".join(lines)
 
@@ -30,5 +32,7 @@ def _share(h: dict[str, Any], kind: str, bits: str) -> str:
         if bits:
             share += f" for {bits.count('0')} of {len(bits)} videos (the others computed)"
         return share
-    return "/".join(f"{100 * h['recomputed'].get(m, 0) / h['tokens'][m]:.1f}%" if h["tokens"].get(m) else "-"
-                    for m in ("attn", "cross", "mlp"))  # fmt: skip
+    return "/".join(
+        f"{100 * h['recomputed'].get(m, 0) / h['tokens'][m]:.1f}%" if h["tokens"].get(m) else "-"
+        for m in ("attn", "cross", "mlp")
+    )

@@ -41,8 +41,10 @@ def same_actions(actions: dict[str, Action]) -> dict[str, dict[str, Action]]:
 
 
 def full_schedule(num_steps: int) -> list[StepPlan]:
-    return [StepPlan("full", same_actions(dict.fromkeys(("attn", "cross", "mlp"), Action.COMPUTE)))
-            for _ in range(num_steps)]  # fmt: skip
+    return [
+        StepPlan("full", same_actions(dict.fromkeys(("attn", "cross", "mlp"), Action.COMPUTE)))
+        for _ in range(num_steps)
+    ]
 
 
 def mark_storage(plans: list[StepPlan]) -> list[StepPlan]:

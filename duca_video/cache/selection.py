@@ -71,8 +71,9 @@ def norm_scores(features: torch.Tensor) -> torch.Tensor:
     return features.float().norm(dim=-1)
 
 
-def attention_entropy(q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, heads: int,
-                      chunk: int = 4096) -> torch.Tensor:  # fmt: skip
+def attention_entropy(
+    q: torch.Tensor, k: torch.Tensor, key_mask: torch.Tensor | None, heads: int, chunk: int = 4096
+) -> torch.Tensor:
     """Mean-over-heads entropy of softmax(q k^T / sqrt(d)) per query token: q (B, N, C), k (B, L, C).
 
     Computed in chunks of queries so the probabilities of a whole layer never exist at once."""

@@ -88,9 +88,10 @@ class SelectionMixin:
     def _can_predraw(self) -> bool:
         cfg = self.config
         return (
-            self.predraw and getattr(cfg, "selector", None) in PREDRAWN_SELECTORS
+            self.predraw
+            and getattr(cfg, "selector", None) in PREDRAWN_SELECTORS
             and cfg.age_bonus == 0  # the age term makes each choice depend on the previous ones, held on the device
-        )  # fmt: skip
+        )
 
     def _predraw(self, x: torch.Tensor, T: int) -> None:
         """At the sample's first forward: draw every (step, block) selection the schedule will read, copy once."""
@@ -170,8 +171,10 @@ class SelectionMixin:
             scores = sel.random_frame_scores(rows, T, n // T, self.cfg, *draw)
         elif cfg.selector in ("min_similarity", "max_similarity"):
             if sp:
-                raise ValueError(f"selector {cfg.selector!r} compares tokens across the whole grid at the step"
-                                 " itself; it is not supported with sequence parallelism, use another one")  # fmt: skip
+                raise ValueError(
+                    f"selector {cfg.selector!r} compares tokens across the whole grid at the step"
+                    " itself; it is not supported with sequence parallelism, use another one"
+                )
             gens = sel.row_generators(*draw, rows, self.cfg)
             scores = sel.similarity_scores(x, 0.01, cfg.selector == "min_similarity", gens)
         else:

@@ -5,7 +5,18 @@ from .prompts import ConditionedPrompt, LoopSegment, parse_conditioned_prompt, p
 from .strategy import FramePlan, MaskGroup, Placement, loop_condition_group, parse_mask_strategy, plan_frames
 
 __all__ = [
-    "ConditionPromptError", "ConditionedPrompt", "ConditioningError", "FramePlan", "LoopSegment", "MaskGroup",
-    "MaskStrategyError", "Placement", "loop_condition_group", "parse_conditioned_prompt", "parse_loop_segments",
-    "parse_mask_strategy", "plan_frames", "prompt_for_loop",
-]  # fmt: skip
+    "ConditionPromptError",
+    "ConditionedPrompt",
+    "ConditioningError",
+    "FramePlan",
+    "LoopSegment",
+    "MaskGroup",
+    "MaskStrategyError",
+    "Placement",
+    "loop_condition_group",
+    "parse_conditioned_prompt",
+    "parse_loop_segments",
+    "parse_mask_strategy",
+    "plan_frames",
+    "prompt_for_loop",
+]

@@ -104,9 +104,17 @@ def sample_conditioned(
         rows_out: dict[int, torch.Tensor] = {}
         for rows, masked in _row_groups(plans):
             result = group.sample(
-                m.sampler, m.model, z[rows], y[rows], y_null[rows], mask[rows], model_kwargs=model_kwargs(len(rows)),
-                frame_mask=frame_mask[rows] if masked else None, progress=progress, seed=[jobs[b].seed for b in rows],
-            )  # fmt: skip
+                m.sampler,
+                m.model,
+                z[rows],
+                y[rows],
+                y_null[rows],
+                mask[rows],
+                model_kwargs=model_kwargs(len(rows)),
+                frame_mask=frame_mask[rows] if masked else None,
+                progress=progress,
+                seed=[jobs[b].seed for b in rows],
+            )
             kinds = None if m.controller is None else [h["kind"] for h in m.controller.history]
             out.calls.append((len(rows), kinds, m.sampler.last_text_tokens))
             out.cache_bytes = max(out.cache_bytes, int(m.controller.cache_bytes) if m.controller is not None else 0)

@@ -22,8 +22,10 @@ def condition_latents(
     if z.dim() != 5:
         raise ValueError(f"z must be (B, C, T, H, W), got shape {tuple(z.shape)}")
     if len(plans) != z.shape[0] or len(references) != z.shape[0]:
-        raise ValueError(f"need one plan and one reference list per video: z has {z.shape[0]}, got "
-                         f"{len(plans)} plans and {len(references)} reference lists")  # fmt: skip
+        raise ValueError(
+            f"need one plan and one reference list per video: z has {z.shape[0]}, got "
+            f"{len(plans)} plans and {len(references)} reference lists"
+        )
     out = z.clone()
     mask = torch.ones(z.shape[0], z.shape[2], dtype=torch.float32, device=z.device)
     for b, plan in enumerate(plans):

@@ -19,9 +19,14 @@ from .errors import ConditionPromptError
 from .strategy import MaskGroup, check_reference_indices, parse_mask_strategy
 
 __all__ = [
-    "ConditionedPrompt", "LoopSegment", "parse_conditioned_prompt", "parse_loop_segments", "prompt_for_loop",
-    "split_inline_json", "split_reference_paths",
-]  # fmt: skip
+    "ConditionedPrompt",
+    "LoopSegment",
+    "parse_conditioned_prompt",
+    "parse_loop_segments",
+    "prompt_for_loop",
+    "split_inline_json",
+    "split_reference_paths",
+]
 
 JSON_KEYS = ("reference_path", "mask_strategy")
 _LOOP_START = re.compile(r"\|\s*\d+\s*\|")
@@ -62,22 +67,28 @@ def split_inline_json(prompt: str, where: str = "prompt") -> tuple[str, dict[str
     if not braces:
         return prompt, {}
     if len(braces) > 1:
-        raise ConditionPromptError(f"{where}: {len(braces)} '{{' found (at characters {braces}); a prompt may end "
-                                   "with one flat JSON part such as {\"reference_path\": \"a.png\", "
-                                   "\"mask_strategy\": \"0\"} and have no other '{'")  # fmt: skip
+        raise ConditionPromptError(
+            f"{where}: {len(braces)} '{{' found (at characters {braces}); a prompt may end "
+            'with one flat JSON part such as {"reference_path": "a.png", '
+            '"mask_strategy": "0"} and have no other \'{\''
+        )
     text, raw = prompt[: braces[0]], prompt[braces[0] :]
     try:
         info = json.loads(raw, object_pairs_hook=_no_duplicates(where))
     except json.JSONDecodeError as exc:
-        raise ConditionPromptError(f"{where}: its JSON part {raw!r} is not valid JSON ({exc.msg} at character "
-                                   f"{exc.pos}); it must be the prompt's end, with double-quoted keys and "
-                                   "strings") from None  # fmt: skip
+        raise ConditionPromptError(
+            f"{where}: its JSON part {raw!r} is not valid JSON ({exc.msg} at character "
+            f"{exc.pos}); it must be the prompt's end, with double-quoted keys and "
+            "strings"
+        ) from None
     for key, value in info.items():
         if key not in JSON_KEYS:
             raise ConditionPromptError(f"{where}: unknown JSON key {key!r}; allowed: {', '.join(JSON_KEYS)}")
         if not isinstance(value, str):
-            raise ConditionPromptError(f"{where}: JSON {key!r} is {json.dumps(value)}, it must be a string "
-                                       "(e.g. \"a.png;b.mp4\" or \"0;0,1,0,-1,1\")")  # fmt: skip
+            raise ConditionPromptError(
+                f"{where}: JSON {key!r} is {json.dumps(value)}, it must be a string "
+                '(e.g. "a.png;b.mp4" or "0;0,1,0,-1,1")'
+            )
     return text, info
 
 
@@ -88,8 +99,9 @@ def split_reference_paths(value: str | None, where: str = "reference path") -> t
     paths = tuple(part.strip() for part in value.split(";"))
     for n, path in enumerate(paths):
         if not path:
-            raise ConditionPromptError(f"{where}: reference {n} of {value!r} is empty; separate paths with ';' "
-                                       "and do not end with one")  # fmt: skip
+            raise ConditionPromptError(
+                f"{where}: reference {n} of {value!r} is empty; separate paths with ';' and do not end with one"
+            )
     return paths
 
 
@@ -97,13 +109,16 @@ def parse_loop_segments(text: str, where: str = "prompt") -> tuple[LoopSegment, 
     """Split "|0|a|2|b" into (LoopSegment(0, "a"), LoopSegment(2, "b")); None when `text` does not start with "|0|"."""
     if not text.startswith("|0|"):
         if _LOOP_START.match(text):
-            raise ConditionPromptError(f"{where}: loop segments must start with '|0|' (the first loop), "
-                                       f"got {text[: _LOOP_START.match(text).end()]!r}")  # type: ignore[union-attr]  # fmt: skip
+            raise ConditionPromptError(
+                f"{where}: loop segments must start with '|0|' (the first loop), "
+                f"got {text[: _LOOP_START.match(text).end()]!r}"
+            )  # type: ignore[union-attr]
         return None
     parts = text.split("|")[1:]
     if len(parts) % 2:
-        raise ConditionPromptError(f"{where}: loop segments must be '|loop|text' pairs; the last '|' "
-                                   f"({parts[-1]!r} after it) has no text")  # fmt: skip
+        raise ConditionPromptError(
+            f"{where}: loop segments must be '|loop|text' pairs; the last '|' ({parts[-1]!r} after it) has no text"
+        )
     segments: list[LoopSegment] = []
     for i in range(0, len(parts), 2):
         try:
@@ -114,8 +129,10 @@ def parse_loop_segments(text: str, where: str = "prompt") -> tuple[LoopSegment, 
                 "loop index (write '|2|text', with '|' only around loop numbers)"
             ) from None
         if segments and start <= segments[-1].start_loop:
-            raise ConditionPromptError(f"{where}: loop segment {i // 2} starts at loop {start}, after a segment "
-                                       f"for loop {segments[-1].start_loop}; loop indices must increase")  # fmt: skip
+            raise ConditionPromptError(
+                f"{where}: loop segment {i // 2} starts at loop {start}, after a segment "
+                f"for loop {segments[-1].start_loop}; loop indices must increase"
+            )
         if not parts[i + 1].strip():
             raise ConditionPromptError(f"{where}: loop segment {i // 2} (loop {start}) has no text")
         segments.append(LoopSegment(start, parts[i + 1].strip()))
@@ -150,7 +167,9 @@ def parse_conditioned_prompt(
     late = [s.start_loop for s in segments or ()] + [g.loop for g in strategy]
     if late and max(late) >= loops:
         plural = "s" if loops != 1 else ""
-        raise ConditionPromptError(f"{where}: it uses loop {max(late)}, but the run has {loops} loop{plural} "
-                                   f"(0..{loops - 1}); raise --loop or drop it")  # fmt: skip
+        raise ConditionPromptError(
+            f"{where}: it uses loop {max(late)}, but the run has {loops} loop{plural} "
+            f"(0..{loops - 1}); raise --loop or drop it"
+        )
     check_reference_indices(strategy, len(references), f"{where}: mask_strategy")
     return ConditionedPrompt(text, segments, references, strategy)

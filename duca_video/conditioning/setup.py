@@ -23,8 +23,13 @@ from .prompts import ConditionedPrompt, parse_conditioned_prompt
 from .strategy import MaskGroup, format_mask_strategy, loop_condition_group, plan_frames
 
 __all__ = [
-    "FrameGeometry", "condition_identity", "condition_prompts", "is_conditioned_run", "loop_groups", "per_prompt",
-]  # fmt: skip
+    "FrameGeometry",
+    "condition_identity",
+    "condition_prompts",
+    "is_conditioned_run",
+    "loop_groups",
+    "per_prompt",
+]
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +99,10 @@ def per_prompt(values: Sequence[str] | None, index: int, total: int, key: str) -
         return values[0]
     if len(values) != total:
         flag = "--" + key.replace("_", "-")
-        raise ConditioningError(f"{flag} / {key}: {len(values)} values for {total} prompt(s); give one for every "
-                                "prompt, or a single one for all of them")  # fmt: skip
+        raise ConditioningError(
+            f"{flag} / {key}: {len(values)} values for {total} prompt(s); give one for every "
+            "prompt, or a single one for all of them"
+        )
     return values[index]
 
 
@@ -114,18 +121,31 @@ def _check_loops(cond: ConditionedPrompt, infos: list[MediaInfo], cfg: Any, geo:
     video = geo.latent_of(cfg.num_frames)
     lengths = [geo.latent_of(info.frames) for info in infos]
     if cfg.loop > 1 and cfg.condition_frame_length >= video:  # each later clip adds video - length new frames
-        raise ConditioningError(f"{where}: --condition-frame-length {cfg.condition_frame_length} leaves no new "
-                                f"frame for a loop to add: it must be less than the clip's {video} latent frames; "
-                                f"allowed: 1..{video - 1}")  # fmt: skip
+        raise ConditioningError(
+            f"{where}: --condition-frame-length {cfg.condition_frame_length} leaves no new "
+            f"frame for a loop to add: it must be less than the clip's {video} latent frames; "
+            f"allowed: 1..{video - 1}"
+        )
     if cfg.loop > 1:
         geo.pixels_of(cfg.condition_frame_length)  # the frames each later clip drops must be whole frames
     for loop in range(cfg.loop):
-        plan_frames(loop_groups(cond, loop, cfg), video, lengths + [video] * loop, loop, cfg.align,
-                    f"{where}: mask_strategy" + (f" (loop {loop})" if cfg.loop > 1 else ""))  # fmt: skip
+        plan_frames(
+            loop_groups(cond, loop, cfg),
+            video,
+            lengths + [video] * loop,
+            loop,
+            cfg.align,
+            f"{where}: mask_strategy" + (f" (loop {loop})" if cfg.loop > 1 else ""),
+        )
 
 
-def condition_prompts(cfg: Any, prompts: Sequence[tuple[int, str]], where: dict[int, str], total: int,
-                      geometry: FrameGeometry | None = None) -> dict[int, ConditionedPrompt | None]:  # fmt: skip
+def condition_prompts(
+    cfg: Any,
+    prompts: Sequence[tuple[int, str]],
+    where: dict[int, str],
+    total: int,
+    geometry: FrameGeometry | None = None,
+) -> dict[int, ConditionedPrompt | None]:
     """prompt index -> its ConditionedPrompt, or None for a plain prompt (no JSON part, no reference, one loop)."""
     out: dict[int, ConditionedPrompt | None] = {}
     probed: dict[str, MediaInfo] = {}
@@ -148,8 +168,13 @@ def condition_prompts(cfg: Any, prompts: Sequence[tuple[int, str]], where: dict[
         used = {g.reference for g in cond.strategy}
         for n, path in enumerate(cond.references):
             if n not in used:
-                log.warning("%s: reference %d (%s) is used by no mask strategy group; it has no effect (as in "
-                            "Open-Sora, whose default strategy is empty)", where[i], n, path)  # fmt: skip
+                log.warning(
+                    "%s: reference %d (%s) is used by no mask strategy group; it has no effect (as in "
+                    "Open-Sora, whose default strategy is empty)",
+                    where[i],
+                    n,
+                    path,
+                )
         geo = geo or FrameGeometry.of_config(cfg)
         _check_loops(cond, infos, cfg, geo, where[i])
         out[i] = cond

@@ -24,9 +24,16 @@ from dataclasses import dataclass
 from .errors import MaskStrategyError
 
 __all__ = [
-    "FramePlan", "MaskGroup", "Placement", "check_reference_indices", "find_nearest_point", "format_mask_strategy",
-    "loop_condition_group", "parse_mask_strategy", "plan_frames",
-]  # fmt: skip
+    "FramePlan",
+    "MaskGroup",
+    "Placement",
+    "check_reference_indices",
+    "find_nearest_point",
+    "format_mask_strategy",
+    "loop_condition_group",
+    "parse_mask_strategy",
+    "plan_frames",
+]
 
 _FIELDS = ("loop index", "reference index", "reference start", "target start", "length", "edit ratio")
 _DEFAULTS = (0, 0, 0, 0, 1, 0.0)
@@ -151,18 +158,29 @@ def check_reference_indices(groups: Sequence[MaskGroup], num_references: int, wh
         if group.reference >= available:
             paths = f"{num_references} reference path{'s' if num_references != 1 else ''}"
             extra = f" plus {group.loop} generated clip{'s' if group.loop != 1 else ''}" if group.loop else ""
-            raise _bad(where, n, group.to_text(), f"reference index {group.reference} does not exist: there "
-                       f"{'is' if available == 1 else 'are'} {paths}{extra} (indices 0..{available - 1})"
-                       if available else f"reference index {group.reference} does not exist: no reference "
-                       "path is given (--reference-path or \"reference_path\" in the prompt)")  # fmt: skip
+            raise _bad(
+                where,
+                n,
+                group.to_text(),
+                f"reference index {group.reference} does not exist: there "
+                f"{'is' if available == 1 else 'are'} {paths}{extra} (indices 0..{available - 1})"
+                if available
+                else f"reference index {group.reference} does not exist: no reference "
+                'path is given (--reference-path or "reference_path" in the prompt)',
+            )
 
 
 def _resolve_start(value: int, size: int, align: int | None, what: str, where: str, n: int, group: MaskGroup) -> int:
     start = value + size if value < 0 else value
     if not 0 <= start < size:
         field = "reference start" if what == "reference" else "target start"
-        raise _bad(where, n, group.to_text(), f"{field} {value} is outside the {what} "
-                   f"({size} latent frame{'s' if size != 1 else ''}: allowed {-size}..{size - 1})")  # fmt: skip
+        raise _bad(
+            where,
+            n,
+            group.to_text(),
+            f"{field} {value} is outside the {what} "
+            f"({size} latent frame{'s' if size != 1 else ''}: allowed {-size}..{size - 1})",
+        )
     return find_nearest_point(start, align, size) if align is not None else start
 
 
@@ -186,8 +204,13 @@ def plan_frames(
         if group.loop != loop:
             continue
         if group.reference >= len(reference_lengths):
-            raise _bad(where, n, group.to_text(), f"reference index {group.reference} does not exist: loop {loop} "
-                       f"has {len(reference_lengths)} reference(s)")  # fmt: skip
+            raise _bad(
+                where,
+                n,
+                group.to_text(),
+                f"reference index {group.reference} does not exist: loop {loop} "
+                f"has {len(reference_lengths)} reference(s)",
+            )
         ref_len = int(reference_lengths[group.reference])
         ref_start = _resolve_start(group.reference_start, ref_len, align, "reference", where, n, group)
         target_start = _resolve_start(group.target_start, num_frames, align, "video", where, n, group)

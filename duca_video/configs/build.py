@@ -29,8 +29,9 @@ def _call_checked(fn: Any, kwargs: dict[str, Any], where: str, given: tuple[str,
     unknown = sorted(set(kwargs) - set(params))
     if unknown:
         name = getattr(getattr(fn, "func", fn), "__qualname__", str(fn))  # look through functools.partial
-        raise ConfigError(f"{where}: unknown key {', '.join(map(repr, unknown))} for {name}; allowed: "
-                          f"{', '.join(params) or 'none'}")  # fmt: skip
+        raise ConfigError(
+            f"{where}: unknown key {', '.join(map(repr, unknown))} for {name}; allowed: {', '.join(params) or 'none'}"
+        )
     return fn(**kwargs)
 
 
@@ -50,8 +51,9 @@ def build_text_encoder(cfg: InferenceConfig, path: str | None, device: torch.dev
 
         length = 300 if sec.model_max_length is None else sec.model_max_length
         try:
-            return T5TextEncoder(path, model_max_length=length, device=device, dtype=TORCH_DTYPES[sec.dtype],
-                                 offload=sec.offload)  # fmt: skip
+            return T5TextEncoder(
+                path, model_max_length=length, device=device, dtype=TORCH_DTYPES[sec.dtype], offload=sec.offload
+            )
         except T5LoadError as exc:  # an unusable folder or a missing package: a user error, not a traceback
             raise InputError(f"text_encoder.from_pretrained: {exc}") from None
     from duca_video.testbed import WordTextEncoder
@@ -76,8 +78,13 @@ def build_vae(cfg: InferenceConfig, path: str | None, device: torch.device, dtyp
     if sec.type == "OpenSoraVAE_V1_2":
         from duca_video.models import OpenSoraVAE
 
-        kw = dict(micro_batch_size=sec.micro_batch_size, micro_frame_size=sec.micro_frame_size, dtype=dtype,
-                  device=device, temporal_config=sec.temporal_config)  # fmt: skip
+        kw = dict(
+            micro_batch_size=sec.micro_batch_size,
+            micro_frame_size=sec.micro_frame_size,
+            dtype=dtype,
+            device=device,
+            temporal_config=sec.temporal_config,
+        )
         if sec.spatial_from_pretrained is not None:
             if sec.spatial_config is not None:
                 raise ConfigError("vae.spatial_config: the spatial VAE's config comes from spatial_from_pretrained")
@@ -111,8 +118,11 @@ def build_model(
             raise InputError(f"model weights: {exc}") from None
     else:
         # As upstream's build: channels and text length follow the VAE and the text encoder unless set.
-        sizes = dict(in_channels=int(vae.out_channels), caption_channels=int(encoder.output_dim),
-                     model_max_length=int(encoder.model_max_length))  # fmt: skip
+        sizes = dict(
+            in_channels=int(vae.out_channels),
+            caption_channels=int(encoder.output_dim),
+            model_max_length=int(encoder.model_max_length),
+        )
         with _seeded(cfg.seed):
             model = STDiT3(STDiT3Config.from_dict({**sizes, **sec.extra}))
         model, source = model.to(device=device, dtype=dtype), f"random init (seed {cfg.seed})"

@@ -68,8 +68,9 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     try:
         namespace = runpy.run_path(str(path), run_name="__duca_config__")
     except SystemExit as exc:  # exit() / sys.exit() in a config must not end the program with the file's status
-        raise ConfigError(f"config file {name} called exit({exc.code!r}) while it ran; a config only sets "
-                          "fields") from None  # fmt: skip
+        raise ConfigError(
+            f"config file {name} called exit({exc.code!r}) while it ran; a config only sets fields"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any failure in user code is reported with the file's name
         raise ConfigError(f"config file {name} failed to run: {type(exc).__name__}: {exc}") from None
     skip = (types.ModuleType, types.FunctionType, type)
@@ -162,13 +163,20 @@ def _prompt_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--start-index", type=int, help="first prompt to generate (0-based)")
     g.add_argument("--end-index", type=int, help="stop before this prompt")
     g.add_argument("--num-sample", type=int, help="videos per prompt; the k-th uses seed + k")
-    g.add_argument("--shard", help="I/N: generate the I-th of N contiguous shares of the planned videos (0-based; "
-                   "job arrays writing into one folder)")  # fmt: skip
+    g.add_argument(
+        "--shard",
+        help="I/N: generate the I-th of N contiguous shares of the planned videos (0-based; "
+        "job arrays writing into one folder)",
+    )
     g.add_argument("--aes", type=float, help='aesthetic score appended as " aesthetic score: X."')
     g.add_argument("--flow", type=float, help='motion score appended as " motion score: X."')
     g.add_argument("--camera-motion", help='appended as " camera motion: X."')
-    g.add_argument("--clean-prompts", action=argparse.BooleanOptionalAction, default=None,
-                   help="clean prompts as Open-Sora does before T5 (lower case, links, HTML); default on")  # fmt: skip
+    g.add_argument(
+        "--clean-prompts",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="clean prompts as Open-Sora does before T5 (lower case, links, HTML); default on",
+    )
 
 
 def _video_flags(p: argparse.ArgumentParser) -> None:
@@ -190,21 +198,41 @@ def _sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, help="prompts denoised together")
     g.add_argument("--dtype", help="bf16, fp16 or fp32")
     g.add_argument("--device", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    g.add_argument("--sp-size", type=int, help="ranks per sequence-parallel group under torchrun (default: all); "
-                   "world / sp groups generate different prompts")  # fmt: skip
-    g.add_argument("--cfg-parallel", action="store_true", default=None,
-                   help="run the conditional and unconditional CFG halves on two ranks (torchrun; with --sp-size: "
-                   "world = data x 2 x sp)")  # fmt: skip
+    g.add_argument(
+        "--sp-size",
+        type=int,
+        help="ranks per sequence-parallel group under torchrun (default: all); "
+        "world / sp groups generate different prompts",
+    )
+    g.add_argument(
+        "--cfg-parallel",
+        action="store_true",
+        default=None,
+        help="run the conditional and unconditional CFG halves on two ranks (torchrun; with --sp-size: "
+        "world = data x 2 x sp)",
+    )
     g.add_argument(
         "--cache", choices=CACHE_METHODS, help="caching method; the config's cache settings apply to its method only"
     )
-    g.add_argument("--cache-offload", action="store_true", default=None,
-                   help="keep the cache in host memory, each block's share prefetched to the device while "
-                        "the block before it runs")  # fmt: skip
-    g.add_argument("--compile", action="store_true", default=None,
-                   help="torch.compile the blocks' attention, cross-attention and MLP (the first batch compiles)")
-    g.add_argument("--cache-opt", action="append", metavar="KEY=VALUE",
-                   help="cache setting, typed by the setting (lists: recompute=attn,mlp); repeatable")  # fmt: skip
+    g.add_argument(
+        "--cache-offload",
+        action="store_true",
+        default=None,
+        help="keep the cache in host memory, each block's share prefetched to the device while "
+        "the block before it runs",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the blocks' attention, cross-attention and MLP (the first batch compiles)",
+    )
+    g.add_argument(
+        "--cache-opt",
+        action="append",
+        metavar="KEY=VALUE",
+        help="cache setting, typed by the setting (lists: recompute=attn,mlp); repeatable",
+    )
 
 
 def _weight_flags(p: argparse.ArgumentParser) -> None:
@@ -220,8 +248,12 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sample-name", help="file name prefix, no path (default 'sample' -> sample_0000)")
     g.add_argument("--prompt-as-path", action="store_true", default=None, help="VBench naming {prompt}-{k}.mp4")
     g.add_argument("--save-latents", action="store_true", default=None, help="also write NAME.latent.safetensors")
-    g.add_argument("--overwrite", action="store_true", default=None,
-                   help="regenerate videos whose records show other settings (default: refuse)")  # fmt: skip
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        default=None,
+        help="regenerate videos whose records show other settings (default: refuse)",
+    )
     g.add_argument(
         "--count-flops", action=argparse.BooleanOptionalAction, default=None, help="count DiT FLOPs during sampling"
     )
@@ -231,14 +263,25 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
 def _conditioning_flags(p: argparse.ArgumentParser) -> None:
     """Open-Sora 1.2's image / video conditioning flags (docs/commands.md), same names and meanings."""
     g = p.add_argument_group("conditioning (images and videos, Open-Sora 1.2)")
-    g.add_argument("--reference-path", nargs="+", metavar="PATHS",
-                   help='reference image/video per prompt (one for all, or one per prompt); ";" separates several '
-                   'of one prompt, e.g. "a.png;b.mp4"; also "reference_path" in a prompt\'s JSON')  # fmt: skip
-    g.add_argument("--mask-strategy", nargs="+", metavar="GROUPS",
-                   help='per prompt, ";"-separated groups "loop,reference,ref_start,target_start,length,edit_ratio" '
-                   '(defaults 0,0,0,0,1,0; latent frames): "0": image to video, "0,0,0,-8,8": extension')  # fmt: skip
+    g.add_argument(
+        "--reference-path",
+        nargs="+",
+        metavar="PATHS",
+        help='reference image/video per prompt (one for all, or one per prompt); ";" separates several '
+        'of one prompt, e.g. "a.png;b.mp4"; also "reference_path" in a prompt\'s JSON',
+    )
+    g.add_argument(
+        "--mask-strategy",
+        nargs="+",
+        metavar="GROUPS",
+        help='per prompt, ";"-separated groups "loop,reference,ref_start,target_start,length,edit_ratio" '
+        '(defaults 0,0,0,0,1,0; latent frames): "0": image to video, "0,0,0,-8,8": extension',
+    )
     g.add_argument("--loop", type=int, help="clips per video, each continuing the previous (prompts '|0|a|2|b')")
-    g.add_argument("--condition-frame-length", type=int,
-                   help="latent frames of the previous clip that start the next one (default 5)")  # fmt: skip
+    g.add_argument(
+        "--condition-frame-length",
+        type=int,
+        help="latent frames of the previous clip that start the next one (default 5)",
+    )
     g.add_argument("--condition-frame-edit", type=float, help="edit ratio of those frames, 0..1 (default 0: kept)")
     g.add_argument("--align", type=int, help="snap negative mask-strategy starts to multiples of this (v1.2: 5)")

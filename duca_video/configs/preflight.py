@@ -32,13 +32,17 @@ def resolve_weights(cfg: InferenceConfig) -> dict[str, str | None]:
             path = os.environ.get(env) or None
         if path is None:
             if sec.needs_weights:
-                problems.append(f"{section} ({sec.type}): no weights given; pass {flag} PATH, set {env}=PATH or "
-                                f"set {section}.from_pretrained in the config")  # fmt: skip
+                problems.append(
+                    f"{section} ({sec.type}): no weights given; pass {flag} PATH, set {env}=PATH or "
+                    f"set {section}.from_pretrained in the config"
+                )
             paths[section] = None
             continue
         if not Path(path).expanduser().exists():
-            problems.append(f"{section} ({sec.type}): {path!r} does not exist (from {flag}, {section}.from_pretrained "
-                            f"or {env}); nothing is downloaded, point it at a local copy")  # fmt: skip
+            problems.append(
+                f"{section} ({sec.type}): {path!r} does not exist (from {flag}, {section}.from_pretrained "
+                f"or {env}); nothing is downloaded, point it at a local copy"
+            )
         paths[section] = str(Path(path).expanduser())
     spatial = cfg.vae.spatial_from_pretrained
     if spatial is not None and not Path(spatial).expanduser().exists():
@@ -93,8 +97,10 @@ def _check_fewer_steps(cfg: InferenceConfig, steps: int | None) -> None:
     `--cache steps --cache-opt num_steps=50` on a 6-step job would run 50)."""
     base = cfg.scheduler.num_sampling_steps
     if steps is not None and steps > base:
-        raise ConfigError(f"cache: {cfg.cache.method}.num_steps={steps} is more than the job's "
-                          f"num_sampling_steps ({base}); allowed: 1..{base}")  # fmt: skip
+        raise ConfigError(
+            f"cache: {cfg.cache.method}.num_steps={steps} is more than the job's "
+            f"num_sampling_steps ({base}); allowed: 1..{base}"
+        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -108,6 +114,8 @@ def resolve_device(name: str) -> torch.device:
         raise InputError(f"device {name!r}: CUDA is not available here; use --device cpu or auto")
     count = torch.cuda.device_count() if device.type == "cuda" else 0
     if device.index is not None and device.index >= count:
-        raise InputError(f"device {name!r}: this machine has {count} CUDA device(s); allowed: auto, cpu, cuda, "
-                         f"cuda:0 .. cuda:{count - 1}")  # fmt: skip
+        raise InputError(
+            f"device {name!r}: this machine has {count} CUDA device(s); allowed: auto, cpu, cuda, "
+            f"cuda:0 .. cuda:{count - 1}"
+        )
     return device

@@ -37,8 +37,15 @@ __all__ = [
 # The names duca_video.cache.enable accepts (DESIGN.md, contract 3).
 CACHE_METHODS = tuple(CACHE_REGISTRY)  # the one registry of methods (duca_video/cache/registry.py)
 # Upstream's spellings (opensora.utils.misc.to_torch_dtype) plus torch's.
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "float32": torch.float32,
-                "float16": torch.float16, "bfloat16": torch.bfloat16, "half": torch.float16}  # fmt: skip
+TORCH_DTYPES = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "half": torch.float16,
+}
 DTYPES = tuple(TORCH_DTYPES)
 ModelType = Literal["STDiT3-XL/2", "STDiT3"]
 VAEType = Literal["OpenSoraVAE_V1_2", "PixelVAE"]
@@ -141,11 +148,17 @@ class SchedulerSection:
     num_timesteps: int = 1000
 
     def __post_init__(self) -> None:
-        _positive("scheduler", num_sampling_steps=self.num_sampling_steps, num_timesteps=self.num_timesteps,
-                  transform_scale=self.transform_scale)  # fmt: skip
+        _positive(
+            "scheduler",
+            num_sampling_steps=self.num_sampling_steps,
+            num_timesteps=self.num_timesteps,
+            transform_scale=self.transform_scale,
+        )
         if self.num_sampling_steps > self.num_timesteps:  # the sampler's steps divide num_timesteps
-            raise ConfigError(f"scheduler.num_sampling_steps={self.num_sampling_steps} is not allowed: at most "
-                              f"scheduler.num_timesteps ({self.num_timesteps})")  # fmt: skip
+            raise ConfigError(
+                f"scheduler.num_sampling_steps={self.num_sampling_steps} is not allowed: at most "
+                f"scheduler.num_timesteps ({self.num_timesteps})"
+            )
 
 
 @dataclass
@@ -269,8 +282,9 @@ class InferenceConfig:
         if self.end_index is not None and self.end_index <= self.start_index:
             raise ConfigError(f"end_index={self.end_index} must be greater than start_index={self.start_index}")
         if not str(self.save_dir).strip():  # "" would write into the working directory
-            raise ConfigError(f"save_dir={self.save_dir!r} is not allowed: it is empty (give a folder; '.' is the "
-                              "working directory)")  # fmt: skip
+            raise ConfigError(
+                f"save_dir={self.save_dir!r} is not allowed: it is empty (give a folder; '.' is the working directory)"
+            )
         _parse_shard(self.shard)
         if self.sample_name is not None:
             try:
@@ -288,19 +302,25 @@ class InferenceConfig:
                 raise ConfigError(f"{key}={value} is not allowed: an mp4 frame rate is at most 2**31-1 = {MAX_FPS}")
         h, w = self.size
         if (h + 128) * (w + 128) >= _MAX_FRAME_AREA:
-            raise ConfigError(f"image_size=[{h}, {w}] is not allowed: the mp4 writer (ffmpeg) refuses frames with "
-                              "(H + 128) * (W + 128) >= 2**28, e.g. larger than 16000 x 16000")  # fmt: skip
+            raise ConfigError(
+                f"image_size=[{h}, {w}] is not allowed: the mp4 writer (ffmpeg) refuses frames with "
+                "(H + 128) * (W + 128) >= 2**28, e.g. larger than 16000 x 16000"
+            )
         if 3 * self.num_frames * h * w >= 2**63:
-            raise ConfigError(f"num_frames={self.num_frames} is not allowed at {h}x{w}: the video would have more "
-                              "values than a tensor can hold (2**63)")  # fmt: skip
+            raise ConfigError(
+                f"num_frames={self.num_frames} is not allowed at {h}x{w}: the video would have more "
+                "values than a tensor can hold (2**63)"
+            )
 
     def _check_conditioning(self) -> None:
         _positive("config", loop=self.loop, condition_frame_length=self.condition_frame_length, align=self.align)
         if self.loop > MAX_LOOP:  # each loop is a whole clip; the pre-load check alone grows with loop**2
             raise ConfigError(f"loop={self.loop} is not allowed: at most {MAX_LOOP} clips per video")
         if not 0.0 <= self.condition_frame_edit <= 1.0:
-            raise ConfigError(f"condition_frame_edit={self.condition_frame_edit} is not allowed: it must be in "
-                              "[0, 1] (0 keeps the frames, 1 regenerates them)")  # fmt: skip
+            raise ConfigError(
+                f"condition_frame_edit={self.condition_frame_edit} is not allowed: it must be in "
+                "[0, 1] (0 keeps the frames, 1 regenerates them)"
+            )
 
     @property
     def shard_index(self) -> int:

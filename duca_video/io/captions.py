@@ -23,8 +23,15 @@ _DASHES = (
 )
 # Ideographic blocks the cleaner drops: CJK strokes, katakana extensions, enclosed letters, compatibility,
 # extension A, Yijing hexagrams, unified ideographs.
-_CJK_BLOCKS = ("\u31c0-\u31ef", "\u31f0-\u31ff", "\u3200-\u32ff", "\u3300-\u33ff", "\u3400-\u4dbf",
-               "\u4dc0-\u4dff", "\u4e00-\u9fff")  # fmt: skip
+_CJK_BLOCKS = (
+    "\u31c0-\u31ef",
+    "\u31f0-\u31ff",
+    "\u3200-\u32ff",
+    "\u3300-\u33ff",
+    "\u3400-\u4dbf",
+    "\u4dc0-\u4dff",
+    "\u4e00-\u9fff",
+)
 _PUNCT_RUN = "[" + re.escape("#®•©™&@·º½¾¿¡§~)(][}{|\\/*") + "]+"
 
 

@@ -47,8 +47,10 @@ def _kind(path: str) -> str:
         return "image"
     if ext in VIDEO_EXTENSIONS:
         return "video"
-    raise MediaError(f"reference {path!r}: unknown file type {ext or '(no extension)'!r}; allowed: images "
-                     f"{', '.join(IMAGE_EXTENSIONS)}; videos {', '.join(VIDEO_EXTENSIONS)}")  # fmt: skip
+    raise MediaError(
+        f"reference {path!r}: unknown file type {ext or '(no extension)'!r}; allowed: images "
+        f"{', '.join(IMAGE_EXTENSIONS)}; videos {', '.join(VIDEO_EXTENSIONS)}"
+    )
 
 
 def _pil() -> Any:
@@ -132,14 +134,17 @@ def _rgb8(img: Any, p: Path) -> Any:
     import numpy as np
 
     if img.mode == "F":
-        raise MediaError(f"reference {str(p)!r} is a 32-bit floating-point image, whose value range is not known; "
-                         "save it with 8 or 16 bits per channel")  # fmt: skip
+        raise MediaError(
+            f"reference {str(p)!r} is a 32-bit floating-point image, whose value range is not known; "
+            "save it with 8 or 16 bits per channel"
+        )
     if img.mode not in _WIDE_INT_MODES:
         return img.convert("RGB")
     values = np.asarray(img).astype(np.int64)
     if values.min() < 0 or values.max() > 65535:
-        raise MediaError(f"reference {str(p)!r} has values outside 0..65535 (mode {img.mode}); save it with 8 or 16 "
-                         "bits per channel")  # fmt: skip
+        raise MediaError(
+            f"reference {str(p)!r} has values outside 0..65535 (mode {img.mode}); save it with 8 or 16 bits per channel"
+        )
     grey = np.round(values * (255.0 / 65535.0)).astype(np.uint8)
     return _pil().fromarray(grey).convert("RGB")  # uint8 (H, W): mode L
 
@@ -185,9 +190,20 @@ def read_media(path: str, size: tuple[int, int]) -> torch.Tensor:
     except MediaError:
         raise
     except Exception as exc:  # noqa: BLE001 - decoding errors of either library
-        raise MediaError(f"reference {path!r} cannot be read as {'an image' if kind == 'image' else 'a video'}: "
-                         f"{exc}") from None  # fmt: skip
+        raise MediaError(
+            f"reference {path!r} cannot be read as {'an image' if kind == 'image' else 'a video'}: {exc}"
+        ) from None
     if (h, w) != tuple(size):
-        log.info("reference %s: %s of %dx%d (HxW) resized to %dx%d and centre-cropped to %dx%d, as Open-Sora's "
-                 "resize_crop does", path, kind, h, w, sh, sw, size[0], size[1])  # fmt: skip
+        log.info(
+            "reference %s: %s of %dx%d (HxW) resized to %dx%d and centre-cropped to %dx%d, as Open-Sora's "
+            "resize_crop does",
+            path,
+            kind,
+            h,
+            w,
+            sh,
+            sw,
+            size[0],
+            size[1],
+        )
     return x.mul(2).sub(1).contiguous()

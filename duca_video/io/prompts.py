@@ -14,9 +14,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = [
-    "PromptError", "append_scores", "check_prompt", "check_sample_name", "check_video_name", "duplicate_names",
-    "load_prompt_file", "load_prompt_lines", "select_prompts", "video_name",
-]  # fmt: skip
+    "PromptError",
+    "append_scores",
+    "check_prompt",
+    "check_sample_name",
+    "check_video_name",
+    "duplicate_names",
+    "load_prompt_file",
+    "load_prompt_lines",
+    "select_prompts",
+    "video_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +69,10 @@ def _read_prompt_bytes(path: Path, stream: bool) -> bytes:
     try:
         with open(path, "rb") as f:
             if stream and os.isatty(f.fileno()):  # reading would wait for someone to type
-                raise PromptError(f"prompt file {str(path)!r} is a terminal: pipe the prompts in "
-                                  f"(e.g. `... --prompt-path {path} < prompts.txt`) or give a file")  # fmt: skip
+                raise PromptError(
+                    f"prompt file {str(path)!r} is a terminal: pipe the prompts in "
+                    f"(e.g. `... --prompt-path {path} < prompts.txt`) or give a file"
+                )
             return f.read()
     except OSError as exc:
         raise PromptError(f"prompt file {str(path)!r} cannot be read: {exc}") from None
@@ -73,8 +83,10 @@ def _parse_prompt_bytes(path: Path, data: bytes) -> list[tuple[int, str]]:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise PromptError(f"prompt file {str(path)!r} is not UTF-8 text (a binary file?): byte {exc.start} "
-                          f"(line {line}): {exc.reason}") from None  # fmt: skip
+        raise PromptError(
+            f"prompt file {str(path)!r} is not UTF-8 text (a binary file?): byte {exc.start} "
+            f"(line {line}): {exc.reason}"
+        ) from None
     lines = [(n, line.strip()) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not lines:
         raise PromptError(f"prompt file {str(path)!r} is empty (no non-blank lines)")
@@ -103,8 +115,10 @@ def check_prompt(prompt: object, where: str) -> None:
     bad = _BAD_IN_PROMPT.search(prompt)
     if bad:
         what = "a NUL character" if bad.group() == "\0" else f"the control character {bad.group()!r}"
-        raise PromptError(f"{where} contains {what} at position {bad.start()}; prompts are one line of text "
-                          "(use --prompt-path FILE for several)")  # fmt: skip
+        raise PromptError(
+            f"{where} contains {what} at position {bad.start()}; prompts are one line of text "
+            "(use --prompt-path FILE for several)"
+        )
 
 
 def check_sample_name(name: str) -> None:
@@ -131,8 +145,9 @@ def check_video_name(name: str) -> None:
     if not isinstance(name, str) or not name or name in (".", ".."):
         raise PromptError(f"video name {name!r} is not a file name")
     if "/" in name or os.sep in name or (os.altsep and os.altsep in name) or _CONTROL.search(name):
-        raise PromptError(f"video name {name!r} holds a path separator or a control character; it must stay "
-                          "inside the save folder")  # fmt: skip
+        raise PromptError(
+            f"video name {name!r} holds a path separator or a control character; it must stay inside the save folder"
+        )
     if name.startswith("."):
         raise PromptError(f"video name {name!r} starts with '.' (hidden, and the mark of our temporary files)")
     if len(name.encode("utf-8", errors="replace")) > _MAX_NAME_BYTES:

@@ -40,11 +40,20 @@ class VideoIdentity:
         # Without weights the model and the text encoder are drawn from the run seed (the VAEs either need
         # weights or, like the testbed's PixelVAE, have none).
         random_init = sections["model"]["weights"] is None or sections["text_encoder"]["weights"] is None
-        self.common = canonical({
-            "method": method, "method_config": method_config, "scheduler": scheduler, **sections,
-            "image_size": list(cfg.size), "num_frames": cfg.num_frames, "fps": cfg.fps, "save_fps": cfg.video_fps,
-            "dtype": cfg.dtype, "init_seed": cfg.seed if random_init else None,
-        })  # fmt: skip
+        self.common = canonical(
+            {
+                "method": method,
+                "method_config": method_config,
+                "scheduler": scheduler,
+                **sections,
+                "image_size": list(cfg.size),
+                "num_frames": cfg.num_frames,
+                "fps": cfg.fps,
+                "save_fps": cfg.video_fps,
+                "dtype": cfg.dtype,
+                "init_seed": cfg.seed if random_init else None,
+            }
+        )
         # A method whose video depends on the parallel layout says how (absent for every other method, so
         # their records stay valid on any number of GPUs).
         layout = config.layout_identity(cfg_parallel=cfg.cfg_parallel)

@@ -36,25 +36,48 @@ def make_record(
     pixels: resume compares it (see `jobs.resume`)."""
     t, h, w, _ = g.frames[0].shape
     return {
-        "name": job.name, "prompt": job.prompt, "prompt_index": job.index, "sample_index": job.k, "text": job.text,
-        "seed": job.seed, "method": cfg.cache.method, "method_config": m.method_config,
-        "steps": m.sampler.num_sampling_steps, "cfg_scale": m.sampler.cfg_scale,
+        "name": job.name,
+        "prompt": job.prompt,
+        "prompt_index": job.index,
+        "sample_index": job.k,
+        "text": job.text,
+        "seed": job.seed,
+        "method": cfg.cache.method,
+        "method_config": m.method_config,
+        "steps": m.sampler.num_sampling_steps,
+        "cfg_scale": m.sampler.cfg_scale,
         "resolution": cfg.resolution if cfg.image_size is None else f"{cfg.size[0]}x{cfg.size[1]}",
         "aspect_ratio": cfg.aspect_ratio if cfg.image_size is None else None,
-        "image_size": list(cfg.size), "video_size": [h, w], "frames": t, "fps": cfg.fps, "save_fps": cfg.video_fps,
-        "latent_shape": list(m.latent_shape), "dtype": str(m.dtype).removeprefix("torch."), "device": str(m.device),
-        "batch_size": n, "latency_s": g.batch_latency_s / n, "batch_latency_s": g.batch_latency_s,
+        "image_size": list(cfg.size),
+        "video_size": [h, w],
+        "frames": t,
+        "fps": cfg.fps,
+        "save_fps": cfg.video_fps,
+        "latent_shape": list(m.latent_shape),
+        "dtype": str(m.dtype).removeprefix("torch."),
+        "device": str(m.device),
+        "batch_size": n,
+        "latency_s": g.batch_latency_s / n,
+        "batch_latency_s": g.batch_latency_s,
         "latency_scope": "text encoding + sampling + VAE decode of the batch, divided by its videos",
         "dit_tflops": None if g.dit_flops is None else g.dit_flops / n / 1e12,
         "dit_tflops_counted_by": m.flops_counted_by if g.dit_flops is not None else "not counted (--no-count-flops)",
-        "peak_memory_bytes": g.peak_memory_bytes, "peak_memory_kind": g.peak_memory_kind,
-        "cache_bytes": g.cache_bytes, "cache_offload": cfg.cache.offload, "compile": cfg.compile,
+        "peak_memory_bytes": g.peak_memory_bytes,
+        "peak_memory_kind": g.peak_memory_kind,
+        "cache_bytes": g.cache_bytes,
+        "cache_offload": cfg.cache.offload,
+        "compile": cfg.compile,
         "world_size": m.ctx.world_size,
-        "rank": m.ctx.rank, "sp_size": m.ctx.sp_size, "cfg_size": m.ctx.cfg_size, "dp_size": m.ctx.dp_size,
-        "weights": m.weights, "sampler": dataclasses.asdict(m.sampler),
+        "rank": m.ctx.rank,
+        "sp_size": m.ctx.sp_size,
+        "cfg_size": m.ctx.cfg_size,
+        "dp_size": m.ctx.dp_size,
+        "weights": m.weights,
+        "sampler": dataclasses.asdict(m.sampler),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {"duca_video": __version__, "torch": torch.__version__}, "identity": canonical(identity),
-    }  # fmt: skip
+        "versions": {"duca_video": __version__, "torch": torch.__version__},
+        "identity": canonical(identity),
+    }
 
 
 def write_outputs(
@@ -83,9 +106,16 @@ def write_outputs(
 
 
 def write_batch_video(
-    cfg: InferenceConfig, m: Models, save_dir: Path, job: VideoJob, g: Generated, i: int, batch: int,
-    identity: VideoIdentity, summary: RunSummary,
-) -> None:  # fmt: skip
+    cfg: InferenceConfig,
+    m: Models,
+    save_dir: Path,
+    job: VideoJob,
+    g: Generated,
+    i: int,
+    batch: int,
+    identity: VideoIdentity,
+    summary: RunSummary,
+) -> None:
     """Video `i` of the generated batch: its files and record, or the reason in the summary. A full disk stops
     the job (raised); any other failure is this video's alone."""
     if not bool(torch.isfinite(g.latents[i]).all()):  # e.g. a fp16 overflow: never write a black video
@@ -110,5 +140,9 @@ def write_batch_video(
     tflops = record["dit_tflops"]
     if tflops is not None:
         summary.tflops.append(tflops)
-    log.info("wrote %s.mp4 (%.2f s, %s)", job.name, record["latency_s"],
-             "FLOPs not counted" if tflops is None else f"{tflops:.4g} DiT TFLOPs")  # fmt: skip
+    log.info(
+        "wrote %s.mp4 (%.2f s, %s)",
+        job.name,
+        record["latency_s"],
+        "FLOPs not counted" if tflops is None else f"{tflops:.4g} DiT TFLOPs",
+    )

@@ -14,8 +14,15 @@ from duca_video.io import PromptError, append_scores, select_prompts, video_name
 from duca_video.io.captions import clean_prompt
 from duca_video.io.prompts import check_prompt, check_video_name, duplicate_names, load_prompt_lines
 
-__all__ = ["MAX_VIDEOS", "VideoJob", "batch_jobs", "data_parallel_share", "encoder_text", "load_prompts",
-           "plan_batches"]  # fmt: skip
+__all__ = [
+    "MAX_VIDEOS",
+    "VideoJob",
+    "batch_jobs",
+    "data_parallel_share",
+    "encoder_text",
+    "load_prompts",
+    "plan_batches",
+]
 
 
 # One run plans every video in memory first; past this, split the job with --start-index / --end-index.
@@ -77,8 +84,10 @@ def load_prompts(cfg: InferenceConfig) -> list[tuple[int, str]]:
     if len(clashes) > 10:
         clashes = [*clashes[:10], f"... and {len(clashes) - 10} more"]
     if clashes:
-        raise PromptError("prompts that would write the same file (give each prompt once, or drop "
-                          "--prompt-as-path):\n  " + "\n  ".join(clashes))  # fmt: skip
+        raise PromptError(
+            "prompts that would write the same file (give each prompt once, or drop "
+            "--prompt-as-path):\n  " + "\n  ".join(clashes)
+        )
     return prompts
 
 
@@ -110,11 +119,21 @@ def plan_batches(cfg: InferenceConfig, prompts: list[tuple[int, str]]) -> list[l
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
         for k in range(cfg.num_sample):
-            batches.append([
-                VideoJob(i, p, texts[i][0], k, cfg.seed + k, _name(cfg, i, p, k), conditions.get(i),
-                         texts[i] if conditions.get(i) is not None else ())
-                for i, p in chunk
-            ])  # fmt: skip
+            batches.append(
+                [
+                    VideoJob(
+                        i,
+                        p,
+                        texts[i][0],
+                        k,
+                        cfg.seed + k,
+                        _name(cfg, i, p, k),
+                        conditions.get(i),
+                        texts[i] if conditions.get(i) is not None else (),
+                    )
+                    for i, p in chunk
+                ]
+            )
     return batches
 
 

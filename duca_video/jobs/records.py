@@ -14,13 +14,52 @@ log = logging.getLogger(__name__)
 
 # Keys every NAME.json holds (DESIGN.md contract 4, plus what is needed to read them).
 RECORD_FIELDS = (
-    "name", "prompt", "prompt_index", "sample_index", "text", "seed", "method", "method_config", "steps",
-    "cfg_scale", "resolution", "aspect_ratio", "image_size", "video_size", "frames", "fps", "save_fps",
-    "latent_shape", "dtype", "device", "batch_size", "latency_s", "batch_latency_s", "latency_scope",
-    "dit_tflops", "dit_tflops_counted_by", "peak_memory_bytes", "peak_memory_kind", "cache_bytes", "cache_offload",
-    "compile", "world_size", "rank", "sp_size", "cfg_size", "dp_size", "weights", "sampler", "video_codec", "files",
-    "created", "versions", "identity", "video_bytes", "video_sha256",
-)  # fmt: skip
+    "name",
+    "prompt",
+    "prompt_index",
+    "sample_index",
+    "text",
+    "seed",
+    "method",
+    "method_config",
+    "steps",
+    "cfg_scale",
+    "resolution",
+    "aspect_ratio",
+    "image_size",
+    "video_size",
+    "frames",
+    "fps",
+    "save_fps",
+    "latent_shape",
+    "dtype",
+    "device",
+    "batch_size",
+    "latency_s",
+    "batch_latency_s",
+    "latency_scope",
+    "dit_tflops",
+    "dit_tflops_counted_by",
+    "peak_memory_bytes",
+    "peak_memory_kind",
+    "cache_bytes",
+    "cache_offload",
+    "compile",
+    "world_size",
+    "rank",
+    "sp_size",
+    "cfg_size",
+    "dp_size",
+    "weights",
+    "sampler",
+    "video_codec",
+    "files",
+    "created",
+    "versions",
+    "identity",
+    "video_bytes",
+    "video_sha256",
+)
 
 
 @dataclass(frozen=True)
@@ -86,8 +125,14 @@ class RunSummary:
 
     def to_parts(self) -> dict[str, Any]:
         """What another rank needs to merge this share into one summary."""
-        return {"written": self.written, "skipped": self.skipped, "failed": self.failed, "busy": self.busy,
-                "latencies": self.latencies, "tflops": self.tflops}  # fmt: skip
+        return {
+            "written": self.written,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "busy": self.busy,
+            "latencies": self.latencies,
+            "tflops": self.tflops,
+        }
 
     def merge(self, parts: list[dict[str, Any]]) -> None:
         """Replace the counts by the sum over every data-parallel share (this one's included in `parts`)."""

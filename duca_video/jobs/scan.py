@@ -51,14 +51,21 @@ def _check_no_folder_in_the_way(cfg: InferenceConfig, save_dir: Path, planned: l
         for path in (out.video, out.record, *([out.latent] if cfg.save_latents else [])):
             if path.exists() and not path.is_file():
                 kind = "a folder" if path.is_dir() else "not a regular file"
-                raise InputError(f"{path} is {kind}, where {job.name}'s output file goes: move it away, or use "
-                                 "another --save-dir")  # fmt: skip
+                raise InputError(
+                    f"{path} is {kind}, where {job.name}'s output file goes: move it away, or use another --save-dir"
+                )
 
 
 def scan_outputs(
-    cfg: InferenceConfig, save_dir: Path, planned: list[VideoJob], mine: list[VideoJob], identity: VideoIdentity,
-    summary: RunSummary, ctx: ParallelContext, device: torch.device,
-) -> list[VideoJob]:  # fmt: skip
+    cfg: InferenceConfig,
+    save_dir: Path,
+    planned: list[VideoJob],
+    mine: list[VideoJob],
+    identity: VideoIdentity,
+    summary: RunSummary,
+    ctx: ParallelContext,
+    device: torch.device,
+) -> list[VideoJob]:
     """The videos of this group's share still to generate. Refuses (InputError) when any video of the whole
     job has a record with other settings, unless cfg.overwrite; every rank checks the same, so all refuse."""
     _check_no_folder_in_the_way(cfg, save_dir, planned)
@@ -68,10 +75,13 @@ def scan_outputs(
         if status.state == "differs":
             differs.append(f"{job.name} ({', '.join(status.detail)})")
     if differs and not cfg.overwrite:
-        listed = "; ".join(differs[:_MAX_LISTED]) + (f"; and {len(differs) - _MAX_LISTED} more" if
-                                                      len(differs) > _MAX_LISTED else "")  # fmt: skip
-        raise InputError(f"{len(differs)} video(s) in {save_dir} were made with other settings: {listed}. "
-                         "Pass --overwrite to regenerate them, or use another --save-dir")  # fmt: skip
+        listed = "; ".join(differs[:_MAX_LISTED]) + (
+            f"; and {len(differs) - _MAX_LISTED} more" if len(differs) > _MAX_LISTED else ""
+        )
+        raise InputError(
+            f"{len(differs)} video(s) in {save_dir} were made with other settings: {listed}. "
+            "Pass --overwrite to regenerate them, or use another --save-dir"
+        )
     unique, seen = [], set()
     for job in mine:  # the first of each name, in order
         if job.name not in seen:
@@ -90,9 +100,14 @@ def scan_outputs(
 
 
 def claim_batch(
-    cfg: InferenceConfig, save_dir: Path, batch: list[VideoJob], identity: VideoIdentity, summary: RunSummary,
-    ctx: ParallelContext, device: torch.device,
-) -> tuple[list[VideoJob], list[VideoLock]]:  # fmt: skip
+    cfg: InferenceConfig,
+    save_dir: Path,
+    batch: list[VideoJob],
+    identity: VideoIdentity,
+    summary: RunSummary,
+    ctx: ParallelContext,
+    device: torch.device,
+) -> tuple[list[VideoJob], list[VideoLock]]:
     """Lock the batch's videos (writer only) and keep those still to do; returns (jobs, held locks). A stop while
     claiming (SIGTERM, Ctrl-C) releases every lock taken so far."""
     flags: list[bool] = []
@@ -109,9 +124,14 @@ def claim_batch(
 
 
 def _claim(
-    cfg: InferenceConfig, save_dir: Path, job: VideoJob, identity: VideoIdentity, summary: RunSummary,
-    ctx: ParallelContext, locks: list[VideoLock],
-) -> bool:  # fmt: skip
+    cfg: InferenceConfig,
+    save_dir: Path,
+    job: VideoJob,
+    identity: VideoIdentity,
+    summary: RunSummary,
+    ctx: ParallelContext,
+    locks: list[VideoLock],
+) -> bool:
     """Whether `job` is this group's to make; its lock joins `locks` as soon as it is taken."""
     if not ctx.is_writer:
         return True
@@ -129,17 +149,22 @@ def _claim(
         if status.complete:
             summary.skipped.append(job.name)
         else:
-            summary.failed.append((job.name, "another job wrote it meanwhile with other settings: "
-                                   + ", ".join(status.detail)))  # fmt: skip
+            summary.failed.append(
+                (job.name, "another job wrote it meanwhile with other settings: " + ", ".join(status.detail))
+            )
         return False
     out.record.unlink(missing_ok=True)  # the record marks a finished video: none while it is redone
     return True
 
 
 def finish_summary(
-    cfg: InferenceConfig, save_dir: Path, planned: list[VideoJob], identity: VideoIdentity, summary: RunSummary,
+    cfg: InferenceConfig,
+    save_dir: Path,
+    planned: list[VideoJob],
+    identity: VideoIdentity,
+    summary: RunSummary,
     ctx: ParallelContext,
-) -> RunSummary:  # fmt: skip
+) -> RunSummary:
     """The whole job's counts: every group's summary merged on global rank 0 (unless interrupted, when the
     other groups may be gone), and how many of the job's videos are complete on disk now."""
     summary.job_total = len({job.name for job in planned})

@@ -41,8 +41,12 @@ class BenchSetup:
 
     def sampler(self, method: cache_lib.CacheConfig) -> RFlowSampler:
         """The sampler of a variant: this setup's, with the settings the variant implies (e.g. fewer steps)."""
-        settings = {"num_sampling_steps": self.num_steps, "cfg_scale": self.cfg_scale,
-                    "use_timestep_transform": self.use_timestep_transform, **method.sampler_settings()}  # fmt: skip
+        settings = {
+            "num_sampling_steps": self.num_steps,
+            "cfg_scale": self.cfg_scale,
+            "use_timestep_transform": self.use_timestep_transform,
+            **method.sampler_settings(),
+        }
         return RFlowSampler(**settings)
 
     def method_config(self, name: str) -> cache_lib.CacheConfig:
@@ -76,16 +80,27 @@ def make_inputs(setup: BenchSetup, device: torch.device | str, dtype: torch.dtyp
         y=noise(b, 1, length, cfg.caption_channels).to(dtype),
         mask=mask if meta else mask.to(device),  # on meta runs a CPU mask lets the sampler cut the text keys
         # Sizes stay on the CPU: their values set the position scale and the timestep shift.
-        model_kwargs=dict(height=torch.full((b,), float(setup.image_size[0])),
-                          width=torch.full((b,), float(setup.image_size[1])),
-                          fps=torch.full((b,), setup.fps).to(device), num_frames=setup.num_frames),
-    )  # fmt: skip
+        model_kwargs=dict(
+            height=torch.full((b,), float(setup.image_size[0])),
+            width=torch.full((b,), float(setup.image_size[1])),
+            fps=torch.full((b,), setup.fps).to(device),
+            num_frames=setup.num_frames,
+        ),
+    )
 
 
 def _sample(model: STDiT3, setup: BenchSetup, method: cache_lib.CacheConfig, inputs: dict[str, Any], seed: int):
     y_null = model.y_embedder.y_embedding[None, None].expand_as(inputs["y"]).to(inputs["y"].dtype)
-    return setup.sampler(method).sample(model, inputs["z"], inputs["y"], y_null, inputs["mask"],
-                                        model_kwargs=inputs["model_kwargs"], progress=False, seed=seed)  # fmt: skip
+    return setup.sampler(method).sample(
+        model,
+        inputs["z"],
+        inputs["y"],
+        y_null,
+        inputs["mask"],
+        model_kwargs=inputs["model_kwargs"],
+        progress=False,
+        seed=seed,
+    )
 
 
 def loop_flops(
@@ -124,8 +139,9 @@ class RunResult:
     flops: int | None = None
 
 
-def run_method(model: STDiT3, setup: BenchSetup, method: str, inputs: dict[str, Any], seed: int = 0,
-               count: bool = False) -> RunResult:  # fmt: skip
+def run_method(
+    model: STDiT3, setup: BenchSetup, method: str, inputs: dict[str, Any], seed: int = 0, count: bool = False
+) -> RunResult:
     """Generate once with `method` (timed); optionally count its FLOPs in one more run."""
     config = setup.method_config(method)
     controller = cache_lib.enable(model, config)
@@ -160,41 +176,20 @@ def compare(
     warmup: bool = True,
     sp_sizes: tuple[int, ...] = (),
 ) -> dict[str, dict[str, Any]]:
-    """The contract-5 per-method records. Without a model, one with random weights (seeded) is built."""
+    """The per-method records (`scripts/benchmark.py --json`). Without a model, one with random weights (seeded)
+    is built."""
     if "none" not in methods:
         methods = ["none", *methods]
-    results: dict[str, dict[str, Any]] = {}
-    for name in methods:
-        flops, cache_bytes, _ = loop_flops(setup, name, dtype)
-        results[name] = {"tflops": None if flops is None else flops / 1e12, "flops_speedup": None,
-                         "latency_s": None, "latency_speedup": None, "peak_memory_bytes": None,
-                         "cache_bytes": cache_bytes, "psnr_vs_none": None, "ssim_vs_none": None}  # fmt: skip
-        if sp_sizes:  # bytes sent per video by the whole SP group, keyed by SP size
-            results[name]["comm_bytes"] = {str(p): loop_flops(setup, name, dtype, p)[2] for p in sp_sizes}
+    results = {name: _counted(setup, name, dtype, sp_sizes) for name in methods}
     if not flops_only:
         if model is None:
             torch.manual_seed(seed)
             model = STDiT3(setup.model).eval()
         model = model.to(device=device, dtype=dtype)
-        inputs = make_inputs(setup, device, dtype, seed)
-        if warmup:  # first-call costs (allocator, kernels) must not land on the first method
-            run_method(model, BenchSetup(**{**setup.__dict__, "num_steps": 1}), "none", inputs, seed=seed)
-        # Round-robin over methods, so a load change on the machine hits every method alike; median per method.
-        runs: dict[str, list[RunResult]] = {name: [] for name in methods}
-        for rep in range(repeats):
-            for name in methods:
-                dynamic = setup.method_config(name).data_dependent
-                runs[name].append(run_method(model, setup, name, inputs, seed=seed, count=dynamic and rep == 0))
+        runs = _timed_runs(setup, methods, model, make_inputs(setup, device, dtype, seed), repeats, seed, warmup)
         reference = runs["none"][0].latent
         for name, done in runs.items():
-            first = done[0]
-            if first.flops is not None:
-                results[name]["tflops"] = first.flops / 1e12
-            fid = latent_fidelity(reference, first.latent)
-            peaks = [r.peak_memory_bytes for r in done if r.peak_memory_bytes is not None]
-            results[name].update(latency_s=statistics.median(r.latency_s for r in done),
-                                 peak_memory_bytes=max(peaks) if peaks else None, cache_bytes=first.cache_bytes,
-                                 psnr_vs_none=fid["psnr"], ssim_vs_none=fid["ssim"])  # fmt: skip
+            results[name].update(_measured(done, reference))
     base = results["none"]
     for r in results.values():
         if r["tflops"] and base["tflops"]:
@@ -204,18 +199,75 @@ def compare(
     return results
 
 
+def _counted(setup: BenchSetup, name: str, dtype: torch.dtype, sp_sizes: tuple[int, ...]) -> dict[str, Any]:
+    """A method's record with what is counted on meta: FLOPs, cache bytes, bytes sent per SP size."""
+    flops, cache_bytes, _ = loop_flops(setup, name, dtype)
+    record: dict[str, Any] = {
+        "tflops": None if flops is None else flops / 1e12,
+        "flops_speedup": None,
+        "latency_s": None,
+        "latency_speedup": None,
+        "peak_memory_bytes": None,
+        "cache_bytes": cache_bytes,
+        "psnr_vs_none": None,
+        "ssim_vs_none": None,
+    }
+    if sp_sizes:  # bytes sent per video by the whole SP group, keyed by SP size
+        record["comm_bytes"] = {str(p): loop_flops(setup, name, dtype, p)[2] for p in sp_sizes}
+    return record
+
+
+def _timed_runs(
+    setup: BenchSetup, methods: list[str], model: STDiT3, inputs: Any, repeats: int, seed: int, warmup: bool
+) -> dict[str, list[RunResult]]:
+    if warmup:  # first-call costs (allocator, kernels) must not land on the first method
+        run_method(model, BenchSetup(**{**setup.__dict__, "num_steps": 1}), "none", inputs, seed=seed)
+    # Round-robin over methods, so a load change on the machine hits every method alike; median per method.
+    runs: dict[str, list[RunResult]] = {name: [] for name in methods}
+    for rep in range(repeats):
+        for name in methods:
+            dynamic = setup.method_config(name).data_dependent
+            runs[name].append(run_method(model, setup, name, inputs, seed=seed, count=dynamic and rep == 0))
+    return runs
+
+
+def _measured(done: list[RunResult], reference: torch.Tensor) -> dict[str, Any]:
+    """What the timed runs of one method measured: the median latency, the peak, the first run's fidelity."""
+    first = done[0]
+    fid = latent_fidelity(reference, first.latent)
+    peaks = [r.peak_memory_bytes for r in done if r.peak_memory_bytes is not None]
+    out = {
+        "latency_s": statistics.median(r.latency_s for r in done),
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "cache_bytes": first.cache_bytes,
+        "psnr_vs_none": fid["psnr"],
+        "ssim_vs_none": fid["ssim"],
+    }
+    if first.flops is not None:
+        out["tflops"] = first.flops / 1e12
+    return out
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """A plain-text table of the records (adherence columns when the testbed benchmark measured them)."""
 
     def fmt(v: Any, spec: str) -> str:
         return "-" if v is None else format(v, spec)
 
-    columns = [("tflops", "TFLOPs", ".4g", 1), ("flops_speedup", "FLOPs x", ".2f", 1),
-               ("latency_s", "latency s", ".3f", 1), ("latency_speedup", "lat. x", ".2f", 1),
-               ("peak_memory_bytes", "peak MiB", ".0f", 2**20), ("cache_bytes", "cache MiB", ".1f", 2**20),
-               ("psnr_vs_none", "PSNR", ".2f", 1), ("ssim_vs_none", "SSIM", ".4f", 1),
-               ("color_accuracy", "colour", ".3f", 1), ("direction_accuracy", "direction", ".3f", 1),
-               ("cond_psnr_vs_none", "i2v PSNR", ".2f", 1), ("cond_kept_psnr", "kept PSNR", ".2f", 1)]  # fmt: skip
+    columns = [
+        ("tflops", "TFLOPs", ".4g", 1),
+        ("flops_speedup", "FLOPs x", ".2f", 1),
+        ("latency_s", "latency s", ".3f", 1),
+        ("latency_speedup", "lat. x", ".2f", 1),
+        ("peak_memory_bytes", "peak MiB", ".0f", 2**20),
+        ("cache_bytes", "cache MiB", ".1f", 2**20),
+        ("psnr_vs_none", "PSNR", ".2f", 1),
+        ("ssim_vs_none", "SSIM", ".4f", 1),
+        ("color_accuracy", "colour", ".3f", 1),
+        ("direction_accuracy", "direction", ".3f", 1),
+        ("cond_psnr_vs_none", "i2v PSNR", ".2f", 1),
+        ("cond_kept_psnr", "kept PSNR", ".2f", 1),
+    ]
     present = [c for c in columns if any(c[0] in r for r in results.values())]
     width = max([13, *(len(name) + 1 for name in results)])
     lines = [f"{'method':<{width}}" + "".join(f"{title:>11}" for _, title, _, _ in present)]

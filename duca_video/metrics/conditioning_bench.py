@@ -46,16 +46,16 @@ def conditioning_fidelity(
     references = [[video[:, :1]] for video in videos]
     frames = bed.data.num_frames
     plan = plan_frames(parse_mask_strategy(mask_strategy), frames, [1])
-    noise = torch.stack([torch.randn(3, frames, bed.data.height, bed.data.width,
-                                     generator=torch.Generator().manual_seed(s)) for s in seeds])  # fmt: skip
+    shape = (3, frames, bed.data.height, bed.data.width)
+    noise = torch.stack([torch.randn(*shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
     z, frame_mask = condition_latents(noise, references, [plan] * num_videos)
     text = bed.text_encoder.encode(prompts)
     y_null = bed.model.y_embedder.y_embedding[None, None].expand_as(text["y"])
 
     def sample(settings: dict[str, Any] | None = None) -> torch.Tensor:
         run = dataclasses.replace(sampler, **settings) if settings else sampler  # a variant may set e.g. fewer steps
-        out = run.sample(bed.model, z, text["y"], y_null, text["mask"], model_kwargs=bed.model_kwargs(num_videos),
-                         frame_mask=frame_mask, progress=False, seed=seeds)  # fmt: skip
+        kwargs = {"model_kwargs": bed.model_kwargs(num_videos), "frame_mask": frame_mask, "seed": seeds}
+        out = run.sample(bed.model, z, text["y"], y_null, text["mask"], progress=False, **kwargs)
         return bed.vae.decode(out)
 
     baseline = sample()
@@ -69,8 +69,8 @@ def conditioning_fidelity(
             "ssim_vs_none": ssim(baseline.transpose(1, 2), video.transpose(1, 2), 2.0),
             "kept_psnr": psnr(ref, video[:, :, kept[0]], 2.0) if kept else None,
         }
-    config = {"model": "tiny testbed (weights/tiny)", "num_videos": num_videos, "num_steps": num_steps,
-              "mask_strategy": mask_strategy, "seed": seed}  # fmt: skip
+    config = {"model": "tiny testbed (weights/tiny)", "num_videos": num_videos, "num_steps": num_steps}
+    config.update(mask_strategy=mask_strategy, seed=seed)
     return {"config": config, "methods": results}
 
 

@@ -114,8 +114,14 @@ class SamplingFlops:
     def _data_dependent(self) -> bool:
         return self.controller is not None and self.controller.config.data_dependent
 
-    def _replay(self, batch: int, latent_shape: tuple[int, ...], model_kwargs: dict[str, Any], kinds,
-                text_tokens: int | None = None) -> int:  # fmt: skip
+    def _replay(
+        self,
+        batch: int,
+        latent_shape: tuple[int, ...],
+        model_kwargs: dict[str, Any],
+        kinds,
+        text_tokens: int | None = None,
+    ) -> int:
         config = self.model.config
         with torch.device("meta"):
             z = torch.empty(batch, *latent_shape, dtype=self.dtype)
@@ -124,13 +130,16 @@ class SamplingFlops:
         mask = torch.zeros(batch, config.model_max_length, dtype=torch.long)
         mask[:, : config.model_max_length if text_tokens is None else text_tokens] = 1
         # Sizes keep their values on the CPU: they set the position scale and the timestep transform.
-        kwargs = {k: (v.to("cpu") if k in ("height", "width", "num_frames") else v.to("meta"))
-                  for k, v in model_kwargs.items()}  # fmt: skip
+        kwargs = {
+            k: (v.to("cpu") if k in ("height", "width", "num_frames") else v.to("meta"))
+            for k, v in model_kwargs.items()
+        }
         if self.controller is not None:
             self.controller.replay_kinds = list(kinds) if kinds is not None else None
         y_null = torch.empty_like(y)
-        flops, _ = count_flops(self.sampler.sample, self.model, z, y, y_null, mask, model_kwargs=kwargs,
-                               progress=False, seed=[0] * batch)  # fmt: skip
+        flops, _ = count_flops(
+            self.sampler.sample, self.model, z, y, y_null, mask, model_kwargs=kwargs, progress=False, seed=[0] * batch
+        )
         return int(flops)
 
 
@@ -142,18 +151,27 @@ def video_latent_shape(num_frames: int, height: int, width: int) -> tuple[int, i
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ToolParser(prog="python -m duca_video.metrics.flops",
-                        description="FLOPs of one STDiT3-XL/2 forward (meta device).")  # fmt: skip
-    parser.add_argument("--image-size", nargs=2, type=int_at_least(8), default=[480, 854], metavar=("H", "W"),
-                        help="pixels, each >= 8 (one latent row)")  # fmt: skip
+    parser = ToolParser(
+        prog="python -m duca_video.metrics.flops", description="FLOPs of one STDiT3-XL/2 forward (meta device)."
+    )
+    parser.add_argument(
+        "--image-size",
+        nargs=2,
+        type=int_at_least(8),
+        default=[480, 854],
+        metavar=("H", "W"),
+        help="pixels, each >= 8 (one latent row)",
+    )
     parser.add_argument("--num-frames", type=positive_int, default=51)
     parser.add_argument("--batch", type=positive_int, default=1)
     args = parser.parse_args(argv)
     h, w = args.image_size
     latent = video_latent_shape(args.num_frames, h, w)
     flops = stdit3_forward_flops(STDiT3Config(), latent, (h, w), batch=args.batch)
-    print(f"STDiT3-XL/2, {h}x{w}, {args.num_frames} frames (latent {latent}), batch {args.batch}: "
-          f"{flops / 1e12:.2f} TFLOPs per forward")  # fmt: skip
+    print(
+        f"STDiT3-XL/2, {h}x{w}, {args.num_frames} frames (latent {latent}), batch {args.batch}: "
+        f"{flops / 1e12:.2f} TFLOPs per forward"
+    )
 
 
 if __name__ == "__main__":

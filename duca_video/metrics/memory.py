@@ -41,8 +41,19 @@ from .flops import video_latent_shape
 
 # The methods whose storage a meta run can follow (the data-dependent First-Block Cache stores on decisions a
 # meta tensor cannot make; TeaCache's storage does not depend on them, see loop_memory).
-METHODS = ("none", "duca", "duca_forecast", "toca", "fora", "pab", "teacache", "aggressive", "taylorseer", "magcache",
-           "fastercache")  # fmt: skip
+METHODS = (
+    "none",
+    "duca",
+    "duca_forecast",
+    "toca",
+    "fora",
+    "pab",
+    "teacache",
+    "aggressive",
+    "taylorseer",
+    "magcache",
+    "fastercache",
+)
 RESOLUTIONS = {"480p": (480, 854), "720p": (720, 1280)}
 SIZES = ("480p:51", "480p:102", "480p:408", "720p:51", "720p:102", "720p:408")  # 2 s, 4 s, 16 s at 24 fps
 GB = 1e9
@@ -166,8 +177,16 @@ def loop_memory(setup: BenchSetup, method: str, dtype: torch.dtype = torch.bfloa
     F.scaled_dot_product_attention = _fused_sdpa
     try:
         with tracker, torch.no_grad():
-            setup.sampler(config).sample(model, inputs["z"], inputs["y"], y_null, inputs["mask"],
-                                         model_kwargs=inputs["model_kwargs"], progress=False, seed=0)  # fmt: skip
+            setup.sampler(config).sample(
+                model,
+                inputs["z"],
+                inputs["y"],
+                y_null,
+                inputs["mask"],
+                model_kwargs=inputs["model_kwargs"],
+                progress=False,
+                seed=0,
+            )
     finally:
         F.scaled_dot_product_attention = original
         unregister_listener(model, blocks)
@@ -179,17 +198,30 @@ def loop_memory(setup: BenchSetup, method: str, dtype: torch.dtype = torch.bfloa
         rows = 2 * setup.batch
         extra = rows * -(-t // setup.model.patch_size[0]) * -(-h // ph) * -(-w // pw) * setup.model.hidden_size
         extra *= torch.empty((), dtype=dtype).element_size()
-    return {"weights": weights, "inputs": held, "loop_peak": tracker.peak + extra,
-            "loop_peak_without_cache": tracker.peak_without, "cache": controller.cache_bytes + extra,
-            "cache_block_max": max(blocks.largest, extra)}  # fmt: skip
+    return {
+        "weights": weights,
+        "inputs": held,
+        "loop_peak": tracker.peak + extra,
+        "loop_peak_without_cache": tracker.peak_without,
+        "cache": controller.cache_bytes + extra,
+        "cache_block_max": max(blocks.largest, extra),
+    }
 
 
 def t5_xxl_bytes(dtype: torch.dtype = torch.float32) -> int:
     """T5 v1.1 XXL encoder (DeepFloyd/t5-v1_1-xxl) parameters, built from its config on meta."""
     from transformers import T5Config, T5EncoderModel
 
-    cfg = T5Config(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, vocab_size=32128,
-                   feed_forward_proj="gated-gelu", is_encoder_decoder=False)  # fmt: skip
+    cfg = T5Config(
+        d_model=4096,
+        d_ff=10240,
+        d_kv=64,
+        num_layers=24,
+        num_heads=64,
+        vocab_size=32128,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+    )
     with torch.device("meta"):
         model = T5EncoderModel(cfg)
     return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
@@ -204,8 +236,14 @@ def vae_bytes(dtype: torch.dtype = torch.bfloat16) -> int:
     return sum(p.numel() for p in vae.parameters()) * torch.empty((), dtype=dtype).element_size()
 
 
-def memory_rows(sizes: list[str], methods: list[str], steps: int = 30, t5_dtype: torch.dtype = torch.float32,
-                config: STDiT3Config | None = None, with_vae: bool = True) -> list[dict[str, Any]]:  # fmt: skip
+def memory_rows(
+    sizes: list[str],
+    methods: list[str],
+    steps: int = 30,
+    t5_dtype: torch.dtype = torch.float32,
+    config: STDiT3Config | None = None,
+    with_vae: bool = True,
+) -> list[dict[str, Any]]:
     """One row per (size, method) with every figure in bytes."""
     t5 = t5_xxl_bytes(t5_dtype)
     vae = vae_bytes() if with_vae else 0
@@ -213,29 +251,52 @@ def memory_rows(sizes: list[str], methods: list[str], steps: int = 30, t5_dtype:
     for size in sizes:
         res, frames = size.split(":")
         image = RESOLUTIONS[res]
-        setup = BenchSetup(model=config or STDiT3Config(), latent_shape=video_latent_shape(int(frames), *image),
-                           image_size=image, num_frames=int(frames), num_steps=steps)  # fmt: skip
+        setup = BenchSetup(
+            model=config or STDiT3Config(),
+            latent_shape=video_latent_shape(int(frames), *image),
+            image_size=image,
+            num_frames=int(frames),
+            num_steps=steps,
+        )
         for method in methods:
             m = loop_memory(setup, method)
             base = m["weights"] + vae + m["inputs"]
             freed = base + m["loop_peak"]
             # a cache smaller than two blocks would simply stay on the GPU: the bound never exceeds resident
             bound = min(freed, base + m["loop_peak_without_cache"] + 2 * m["cache_block_max"])
-            rows.append({"size": size, "method": method, **m, "vae": vae, "t5": t5, "offloaded_bound": bound,
-                         "peak_t5_resident": freed + t5, "peak_t5_freed": freed})  # fmt: skip
+            rows.append(
+                {
+                    "size": size,
+                    "method": method,
+                    **m,
+                    "vae": vae,
+                    "t5": t5,
+                    "offloaded_bound": bound,
+                    "peak_t5_resident": freed + t5,
+                    "peak_t5_freed": freed,
+                }
+            )
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The README table: GB (1e9 bytes) per size and method."""
-    head = ("| size | method | weights (DiT + VAE) | activations | cache | peak, T5 resident | peak, T5 freed | "
-            "offloaded cache (bound) |\n|---|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
+    head = (
+        "| size | method | weights (DiT + VAE) | activations | cache | peak, T5 resident | peak, T5 freed | "
+        "offloaded cache (bound) |\n|---|---|---:|---:|---:|---:|---:|---:|"
+    )
     lines = [head]
     for r in rows:
         res, frames = r["size"].split(":")
         label = f"{res} {int(frames) / 24:.0f} s ({frames} fr)" if int(frames) >= 24 else r["size"]
-        cells = [r["weights"] + r["vae"], r["loop_peak_without_cache"] + r["inputs"], r["cache"],
-                 r["peak_t5_resident"], r["peak_t5_freed"], r["offloaded_bound"]]  # fmt: skip
+        cells = [
+            r["weights"] + r["vae"],
+            r["loop_peak_without_cache"] + r["inputs"],
+            r["cache"],
+            r["peak_t5_resident"],
+            r["peak_t5_freed"],
+            r["offloaded_bound"],
+        ]
         lines.append(f"| {label} | {r['method']} | " + " | ".join(f"{c / GB:.1f}" for c in cells) + " |")
     return "\n".join(lines)
 
@@ -244,8 +305,10 @@ def _size(text: str) -> str:
     """An argparse type for one --sizes entry: RES:FRAMES, RES from RESOLUTIONS, FRAMES 1 or >= 17."""
     res, _, frames = text.strip().partition(":")
     if res not in RESOLUTIONS or not frames.isdecimal() or not (int(frames) == 1 or int(frames) >= 17):
-        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: RES:FRAMES with RES from "
-                                         f"{', '.join(RESOLUTIONS)} and FRAMES 1 or >= 17 (e.g. 480p:51)")  # fmt: skip
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not allowed; allowed: RES:FRAMES with RES from "
+            f"{', '.join(RESOLUTIONS)} and FRAMES 1 or >= 17 (e.g. 480p:51)"
+        )
     return f"{res}:{int(frames)}"
 
 
@@ -256,10 +319,17 @@ def _sizes(text: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    p = ToolParser(prog="python -m duca_video.metrics.memory", description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--sizes", type=_sizes, default=list(SIZES), help="RES:FRAMES list, RES from 480p, 720p, "
-                   "FRAMES 1 or >= 17 (the timestep transform's range)")  # fmt: skip
+    p = ToolParser(
+        prog="python -m duca_video.metrics.memory",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=list(SIZES),
+        help="RES:FRAMES list, RES from 480p, 720p, FRAMES 1 or >= 17 (the timestep transform's range)",
+    )
     p.add_argument("--methods", type=name_list(METHODS), default=list(METHODS), help=f"from {', '.join(METHODS)}")
     p.add_argument("--steps", type=positive_int, default=30)
     p.add_argument("--t5-dtype", choices=("fp32", "bf16"), default="fp32", help="T5 weights (upstream: fp32)")

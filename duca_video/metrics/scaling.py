@@ -98,9 +98,16 @@ class SizeProfile:
         return sum(s.flops for s in self.steps)
 
 
-def profile(name: str, method: str, image_size: tuple[int, int], num_frames: int, steps: int = 30,
-            config: STDiT3Config | None = None, sp_sizes: tuple[int, ...] = (1, 2, 4, 8),
-            halves: bool = True) -> SizeProfile:  # fmt: skip
+def profile(
+    name: str,
+    method: str,
+    image_size: tuple[int, int],
+    num_frames: int,
+    steps: int = 30,
+    config: STDiT3Config | None = None,
+    sp_sizes: tuple[int, ...] = (1, 2, 4, 8),
+    halves: bool = True,
+) -> SizeProfile:
     """Count one method's loop at one size on meta (1 rank, and SP 2 for which steps communicate); `halves`
     also counts one CFG half per SP size (for CFG parallelism)."""
     config = config or STDiT3Config()
@@ -109,8 +116,9 @@ def profile(name: str, method: str, image_size: tuple[int, int], num_frames: int
     if method == "none":  # every step is one full forward of the CFG batch: count one forward, not 30
         costs, comm = [StepCost("full", base, 0) for _ in range(steps)], [True] * steps
     else:
-        setup = BenchSetup(model=config, latent_shape=latent, image_size=image_size, num_frames=num_frames,
-                           num_steps=steps)  # fmt: skip
+        setup = BenchSetup(
+            model=config, latent_shape=latent, image_size=image_size, num_frames=num_frames, num_steps=steps
+        )
         costs = loop_steps(setup, method)
         comm = [s.bytes_sent > 0 for s in loop_steps(setup, method, sp_size=2)]
     valid = [p for p in sp_sizes if config.num_heads % p == 0]
@@ -119,8 +127,9 @@ def profile(name: str, method: str, image_size: tuple[int, int], num_frames: int
     return SizeProfile(name, config, latent, costs, comm, share, half)
 
 
-def predict(prof: SizeProfile, tflops: float, links: Links, p: int, strategy: str, placement: str,
-            dtype_bytes: int = 2) -> dict[str, Any] | None:  # fmt: skip
+def predict(
+    prof: SizeProfile, tflops: float, links: Links, p: int, strategy: str, placement: str, dtype_bytes: int = 2
+) -> dict[str, Any] | None:
     """Seconds per video and its parts for one strategy on p GPUs; None where the strategy cannot use p."""
     rate = tflops * 1e12
     one_gpu = prof.total_flops / rate
@@ -148,9 +157,12 @@ def predict(prof: SizeProfile, tflops: float, links: Links, p: int, strategy: st
 def table(prof: SizeProfile, tflops: float, links: Links, placement: str, max_p: int = 8) -> str:
     """Markdown: seconds per video for p = 1..max_p under each strategy."""
     title = "NVLink, one node" if placement == "nvlink" else f"InfiniBand, {links.ib_gpus_per_node} GPU(s) per node"
-    lines = [f"{prof.name}, {title}: seconds per video (compute + comm); SP bytes sent per rank per full step",
-             "", "| GPUs | SP | CFG + SP | DP (p videos) | SP MB/rank/step | SP comm share |",
-             "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        f"{prof.name}, {title}: seconds per video (compute + comm); SP bytes sent per rank per full step",
+        "",
+        "| GPUs | SP | CFG + SP | DP (p videos) | SP MB/rank/step | SP comm share |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for p in range(1, max_p + 1):
         cells = []
         for strategy in ("sp", "cfg+sp", "dp"):
@@ -169,17 +181,27 @@ def published_comparison(prof: SizeProfile, tflops: float, links: Links) -> tupl
     two = predict(prof, tflops, links, 2, "sp", "nvlink")["time_s"]
     pub1, pub2 = PUBLISHED_720P_16S[1], PUBLISHED_720P_16S[2]
     implied = prof.total_flops / pub1 / 1e12
-    figures = {"predicted_1gpu_s": one, "predicted_2gpu_s": two, "published_1gpu_s": pub1, "published_2gpu_s": pub2,
-               "ratio_1gpu": one / pub1, "ratio_2gpu": two / pub2, "predicted_speedup": one / two,
-               "published_speedup": pub1 / pub2, "implied_tflops_from_1gpu": implied}  # fmt: skip
-    text = "\n".join([
-        f"Open-Sora 1.2, 720p 16 s (408 frames, latent {prof.latent_shape}), 30 steps CFG, uncached:",
-        f"  1 GPU : predicted {one:7.1f} s  published {pub1:.0f} s  (predicted / published = {one / pub1:.2f})",
-        f"  2 GPUs: predicted {two:7.1f} s  published {pub2:.0f} s  (predicted / published = {two / pub2:.2f})",
-        f"  speed-up 1 -> 2 GPUs: predicted {one / two:.2f}x, published {pub1 / pub2:.2f}x",
-        f"  the DiT loop is {prof.total_flops / 1e15:.1f} PFLOPs; the published 1-GPU time implies an effective "
-        f"{implied:.0f} TFLOP/s (end to end, T5 and VAE included) against the {tflops:.0f} assumed here",
-    ])  # fmt: skip
+    figures = {
+        "predicted_1gpu_s": one,
+        "predicted_2gpu_s": two,
+        "published_1gpu_s": pub1,
+        "published_2gpu_s": pub2,
+        "ratio_1gpu": one / pub1,
+        "ratio_2gpu": two / pub2,
+        "predicted_speedup": one / two,
+        "published_speedup": pub1 / pub2,
+        "implied_tflops_from_1gpu": implied,
+    }
+    text = "\n".join(
+        [
+            f"Open-Sora 1.2, 720p 16 s (408 frames, latent {prof.latent_shape}), 30 steps CFG, uncached:",
+            f"  1 GPU : predicted {one:7.1f} s  published {pub1:.0f} s  (predicted / published = {one / pub1:.2f})",
+            f"  2 GPUs: predicted {two:7.1f} s  published {pub2:.0f} s  (predicted / published = {two / pub2:.2f})",
+            f"  speed-up 1 -> 2 GPUs: predicted {one / two:.2f}x, published {pub1 / pub2:.2f}x",
+            f"  the DiT loop is {prof.total_flops / 1e15:.1f} PFLOPs; the published 1-GPU time implies an effective "
+            f"{implied:.0f} TFLOP/s (end to end, T5 and VAE included) against the {tflops:.0f} assumed here",
+        ]
+    )
     return text, figures
 
 
@@ -209,15 +231,19 @@ def read_kernel_times(path: str) -> tuple[STDiT3Config, tuple[int, ...], tuple[i
     except KeyError as exc:
         raise ArgError(f"{where}: not a gpu_check JSON (missing {exc}); {hint}") from None
     except TypeError:  # a list or a number where an object belongs
-        raise ArgError(f"{where}: not a gpu_check JSON (setup, methods, methods.none or its step_ms is not an "
-                       f"object); {hint}") from None
-    for field, ok, allowed in (("methods.none.step_ms.full", _number(ms), "a number of milliseconds > 0"),
-                               ("setup.model", isinstance(model, dict), "an object of STDiT3 settings"),
-                               ("setup.latent_shape", _sizes(latent, 3), "3 integers > 0"),
-                               ("setup.image_size", _sizes(image, 2), "2 integers > 0")):  # fmt: skip
+        raise ArgError(
+            f"{where}: not a gpu_check JSON (setup, methods, methods.none or its step_ms is not an object); {hint}"
+        ) from None
+    for field, ok, allowed in (
+        ("methods.none.step_ms.full", _number(ms), "a number of milliseconds > 0"),
+        ("setup.model", isinstance(model, dict), "an object of STDiT3 settings"),
+        ("setup.latent_shape", _sizes(latent, 3), "3 integers > 0"),
+        ("setup.image_size", _sizes(image, 2), "2 integers > 0"),
+    ):
         if not ok:
-            raise ArgError(f"{where}: not a gpu_check JSON ({field} is {_show(data, field)}; "
-                           f"allowed: {allowed}); {hint}")  # fmt: skip
+            raise ArgError(
+                f"{where}: not a gpu_check JSON ({field} is {_show(data, field)}; allowed: {allowed}); {hint}"
+            )
     try:
         config = STDiT3Config.from_dict(model)
     except (TypeError, ValueError) as exc:
@@ -247,20 +273,29 @@ def rate_from_kernel_times(path: str) -> float:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = ToolParser(prog="python -m duca_video.metrics.scaling", description=__doc__,
-                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = ToolParser(
+        prog="python -m duca_video.metrics.scaling",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--kernel-times", type=nonempty, help="a scripts/gpu_check.py JSON: use its measured full-step rate")
     p.add_argument("--tflops", type=positive_float, default=DEFAULT_TFLOPS, help="effective bf16 TFLOP/s per GPU")
-    p.add_argument("--nvlink-gbps", type=positive_float, default=DEFAULT_NVLINK_GBPS,
-                   help="GB/s one GPU sends, NVLink")  # fmt: skip
+    p.add_argument("--nvlink-gbps", type=positive_float, default=DEFAULT_NVLINK_GBPS, help="GB/s one GPU sends, NVLink")
     p.add_argument("--ib-gbps", type=positive_float, default=DEFAULT_IB_GBPS, help="GB/s one GPU sends, InfiniBand")
-    p.add_argument("--ib-gpus-per-node", type=positive_int, default=1,
-                   help="GPUs per node in the InfiniBand placement")  # fmt: skip
-    p.add_argument("--methods", type=name_list(COUNTED_METHODS), default=["none"],
-                   help=f"comma-separated cache methods from {', '.join(COUNTED_METHODS)} (not the ones that "
-                   "decide their steps from the data)")  # fmt: skip
-    p.add_argument("--resolutions", type=name_list(tuple(RESOLUTIONS)), default=["480p", "720p"],
-                   help=f"from {', '.join(RESOLUTIONS)}")  # fmt: skip
+    p.add_argument("--ib-gpus-per-node", type=positive_int, default=1, help="GPUs per node in the InfiniBand placement")
+    p.add_argument(
+        "--methods",
+        type=name_list(COUNTED_METHODS),
+        default=["none"],
+        help=f"comma-separated cache methods from {', '.join(COUNTED_METHODS)} (not the ones that "
+        "decide their steps from the data)",
+    )
+    p.add_argument(
+        "--resolutions",
+        type=name_list(tuple(RESOLUTIONS)),
+        default=["480p", "720p"],
+        help=f"from {', '.join(RESOLUTIONS)}",
+    )
     p.add_argument("--num-frames", type=positive_int, default=51, help="frames of the tables' videos (51 = 2 s)")
     p.add_argument("--steps", type=positive_int, default=30)
     p.add_argument("--no-published", action="store_true", help="skip the 720p 16 s comparison")
@@ -270,8 +305,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.published_only and args.no_published:
         p.error("--published-only and --no-published together leave nothing to compute; allowed: one of them")
     if 1 < args.num_frames < 17 and args.methods != ["none"] and not args.published_only:
-        p.error(f"argument --num-frames: {args.num_frames} is not allowed with cached methods (their loop follows "
-                "the timestep transform); allowed: 1 or >= 17")  # fmt: skip
+        p.error(
+            f"argument --num-frames: {args.num_frames} is not allowed with cached methods (their loop follows "
+            "the timestep transform); allowed: 1 or >= 17"
+        )
     p.check(output_file, args.json, "--json")
     if args.kernel_times:
         p.check(read_kernel_times, args.kernel_times)
@@ -283,8 +320,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     links = Links(args.nvlink_gbps, args.ib_gbps, ib_gpus_per_node=args.ib_gpus_per_node)
     tflops = rate_from_kernel_times(args.kernel_times) if args.kernel_times else args.tflops
     source = f"measured ({args.kernel_times})" if args.kernel_times else "stated default"
-    print(f"effective rate {tflops:.0f} TFLOP/s per GPU ({source}); NVLink {links.nvlink_gbps:.0f} GB/s, "
-          f"InfiniBand {links.ib_gbps:.0f} GB/s per GPU; bf16\n")  # fmt: skip
+    print(
+        f"effective rate {tflops:.0f} TFLOP/s per GPU ({source}); NVLink {links.nvlink_gbps:.0f} GB/s, "
+        f"InfiniBand {links.ib_gbps:.0f} GB/s per GPU; bf16\n"
+    )
     out: dict[str, Any] = {"tflops": tflops, "links": links.__dict__, "tables": {}}
     for res in [] if args.published_only else args.resolutions:
         for method in args.methods:

@@ -70,8 +70,16 @@ def loop_steps(setup: BenchSetup, method: str, dtype: torch.dtype = torch.bfloat
     y_null = torch.empty_like(inputs["y"])
     try:
         with counter, torch.no_grad():
-            setup.sampler(config).sample(model, inputs["z"], inputs["y"], y_null, inputs["mask"],
-                                         model_kwargs=inputs["model_kwargs"], progress=False, seed=0)  # fmt: skip
+            setup.sampler(config).sample(
+                model,
+                inputs["z"],
+                inputs["y"],
+                y_null,
+                inputs["mask"],
+                model_kwargs=inputs["model_kwargs"],
+                progress=False,
+                seed=0,
+            )
     finally:
         unregister_listener(model, recorder)
     kinds = [h["kind"] for h in controller.history] if controller.history else ["full"] * (len(recorder.marks) - 1)

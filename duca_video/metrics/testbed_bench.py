@@ -58,11 +58,15 @@ def compare_testbed(
     for name, r in results.items():
         metrics = adherence(clips[name], prompts)
         r.update(
-            latency_s=statistics.median(times[name]), peak_memory_bytes=None,
-            psnr_vs_none=psnr(reference, clips[name], 2.0), ssim_vs_none=ssim(reference, clips[name], 2.0),
-            color_accuracy=metrics["colour"], direction_accuracy=metrics["direction"],
-            shape_accuracy=metrics["shape"], consistency=metrics["consistency"],
-        )  # fmt: skip
+            latency_s=statistics.median(times[name]),
+            peak_memory_bytes=None,
+            psnr_vs_none=psnr(reference, clips[name], 2.0),
+            ssim_vs_none=ssim(reference, clips[name], 2.0),
+            color_accuracy=metrics["colour"],
+            direction_accuracy=metrics["direction"],
+            shape_accuracy=metrics["shape"],
+            consistency=metrics["consistency"],
+        )
     base = results["none"]
     for r in results.values():
         r["flops_speedup"] = base["tflops"] / r["tflops"]

@@ -58,8 +58,10 @@ def weights_file(path: str | Path) -> list[Path]:
         if (path / name).is_file():
             return [path / name]
     found = sorted(p.name for p in path.iterdir())[:20]
-    raise FileNotFoundError(f"no weights in directory {path} (looked for model.safetensors, an index, "
-                            f"pytorch_model.bin, model.pt); it holds {found}")  # fmt: skip
+    raise FileNotFoundError(
+        f"no weights in directory {path} (looked for model.safetensors, an index, "
+        f"pytorch_model.bin, model.pt); it holds {found}"
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -72,8 +74,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise CheckpointError(f"{path} is not UTF-8 text (a binary file?): {exc}") from None
     except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path} is not valid JSON (truncated?): line {exc.lineno} column {exc.colno}: "
-                              f"{exc.msg}") from None  # fmt: skip
+        raise CheckpointError(
+            f"{path} is not valid JSON (truncated?): line {exc.lineno} column {exc.colno}: {exc.msg}"
+        ) from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, expected an object of config keys")
     return value
@@ -107,8 +110,10 @@ def check_checkpoint(path: str | Path) -> None:
             with open(file, "rb") as f:
                 legacy = f.read(1) == b"\x80"  # torch.save's pre-1.6 format is a bare pickle
             if not legacy and not zipfile.is_zipfile(file):
-                raise CheckpointError(f"{file} is not a torch checkpoint: neither a whole zip archive (torch.save) "
-                                      "nor a legacy pickle; it may be truncated or corrupt")  # fmt: skip
+                raise CheckpointError(
+                    f"{file} is not a torch checkpoint: neither a whole zip archive (torch.save) "
+                    "nor a legacy pickle; it may be truncated or corrupt"
+                )
         else:
             raise CheckpointError(_unsupported(file))
 
@@ -118,8 +123,10 @@ def _unreadable(path: Path, exc: BaseException) -> str:
 
 
 def _unsupported(path: Path) -> str:
-    return (f"unsupported checkpoint format {path.suffix!r} for {path}; use .safetensors, "
-            f"{', '.join(_TORCH_SUFFIXES)} or an HF-style directory")  # fmt: skip
+    return (
+        f"unsupported checkpoint format {path.suffix!r} for {path}; use .safetensors, "
+        f"{', '.join(_TORCH_SUFFIXES)} or an HF-style directory"
+    )
 
 
 def _read_one(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
@@ -135,8 +142,10 @@ def _read_one(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]
     except pickle.UnpicklingError as exc:  # what weights_only=True raises for anything but tensors and containers
         if is_truncated_pickle(exc):  # torch 2.3 reports a cut file this way too
             raise CheckpointError(_unreadable(path, exc)) from None
-        raise CheckpointError(f"{path} is not a plain tensor checkpoint (read with weights_only=True, which refuses "
-                              f"pickled objects): {exc}") from None  # fmt: skip
+        raise CheckpointError(
+            f"{path} is not a plain tensor checkpoint (read with weights_only=True, which refuses "
+            f"pickled objects): {exc}"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - a truncated zip, a cut pickle: re-raised naming the file
         raise CheckpointError(_unreadable(path, exc)) from None
     while isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):

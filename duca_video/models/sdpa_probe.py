@@ -77,9 +77,14 @@ def geometry(resolution: str, aspect_ratio: str, num_frames: int, patch: Sequenc
 
 
 def attention_sites(
-    g: Geometry, rows: int = 2, heads: int = 16, head_dim: int = 72, sp: int = 1, text_tokens: int = 40,
+    g: Geometry,
+    rows: int = 2,
+    heads: int = 16,
+    head_dim: int = 72,
+    sp: int = 1,
+    text_tokens: int = 40,
     max_text: int = 300,
-) -> list[Site]:  # fmt: skip
+) -> list[Site]:
     """The calls one forward makes on one rank (rows = the CFG batch: 2 per prompt)."""
     if sp < 1 or heads % sp:
         raise ValueError(f"--sp {sp}: the SP size must divide the head count {heads}")
@@ -87,21 +92,23 @@ def attention_sites(
         raise ValueError(f"--text-tokens {text_tokens}: allowed 1..{max_text}")
     s, padded = g.spatial, -(-g.spatial // sp) * sp
     local = padded // sp  # spatial positions per rank (cross-attention and temporal attention run on these)
-    sites = [
-        Site("spatial self", rows * g.frames, heads // sp, padded, s, head_dim, False,
-             "SP padding cut from the keys" if padded != s else ""),
-        Site("temporal self", rows * local, heads, g.frames, g.frames, head_dim, False),
-        Site("cross, text cut, lengths agree", rows, heads, g.frames * local, text_tokens, head_dim, False,
-             "no mask: every row has the same valid length"),
-        Site("cross, text cut, lengths differ", rows, heads, g.frames * local, text_tokens, head_dim, True,
-             "mask over the cut keys"),
-        Site("cross, uncut (before)", rows, heads, g.frames * local, max_text, head_dim, True,
-             f"all {max_text} text keys, masked"),
-    ]  # fmt: skip
+    cross, spatial_rows, spatial_heads = g.frames * local, rows * g.frames, heads // sp
+    cut = "SP padding cut from the keys" if padded != s else ""
+    same = "no mask: every row has the same valid length"
+    # (name, batch, heads, queries, keys, masked, note), each with this head dim
+    calls = [
+        ("spatial self", spatial_rows, spatial_heads, padded, s, False, cut),
+        ("temporal self", rows * local, heads, g.frames, g.frames, False, ""),
+        ("cross, text cut, lengths agree", rows, heads, cross, text_tokens, False, same),
+        ("cross, text cut, lengths differ", rows, heads, cross, text_tokens, True, "mask over the cut keys"),
+        ("cross, uncut (before)", rows, heads, cross, max_text, True, f"all {max_text} text keys, masked"),
+    ]
     if padded != s:
-        sites.insert(1, Site("spatial self, padding masked (before)", rows * g.frames, heads // sp, padded, padded,
-                             head_dim, True, f"{padded - s} padded keys masked"))  # fmt: skip
-    return sites
+        masked_pad = f"{padded - s} padded keys masked"
+        calls.insert(
+            1, ("spatial self, padding masked (before)", spatial_rows, spatial_heads, padded, padded, True, masked_pad)
+        )
+    return [Site(name, b, h, q, k, head_dim, masked, note) for name, b, h, q, k, masked, note in calls]
 
 
 def _tensors(site: Site, batch: int, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -163,16 +170,19 @@ def probe(
         for name in BACKENDS:
             ok, why, seconds = _try(getattr(SDPBackend, name), q, k, v, mask, repeats)
             backends[name] = {"accepted": ok, "reason": why, "ms": None if seconds is None else seconds * 1e3}
-        results.append({**asdict(site), "trial_batch": batch, "default": dispatcher_choice(q, k, v, mask),
-                        "backends": backends})  # fmt: skip
+        results.append(
+            {**asdict(site), "trial_batch": batch, "default": dispatcher_choice(q, k, v, mask), "backends": backends}
+        )
         del q, k, v, mask
     return results
 
 
 def _device_note(device: torch.device) -> str:
     if device.type == "cpu":
-        return ("CPU: PyTorch offers its math kernel and a fused CPU flash kernel (which also takes masks); the "
-                "memory-efficient and cuDNN kernels are CUDA only.")  # fmt: skip
+        return (
+            "CPU: PyTorch offers its math kernel and a fused CPU flash kernel (which also takes masks); the "
+            "memory-efficient and cuDNN kernels are CUDA only."
+        )
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return f"CUDA {name} (compute capability {'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
@@ -180,16 +190,17 @@ def _device_note(device: torch.device) -> str:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
-    short = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient", "CUDNN_ATTENTION": "cudnn",
-             "MATH": "math"}  # fmt: skip
+    short = {"FLASH_ATTENTION": "flash", "EFFICIENT_ATTENTION": "efficient", "CUDNN_ATTENTION": "cudnn", "MATH": "math"}
     lines = [f"{'site':38} {'shape (batch, heads, q x k, d)':34} {'mask':5} {'default':20} accepted"]
     for r in results:
         shape = f"({r['batch']}, {r['heads']}, {r['queries']}x{r['keys']}, {r['head_dim']})"
         ok = []
         for name, b in r["backends"].items():
             ok.append(short[name] + (f" {b['ms']:.2f}ms" if b["ms"] is not None else "") if b["accepted"] else "")
-        lines.append(f"{r['name']:38} {shape:34} {'yes' if r['masked'] else 'no':5} {r['default']:20} "
-                     + ", ".join(o for o in ok if o))  # fmt: skip
+        lines.append(
+            f"{r['name']:38} {shape:34} {'yes' if r['masked'] else 'no':5} {r['default']:20} "
+            + ", ".join(o for o in ok if o)
+        )
     refused: dict[tuple[str, str], list[str]] = {}  # (backend, reason) -> sites, so a reason prints once
     for r in results:
         for name, b in r["backends"].items():
@@ -215,8 +226,12 @@ def _parser() -> ToolParser:
     p.add_argument("--text-tokens", type=int, default=40, help="valid caption tokens of the longest prompt")
     p.add_argument("--num-heads", type=positive_int, default=16)
     p.add_argument("--head-dim", type=positive_int, default=72)
-    p.add_argument("--trial-batch", type=positive_int, default=None,
-                   help="sequences per trial (default: all on CUDA, 1 on the CPU)")  # fmt: skip
+    p.add_argument(
+        "--trial-batch",
+        type=positive_int,
+        default=None,
+        help="sequences per trial (default: all on CUDA, 1 on the CPU)",
+    )
     p.add_argument("--time", action="store_true", help="also time each accepted backend (10 calls)")
     p.add_argument("--json", default=None, help="write the results to this file (its folder must exist)")
     return p
@@ -249,13 +264,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     device, g, sites = parser.check(_checked, args)
     trial = args.trial_batch if args.trial_batch is not None else (None if device.type == "cuda" else 1)
     results = probe(sites, device, DTYPES[args.dtype], trial, repeats=10 if args.time else 0)
-    header = {"device": str(device), "device_note": _device_note(device), "dtype": args.dtype,
-              "resolution": args.resolution, "aspect_ratio": args.aspect_ratio, "frames": args.frames,
-              "grid": asdict(g), "sp": args.sp, "torch": torch.__version__,
-              "duca_attention": attention_backend(device)}  # fmt: skip
-    print(f"{header['device_note']}\nSTDiT3 grid T x H x W = {g.frames} x {g.height} x {g.width} patches "
-          f"({args.resolution} {args.aspect_ratio}, {args.frames} frames), {args.dtype}, SP {args.sp}; "
-          f"duca_video attention path: {header['duca_attention']}")  # fmt: skip
+    header = {
+        "device": str(device),
+        "device_note": _device_note(device),
+        "dtype": args.dtype,
+        "resolution": args.resolution,
+        "aspect_ratio": args.aspect_ratio,
+        "frames": args.frames,
+        "grid": asdict(g),
+        "sp": args.sp,
+        "torch": torch.__version__,
+        "duca_attention": attention_backend(device),
+    }
+    print(
+        f"{header['device_note']}\nSTDiT3 grid T x H x W = {g.frames} x {g.height} x {g.width} patches "
+        f"({args.resolution} {args.aspect_ratio}, {args.frames} frames), {args.dtype}, SP {args.sp}; "
+        f"duca_video attention path: {header['duca_attention']}"
+    )
     print(format_table(results))
     if args.json:
         atomic_write_json(args.json, {**header, "sites": results})  # never a half-written file

@@ -244,9 +244,18 @@ class STDiT3(nn.Module):
         y, mask = self._text(y, mask, b)
         tokens = self.x_embedder(x.to(dtype)).view(b, T, S, -1) + pos
         return Embedded(
-            x=tokens.reshape(b, T * S, -1), y=y, mask=mask, t=t, t_mlp=self.t_block(t), t0=t0, t0_mlp=t0_mlp,
-            x_mask=x_mask, grid=(T, H, W), input_size=(tx, hx, wx), seq=S,
-        )  # fmt: skip
+            x=tokens.reshape(b, T * S, -1),
+            y=y,
+            mask=mask,
+            t=t,
+            t_mlp=self.t_block(t),
+            t0=t0,
+            t0_mlp=t0_mlp,
+            x_mask=x_mask,
+            grid=(T, H, W),
+            input_size=(tx, hx, wx),
+            seq=S,
+        )
 
     def _time(self, timestep, fps, x_mask, b: int, device: torch.device) -> tuple:
         """(t, t0, t0's MLP modulation, x_mask per time token): the timestep + fps embedding, and with a frame

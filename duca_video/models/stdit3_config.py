@@ -10,11 +10,23 @@ from typing import Any
 
 # Keys Open-Sora's STDiT3Config (and HF's config.json) carry that change nothing at inference.
 _IGNORED_CONFIG_KEYS = {
-    "input_size", "class_dropout_prob", "drop_path", "enable_flash_attn", "enable_layernorm_kernel",
-    "enable_sequence_parallelism", "only_train_temporal", "freeze_y_embedder", "architectures", "model_type",
-    "torch_dtype", "transformers_version", "_name_or_path", "from_pretrained", "type",
+    "input_size",
+    "class_dropout_prob",
+    "drop_path",
+    "enable_flash_attn",
+    "enable_layernorm_kernel",
+    "enable_sequence_parallelism",
+    "only_train_temporal",
+    "freeze_y_embedder",
+    "architectures",
+    "model_type",
+    "torch_dtype",
+    "transformers_version",
+    "_name_or_path",
+    "from_pretrained",
+    "type",
     "testbed",  # our small trained model's data/sampler settings, next to its architecture
-}  # fmt: skip
+}
 
 
 def _is_int(value: Any) -> bool:
@@ -45,8 +57,15 @@ class STDiT3Config:
     def _check_types(self) -> None:
         # Types first, each error naming the field: a float patch size or a "yes" flag would otherwise be
         # truncated or taken as true without a word.
-        for name in ("depth", "hidden_size", "num_heads", "in_channels", "caption_channels", "model_max_length",
-                     "input_sq_size"):  # fmt: skip
+        for name in (
+            "depth",
+            "hidden_size",
+            "num_heads",
+            "in_channels",
+            "caption_channels",
+            "model_max_length",
+            "input_sq_size",
+        ):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 error = ValueError if _is_int(value) else TypeError

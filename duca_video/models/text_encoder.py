@@ -15,8 +15,15 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["OFFLOAD_MODES", "T5LoadError", "T5TextEncoder", "TextEncoder", "check_prompts", "load_t5_tokenizer",
-           "null_caption"]  # fmt: skip
+__all__ = [
+    "OFFLOAD_MODES",
+    "T5LoadError",
+    "T5TextEncoder",
+    "TextEncoder",
+    "check_prompts",
+    "load_t5_tokenizer",
+    "null_caption",
+]
 
 # Where T5's weights go between encodings: "none" stays on the device; "cpu" lives in host memory and visits the
 # device only to encode; "free" drops the weights after each encoding and reloads them from the folder when needed.
@@ -116,13 +123,17 @@ def _check_sentencepiece_folder(path: Path) -> None:
     if (path / "tokenizer.json").is_file():
         return
     if not spiece.is_file():
-        raise T5LoadError(f"T5 tokenizer folder {path} has neither tokenizer.json nor spiece.model; "
-                          "point the text encoder at a complete copy of e.g. DeepFloyd/t5-v1_1-xxl")  # fmt: skip
+        raise T5LoadError(
+            f"T5 tokenizer folder {path} has neither tokenizer.json nor spiece.model; "
+            "point the text encoder at a complete copy of e.g. DeepFloyd/t5-v1_1-xxl"
+        )
     try:
         import google.protobuf  # noqa: F401
     except ImportError:
-        raise T5LoadError(f"T5 tokenizer folder {path} has spiece.model but no tokenizer.json; reading it needs "
-                          "the protobuf package, which is missing: pip install protobuf") from None  # fmt: skip
+        raise T5LoadError(
+            f"T5 tokenizer folder {path} has spiece.model but no tokenizer.json; reading it needs "
+            "the protobuf package, which is missing: pip install protobuf"
+        ) from None
     import sentencepiece
 
     try:
@@ -146,8 +157,10 @@ def load_t5_tokenizer(path: str | Path) -> Any:
     except (OSError, ValueError, ImportError) as exc:
         raise T5LoadError(f"cannot load the T5 tokenizer from {path}: {exc}") from None
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise T5LoadError(f"the tokenizer in {path} has no pad or eos token ({type(tokenizer).__name__}); "
-                          "T5 pads with <pad> and ends every prompt with </s>")  # fmt: skip
+        raise T5LoadError(
+            f"the tokenizer in {path} has no pad or eos token ({type(tokenizer).__name__}); "
+            "T5 pads with <pad> and ends every prompt with </s>"
+        )
     return tokenizer
 
 

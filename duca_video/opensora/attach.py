@@ -55,8 +55,9 @@ class Attachment:
 
     def _check_options(self) -> None:
         if self.options and self.method is None:
-            raise AttachError("--cache-opt needs --cache METHOD (or a `cache = dict(method=...)` entry in the "
-                              "Open-Sora config)")  # fmt: skip
+            raise AttachError(
+                "--cache-opt needs --cache METHOD (or a `cache = dict(method=...)` entry in the Open-Sora config)"
+            )
 
     def built(self, obj: Any) -> None:
         """Everything upstream's build_module returns; the first STDiT3 and the first sampler are kept."""
@@ -74,15 +75,19 @@ class Attachment:
                 if holder is not None and hasattr(holder, name):
                     setattr(holder, name, value)
         self.controller = cache.enable(self.model, config, scheduler=self.scheduler, seed=self.seed)
-        _say(f"cache {config.method!r} attached to {type(self.model).__name__} for {type(self.scheduler).__name__} "
-             f"({self.scheduler.num_sampling_steps} steps): {config.to_dict()}")  # fmt: skip
+        _say(
+            f"cache {config.method!r} attached to {type(self.model).__name__} for {type(self.scheduler).__name__} "
+            f"({self.scheduler.num_sampling_steps} steps): {config.to_dict()}"
+        )
 
     def check_attached(self) -> None:
         self._check_options()  # a script that never read its config
         if self.method is not None and self.controller is None:
             missing = "no STDiT3 model" if self.model is None else "no sampler"
-            raise AttachError(f"--cache {self.method}: the script built {missing} through "
-                              "opensora.registry.build_module, so the cache was never attached")  # fmt: skip
+            raise AttachError(
+                f"--cache {self.method}: the script built {missing} through "
+                "opensora.registry.build_module, so the cache was never attached"
+            )
 
 
 def _has_blocks(model: nn.Module) -> bool:
@@ -138,25 +143,43 @@ def attach(attachment: Attachment) -> Callable[[], None]:
     return undo
 
 
-_USAGE = ("python -m duca_video.opensora [SCRIPT] CONFIG [upstream's flags ...] [--cache METHOD] "
-          "[--cache-opt KEY=VALUE ...] [--open-sora-root DIR] [--script PATH]")
+_USAGE = (
+    "python -m duca_video.opensora [SCRIPT] CONFIG [upstream's flags ...] [--cache METHOD] "
+    "[--cache-opt KEY=VALUE ...] [--open-sora-root DIR] [--script PATH]"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m duca_video.opensora", usage=_USAGE, allow_abbrev=False,
-                                add_help=False, description="Run upstream Open-Sora 1.2's own inference script "
-                                "with the cache attached. Every argument but these goes to the script unchanged.",
-                                epilog="Upstream's own flags: python SCRIPT --help in the Open-Sora checkout. A "
-                                "config may instead carry cache = dict(method=\"duca\", recompute_ratio=0.2); the "
-                                "flags win over it.")  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog="python -m duca_video.opensora",
+        usage=_USAGE,
+        allow_abbrev=False,
+        add_help=False,
+        description="Run upstream Open-Sora 1.2's own inference script "
+        "with the cache attached. Every argument but these goes to the script unchanged.",
+        epilog="Upstream's own flags: python SCRIPT --help in the Open-Sora checkout. A "
+        'config may instead carry cache = dict(method="duca", recompute_ratio=0.2); the '
+        "flags win over it.",
+    )
     p.add_argument("-h", "--help", action="store_true", help="show this help and exit")
     p.add_argument("--cache", metavar="METHOD", help=f"a cache method: {', '.join(cache.METHODS)}")
-    p.add_argument("--cache-opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="a setting of the method (repeatable), e.g. --cache-opt recompute_ratio=0.2")  # fmt: skip
-    p.add_argument("--open-sora-root", metavar="DIR", help="the Open-Sora checkout (default: the leading script's, "
-                   "else $OPEN_SORA_ROOT, else the current directory)")  # fmt: skip
-    p.add_argument("--script", metavar="PATH", help="the script to run, instead of a leading one (default: "
-                   "DIR/scripts/inference.py)")  # fmt: skip
+    p.add_argument(
+        "--cache-opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the method (repeatable), e.g. --cache-opt recompute_ratio=0.2",
+    )
+    p.add_argument(
+        "--open-sora-root",
+        metavar="DIR",
+        help="the Open-Sora checkout (default: the leading script's, else $OPEN_SORA_ROOT, else the current directory)",
+    )
+    p.add_argument(
+        "--script",
+        metavar="PATH",
+        help="the script to run, instead of a leading one (default: DIR/scripts/inference.py)",
+    )
     return p
 
 
@@ -214,9 +237,11 @@ def check_script(script: Path, flag: str) -> None:
     except (OSError, UnicodeDecodeError) as exc:
         raise AttachError(f"{flag} {str(script)!r} cannot be read: {exc}") from None
     if "build_module" not in source:
-        raise AttachError(f"{flag} {str(script)!r} is not an Open-Sora inference script (it never calls "
-                          "opensora.registry.build_module, which the cache attaches to); allowed: upstream's "
-                          "scripts/inference.py")  # fmt: skip
+        raise AttachError(
+            f"{flag} {str(script)!r} is not an Open-Sora inference script (it never calls "
+            "opensora.registry.build_module, which the cache attaches to); allowed: upstream's "
+            "scripts/inference.py"
+        )
 
 
 def check_config_file(path: str) -> None:
@@ -224,8 +249,9 @@ def check_config_file(path: str) -> None:
     target = Path(path).expanduser()
     if not target.is_file():
         what = "is a folder" if target.is_dir() else "does not exist"
-        raise AttachError(f"Open-Sora config {path!r} {what}; allowed: a config file, e.g. "
-                          "configs/opensora-v1-2/inference/sample.py")  # fmt: skip
+        raise AttachError(
+            f"Open-Sora config {path!r} {what}; allowed: a config file, e.g. configs/opensora-v1-2/inference/sample.py"
+        )
 
 
 def _script_and_root(args: argparse.Namespace, rest: list[str]) -> tuple[Path, Path, list[str]]:

@@ -24,15 +24,25 @@ if TYPE_CHECKING:
 
 # The dtypes a broadcast header can name, by index. The header travels as a small long tensor that every rank
 # can allocate without knowing anything about the payload.
-_HEADER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32,
-                  torch.uint8, torch.bool)  # fmt: skip
+_HEADER_DTYPES = (
+    torch.float32,
+    torch.bfloat16,
+    torch.float16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.bool,
+)
 _HEADER_DIMS = 8
 
 
 def _header(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype not in _HEADER_DTYPES or tensor.dim() > _HEADER_DIMS:
-        raise ValueError(f"cannot broadcast a {tensor.dtype} tensor of shape {tuple(tensor.shape)}: allowed dtypes "
-                         f"{', '.join(map(str, _HEADER_DTYPES))}, at most {_HEADER_DIMS} dims")  # fmt: skip
+        raise ValueError(
+            f"cannot broadcast a {tensor.dtype} tensor of shape {tuple(tensor.shape)}: allowed dtypes "
+            f"{', '.join(map(str, _HEADER_DTYPES))}, at most {_HEADER_DIMS} dims"
+        )
     values = [_HEADER_DTYPES.index(tensor.dtype), tensor.dim(), *tensor.shape]
     return torch.tensor(values + [0] * (2 + _HEADER_DIMS - len(values)), dtype=torch.long, device=tensor.device)
 
@@ -83,8 +93,10 @@ def encode_text(encoder, prompts: list[str], ctx: ParallelContext, device: torch
         y, mask = broadcast_from_writer(None, ctx, device), broadcast_from_writer(None, ctx, device)
         expected = (len(prompts), 1, encoder.model_max_length, encoder.output_dim)
         if tuple(y.shape) != expected or tuple(mask.shape) != (expected[0], expected[2]):
-            raise RuntimeError(f"the writer's text encoder sent y {tuple(y.shape)} and mask {tuple(mask.shape)}; "
-                               f"this rank's model expects y {expected}")  # fmt: skip
+            raise RuntimeError(
+                f"the writer's text encoder sent y {tuple(y.shape)} and mask {tuple(mask.shape)}; "
+                f"this rank's model expects y {expected}"
+            )
         return y, mask
     encoded = encoder.encode(prompts)
     y, mask = encoded["y"].to(device), encoded["mask"].to(device)

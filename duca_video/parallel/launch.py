@@ -70,8 +70,9 @@ class ParallelDims:
         if self.cfg not in (1, 2):
             raise ValueError(f"cfg size must be 1 or 2, got {self.cfg}")
         if self.world % self.cfg:
-            raise ValueError(f"--cfg-parallel puts the two CFG halves on two ranks: the world size {self.world} "
-                             "must be even")  # fmt: skip
+            raise ValueError(
+                f"--cfg-parallel puts the two CFG halves on two ranks: the world size {self.world} must be even"
+            )
         per_half = self.world // self.cfg
         if self.sp < 1 or per_half % self.sp:
             allowed = [d for d in range(1, per_half + 1) if per_half % d == 0]
@@ -132,8 +133,10 @@ def init_parallel(
     if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         if sp_size not in (None, 1) or cfg_parallel:
             need = (sp_size or 1) * cfg
-            raise ValueError(f"{'--cfg-parallel' if cfg_parallel else f'--sp-size {sp_size}'} needs {need} "
-                             "processes: launch with torchrun --nproc_per_node")  # fmt: skip
+            raise ValueError(
+                f"{'--cfg-parallel' if cfg_parallel else f'--sp-size {sp_size}'} needs {need} "
+                "processes: launch with torchrun --nproc_per_node"
+            )
         return ParallelContext()
     world = int(os.environ["WORLD_SIZE"])
     dims = ParallelDims(world, sp_size if sp_size is not None else max(1, world // cfg), cfg)
@@ -146,12 +149,30 @@ def init_parallel(
     sp_group = _new_group_along(dims, (2,), rank)
     dp_group = _new_group_along(dims, (0,), rank)
     if cfg == 1:
-        return ParallelContext(world_size=world, rank=rank, sp_size=dims.sp, sp_rank=sp_rank, dp_size=dims.dp,
-                               dp_rank=dp_rank, sp_group=sp_group, dp_group=dp_group)  # fmt: skip
-    return ParallelContext(world_size=world, rank=rank, sp_size=dims.sp, sp_rank=sp_rank, dp_size=dims.dp,
-                           dp_rank=dp_rank, sp_group=sp_group, dp_group=dp_group, cfg_size=cfg, cfg_rank=cfg_rank,
-                           cfg_group=_new_group_along(dims, (1,), rank),
-                           video_group=_new_group_along(dims, (1, 2), rank))
+        return ParallelContext(
+            world_size=world,
+            rank=rank,
+            sp_size=dims.sp,
+            sp_rank=sp_rank,
+            dp_size=dims.dp,
+            dp_rank=dp_rank,
+            sp_group=sp_group,
+            dp_group=dp_group,
+        )
+    return ParallelContext(
+        world_size=world,
+        rank=rank,
+        sp_size=dims.sp,
+        sp_rank=sp_rank,
+        dp_size=dims.dp,
+        dp_rank=dp_rank,
+        sp_group=sp_group,
+        dp_group=dp_group,
+        cfg_size=cfg,
+        cfg_rank=cfg_rank,
+        cfg_group=_new_group_along(dims, (1,), rank),
+        video_group=_new_group_along(dims, (1, 2), rank),
+    )
 
 
 def close_parallel(exit_code: int = 0) -> None:

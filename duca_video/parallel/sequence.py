@@ -148,8 +148,10 @@ def check_sp_size(num_heads: int, sp_size: int) -> None:
     """Ulysses gives each rank num_heads / sp_size heads: check before any weight is loaded."""
     if sp_size < 1 or num_heads % sp_size:
         divisors = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
-        raise ValueError(f"sequence parallelism over {sp_size} ranks needs num_heads ({num_heads}) divisible by "
-                         f"it; allowed SP sizes: {divisors}")  # fmt: skip
+        raise ValueError(
+            f"sequence parallelism over {sp_size} ranks needs num_heads ({num_heads}) divisible by "
+            f"it; allowed SP sizes: {divisors}"
+        )
 
 
 def ulysses_attention(attn: nn.Module, sp: SequenceParallel, x: torch.Tensor) -> torch.Tensor:
@@ -200,8 +202,6 @@ def parallelize_stdit3(model: nn.Module, group: Group, gather_output: bool = Tru
         block.attn.forward = functools.partial(ulysses_attention, block.attn, sp)
     _LAYOUTS[model] = sp
     return sp
-
-
 
 
 def disable_sequence_parallel(model: nn.Module) -> None:

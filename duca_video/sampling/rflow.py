@@ -182,7 +182,7 @@ class RFlowSampler:
         seed: the run's seed, or one seed per video (B of them): each video then draws its token selection
         (announced to the cache) and its reference-frame noise from its own seed, so it does not depend on the
         batch it is in. The reference-frame noise comes from `generator` when given.
-"""
+        """
         scale = float(self.cfg_scale if guidance_scale is None else guidance_scale)
         cfg = scale != 1.0  # with scale 1 the null half cancels out exactly, so it is not computed
         check_sample_inputs(z, y, y_null, mask, frame_mask, model_kwargs, cfg, _RESERVED_KWARGS)
@@ -350,15 +350,18 @@ def _video_seeds(seed: int | Sequence[int] | None, batch: int) -> tuple[int, ...
 
 
 def _noise_source(
-    generator: torch.Generator | None, seed: int | Sequence[int] | None, seeds: tuple[int, ...] | None,
+    generator: torch.Generator | None,
+    seed: int | Sequence[int] | None,
+    seeds: tuple[int, ...] | None,
     device: torch.device,
-) -> Callable[[torch.Tensor], torch.Tensor]:  # fmt: skip
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Draws the reference-frame noise like `z`: from `generator`, else one generator per video seed (so a video's
     noise does not depend on its batch), else one generator seeded with the run seed."""
     if generator is None and seeds is not None:
         gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-        return lambda z: torch.stack([torch.randn(z.shape[1:], generator=g, device=z.device, dtype=z.dtype)
-                                      for g in gens])  # fmt: skip
+        return lambda z: torch.stack(
+            [torch.randn(z.shape[1:], generator=g, device=z.device, dtype=z.dtype) for g in gens]
+        )
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))  # type: ignore[arg-type]
     return lambda z: torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)

@@ -36,9 +36,13 @@ MIN_SPEED = 0.3  # px per frame: slower centroid drift reads as "not moving"
 CHANCE = {"colour": 1 / len(COLOURS), "direction": 1 / len(DIRECTIONS), "shape": 1 / len(SHAPES)}
 
 _CATEGORIES: dict[str, tuple[str, ...]] = {
-    "colour": tuple(COLOURS), "shape": SHAPES, "direction": tuple(DIRECTIONS), "background": tuple(BACKGROUNDS),
-    "size": SIZES, "speed": SPEEDS,
-}  # fmt: skip
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "direction": tuple(DIRECTIONS),
+    "background": tuple(BACKGROUNDS),
+    "size": SIZES,
+    "speed": SPEEDS,
+}
 _REQUIRED = ("colour", "shape", "direction", "background")
 
 

@@ -96,9 +96,13 @@ class Clip:
 
     def caption(self, config: DataConfig) -> str:
         return make_caption(
-            self.colour, self.shape, self.direction, self.background,
-            self.size if config.caption_size else None, self.speed_word if config.caption_speed else None,
-        )  # fmt: skip
+            self.colour,
+            self.shape,
+            self.direction,
+            self.background,
+            self.size if config.caption_size else None,
+            self.speed_word if config.caption_speed else None,
+        )
 
 
 def render(clips: list[Clip], config: DataConfig, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -151,9 +155,12 @@ class SyntheticVideos:
         colours, directions, backgrounds = list(COLOURS), list(DIRECTIONS), list(BACKGROUNDS)
         u = torch.rand(n, 6, generator=generator, dtype=torch.float64).tolist()
         idx = torch.stack(
-            [torch.randint(k, (n,), generator=generator) for k in
-             (len(colours), len(SHAPES), len(directions), len(backgrounds), len(SIZES), len(SPEEDS))], 1
-        ).tolist()  # fmt: skip
+            [
+                torch.randint(k, (n,), generator=generator)
+                for k in (len(colours), len(SHAPES), len(directions), len(backgrounds), len(SIZES), len(SPEEDS))
+            ],
+            1,
+        ).tolist()
         clips = []
         for (ci, si, di, bi, zi, vi), (ur, uv, ua, ub, _, _) in zip(idx, u):
             size, speed_word = SIZES[zi], SPEEDS[vi]
@@ -168,8 +175,9 @@ class SyntheticVideos:
                 _start(ddx, cfg.width, radius, travel, ua, jitter),
                 _start(ddy, cfg.height, radius, travel, ub, jitter),
             )
-            clips.append(Clip(colours[ci], SHAPES[si], direction, backgrounds[bi], size, speed_word,
-                              radius, speed, start))  # fmt: skip
+            clips.append(
+                Clip(colours[ci], SHAPES[si], direction, backgrounds[bi], size, speed_word, radius, speed, start)
+            )
         return clips
 
     def batch(

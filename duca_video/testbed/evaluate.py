@@ -55,15 +55,20 @@ def evaluate(
         )
     prompts = balanced_prompts(n, seed, with_size=bed.data.caption_size)
     start = time.perf_counter()
-    videos = torch.cat([
-        bed.generate(prompts[i : i + batch_size], [seed + j for j in range(i, min(n, i + batch_size))], sampler)
-        for i in range(0, n, batch_size)
-    ])  # fmt: skip
+    videos = torch.cat(
+        [
+            bed.generate(prompts[i : i + batch_size], [seed + j for j in range(i, min(n, i + batch_size))], sampler)
+            for i in range(0, n, batch_size)
+        ]
+    )
     result = adherence(videos, prompts, bed.data)
     result.update(
-        steps=sampler.num_sampling_steps, cfg_scale=sampler.cfg_scale, seed=seed,
-        seconds=round(time.perf_counter() - start, 1), chance=CHANCE,
-    )  # fmt: skip
+        steps=sampler.num_sampling_steps,
+        cfg_scale=sampler.cfg_scale,
+        seed=seed,
+        seconds=round(time.perf_counter() - start, 1),
+        chance=CHANCE,
+    )
     if return_videos:
         result["videos"], result["prompts"] = videos, prompts
     return result

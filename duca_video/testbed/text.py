@@ -121,8 +121,10 @@ class WordTextEncoder(NullCaptionSource, nn.Module):
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"embedding.weight": self.embedding.weight.detach().float().cpu().contiguous()},
-                  str(directory / WEIGHTS_NAME))  # fmt: skip
+        save_file(
+            {"embedding.weight": self.embedding.weight.detach().float().cpu().contiguous()},
+            str(directory / WEIGHTS_NAME),
+        )
         meta = {"words": self.words, "output_dim": self.output_dim, "model_max_length": self.model_max_length}
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=1) + "\n")
 

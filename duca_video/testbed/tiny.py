@@ -67,9 +67,14 @@ class TinyTestbed:
         text = self.text_encoder.encode(prompts)
         y_null = self.text_encoder.null(len(prompts), self.model).to(device)
         out = (sampler or self.sampler).sample(
-            self.model, z, text["y"], y_null, text["mask"],
-            model_kwargs=self.model_kwargs(len(prompts), device), progress=progress,
-        )  # fmt: skip
+            self.model,
+            z,
+            text["y"],
+            y_null,
+            text["mask"],
+            model_kwargs=self.model_kwargs(len(prompts), device),
+            progress=progress,
+        )
         return self.vae.decode(out, num_frames=self.data.num_frames)
 
 

@@ -56,9 +56,15 @@ from eval.vbench.protocol import (
 log = logging.getLogger("eval.vbench.generate")
 
 # Inference flags whose job the suite does: dest -> flag.
-SUITE_FLAGS = {"prompt": "--prompt", "prompt_path": "--prompt-path", "start_index": "--start-index",
-               "end_index": "--end-index", "num_sample": "--num-sample", "prompt_as_path": "--prompt-as-path",
-               "sample_name": "--sample-name"}  # fmt: skip
+SUITE_FLAGS = {
+    "prompt": "--prompt",
+    "prompt_path": "--prompt-path",
+    "start_index": "--start-index",
+    "end_index": "--end-index",
+    "num_sample": "--num-sample",
+    "prompt_as_path": "--prompt-as-path",
+    "sample_name": "--sample-name",
+}
 SEED_RULE = "seed = base_seed + k for sample k (0-based) of every prompt"
 SHARD_RULE = "I-th of N contiguous blocks of the suite-ordered list of distinct files, sizes differing by <= 1"
 
@@ -66,17 +72,23 @@ SHARD_RULE = "I-th of N contiguous blocks of the suite-ordered list of distinct 
 def build_parser() -> Parser:
     # allow_abbrev=False: inference's --num-sample must not silently match our --num-samples.
     p = Parser(
-        prog="eval/vbench/generate.py", allow_abbrev=False, description=__doc__.split("\n\n")[0],
+        prog="eval/vbench/generate.py",
+        allow_abbrev=False,
+        description=__doc__.split("\n\n")[0],
         epilog="All other flags are scripts/inference.py's and override the config (see its --help).",
-    )  # fmt: skip
+    )
     p.add_argument("--config", type=nonempty, help="inference config (Python file); required unless --list")
-    p.add_argument("--full-info", type=nonempty,
-                   help="VBench_full_info.json (default: the one inside the installed vbench)")
+    p.add_argument(
+        "--full-info", type=nonempty, help="VBench_full_info.json (default: the one inside the installed vbench)"
+    )
     p.add_argument("--num-samples", type=positive_int, default=NUM_SAMPLES, help="videos per prompt (VBench: 5)")
     p.add_argument("--shard", default="0/1", help="I/N: this job's share of the files (0-based), default 0/1")
     p.add_argument("--list", action="store_true", help="print the planned file names and exit (loads no model)")
-    p.add_argument("--manifest", type=nonempty,
-                   help="manifest path (default: SAVE_DIR/manifest.json or manifest.shard-I-of-N.json)")
+    p.add_argument(
+        "--manifest",
+        type=nonempty,
+        help="manifest path (default: SAVE_DIR/manifest.json or manifest.shard-I-of-N.json)",
+    )
     return p
 
 
@@ -92,8 +104,10 @@ def generate_videos(cfg: InferenceConfig, videos: Sequence[SuiteVideo]) -> RunSu
     from duca_video import pipeline
     from duca_video.jobs import VideoJob, encoder_text
 
-    jobs = [VideoJob(v.prompt_index, v.prompt, encoder_text(cfg, v.prompt_index, v.prompt), v.k, v.seed, v.name)
-            for v in videos]  # fmt: skip
+    jobs = [
+        VideoJob(v.prompt_index, v.prompt, encoder_text(cfg, v.prompt_index, v.prompt), v.k, v.seed, v.name)
+        for v in videos
+    ]
     return pipeline.run(cfg, jobs)
 
 
@@ -112,8 +126,9 @@ def build_manifest(
             row["status"] = "complete" if rec.get("seed") == v.seed else "seed_mismatch"
             if row["status"] == "seed_mismatch":  # made by another run with another seed; kept, not regenerated
                 row["record_seed"] = rec.get("seed")
-            row.update({key: rec.get(key) for key in ("method", "latency_s", "dit_tflops", "peak_memory_bytes",
-                                                      "cache_bytes")})  # fmt: skip
+            row.update(
+                {key: rec.get(key) for key in ("method", "latency_s", "dit_tflops", "peak_memory_bytes", "cache_bytes")}
+            )
         elif v.name in failed:
             row.update(status="failed", error=failed[v.name])
         else:
@@ -122,9 +137,13 @@ def build_manifest(
     done = [r for r in rows if r["status"] == "complete"]
     latencies = [r["latency_s"] for r in done]
     counts = {s: sum(r["status"] == s for r in rows) for s in ("complete", "seed_mismatch", "failed", "missing")}
-    summary = {"planned": len(rows), **counts, "mean_latency_s": mean(latencies),
-               "total_latency_s": sum(x for x in latencies if x is not None),
-               "mean_dit_tflops": mean(r["dit_tflops"] for r in done)}  # fmt: skip
+    summary = {
+        "planned": len(rows),
+        **counts,
+        "mean_latency_s": mean(latencies),
+        "total_latency_s": sum(x for x in latencies if x is not None),
+        "mean_dit_tflops": mean(r["dit_tflops"] for r in done),
+    }
     return {**header, "summary": summary, "videos": rows}
 
 
@@ -133,13 +152,20 @@ def manifest_header(
 ) -> dict[str, Any]:
     """The manifest's description of the run: the suite, the seed and shard rules, the config."""
     return {
-        "suite": {"full_info": str(full_info), "sha256": suite_digest(full_info), "entries": len(suite),
-                  "distinct_prompts": len({e.prompt for e in suite}), "num_samples": num_samples, "files": files},
-        "seed_rule": SEED_RULE, "base_seed": cfg.seed,
+        "suite": {
+            "full_info": str(full_info),
+            "sha256": suite_digest(full_info),
+            "entries": len(suite),
+            "distinct_prompts": len({e.prompt for e in suite}),
+            "num_samples": num_samples,
+            "files": files,
+        },
+        "seed_rule": SEED_RULE,
+        "base_seed": cfg.seed,
         "shard": {"index": shard.index, "count": shard.count, "rule": SHARD_RULE, "files": own},
         "config": {k: v for k, v in cfg.to_dict().items() if k not in SUITE_FLAGS},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }  # fmt: skip
+    }
 
 
 def manifest_path(save_dir: Path, shard: Shard, given: str | None) -> Path:
@@ -171,6 +197,15 @@ def load_inference_config(config: str, rest: Sequence[str]) -> InferenceConfig:
     return load_config(config, args)
 
 
+def _check_generation_args(args: Any) -> None:
+    if not args.config:
+        raise EvalError("--config FILE is required to generate (or pass --list to print the names)")
+    if not Path(args.config).is_file():
+        raise EvalError(f"--config {args.config!r} is not a file")
+    if args.manifest:  # written at the end: refused now rather than after the videos
+        check_output_file(args.manifest, "--manifest")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     try:
@@ -180,12 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for v in plan(full_info, args.num_samples, shard):
                 say(f"{v.name}.mp4")
             return 0
-        if not args.config:
-            raise EvalError("--config FILE is required to generate (or pass --list to print the names)")
-        if not Path(args.config).is_file():
-            raise EvalError(f"--config {args.config!r} is not a file")
-        if args.manifest:  # written at the end: refused now rather than after the videos
-            check_output_file(args.manifest, "--manifest")
+        _check_generation_args(args)
         suite = load_suite(full_info)
     except EvalError as exc:
         print(f"error: {exc}", file=sys.stderr)

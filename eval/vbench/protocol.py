@@ -40,13 +40,25 @@ __all__ = [
 ]
 
 QUALITY_DIMENSIONS = (
-    "subject_consistency", "background_consistency", "temporal_flickering", "motion_smoothness",
-    "dynamic_degree", "aesthetic_quality", "imaging_quality",
-)  # fmt: skip
+    "subject_consistency",
+    "background_consistency",
+    "temporal_flickering",
+    "motion_smoothness",
+    "dynamic_degree",
+    "aesthetic_quality",
+    "imaging_quality",
+)
 SEMANTIC_DIMENSIONS = (
-    "object_class", "multiple_objects", "human_action", "color", "spatial_relationship", "scene",
-    "appearance_style", "temporal_style", "overall_consistency",
-)  # fmt: skip
+    "object_class",
+    "multiple_objects",
+    "human_action",
+    "color",
+    "spatial_relationship",
+    "scene",
+    "appearance_style",
+    "temporal_style",
+    "overall_consistency",
+)
 DIMENSIONS = QUALITY_DIMENSIONS + SEMANTIC_DIMENSIONS
 QUALITY_WEIGHT, SEMANTIC_WEIGHT = 4.0, 1.0
 
@@ -73,11 +85,23 @@ NORMALIZATION: dict[str, tuple[float, float, float]] = {
 # Rough single-GPU minutes per dimension for the full suite (Open-Sora 1.2's notes in its calc_vbench.py); only
 # used to balance dimensions over GPUs, longest first.
 RELATIVE_COST = {
-    "subject_consistency": 4, "imaging_quality": 6, "background_consistency": 2, "motion_smoothness": 5,
-    "overall_consistency": 2, "human_action": 3, "multiple_objects": 14, "spatial_relationship": 14,
-    "object_class": 12, "color": 12, "aesthetic_quality": 2.5, "appearance_style": 6, "temporal_flickering": 2,
-    "scene": 3, "temporal_style": 2, "dynamic_degree": 4,
-}  # fmt: skip
+    "subject_consistency": 4,
+    "imaging_quality": 6,
+    "background_consistency": 2,
+    "motion_smoothness": 5,
+    "overall_consistency": 2,
+    "human_action": 3,
+    "multiple_objects": 14,
+    "spatial_relationship": 14,
+    "object_class": 12,
+    "color": 12,
+    "aesthetic_quality": 2.5,
+    "appearance_style": 6,
+    "temporal_flickering": 2,
+    "scene": 3,
+    "temporal_style": 2,
+    "dynamic_degree": 4,
+}
 
 # Files VBench 0.1.5 reads from $VBENCH_CACHE_DIR per dimension in local mode (vbench/utils.py init_submodules,
 # aesthetic_quality.py, third_party/ViCLIP/simple_tokenizer.py); it would try to download any that is missing.
@@ -109,10 +133,12 @@ TORCH_HUB_FILES: dict[str, tuple[str, ...]] = {"subject_consistency": ("dino_vit
 # bert-base-uncased from the Hugging Face cache: GRiT's text decoder (the four detectron2 dimensions) loads its
 # tokenizer (grit_roi_heads.py), Tag2Text (scene) its tokenizer and weights (tag2text.py).
 HF_MODELS: dict[str, tuple[str, ...]] = {
-    "object_class": ("bert-base-uncased",), "multiple_objects": ("bert-base-uncased",),
-    "color": ("bert-base-uncased",), "spatial_relationship": ("bert-base-uncased",),
+    "object_class": ("bert-base-uncased",),
+    "multiple_objects": ("bert-base-uncased",),
+    "color": ("bert-base-uncased",),
+    "spatial_relationship": ("bert-base-uncased",),
     "scene": ("bert-base-uncased",),
-}  # fmt: skip
+}
 
 # Dimensions whose VBench 0.1.5 code runs on torch.device("cpu"): nothing on their path calls CUDA (GRiT sets
 # MODEL.DEVICE from the device; RAFT's torch.cuda.amp.autocast is disabled; motion_smoothness has a CPU branch)
@@ -121,9 +147,14 @@ HF_MODELS: dict[str, tuple[str, ...]] = {
 CPU_DIMENSIONS = tuple(d for d in DIMENSIONS if d != "aesthetic_quality")
 
 # The per-dimension field of auxiliary_info VBench reads (object_class.py, color.py, ...): {dim: {key: value}}.
-AUXILIARY_KEYS = {"object_class": "object", "multiple_objects": "object", "color": "color",
-                  "spatial_relationship": "spatial_relationship", "scene": "scene",
-                  "appearance_style": "appearance_style"}  # fmt: skip
+AUXILIARY_KEYS = {
+    "object_class": "object",
+    "multiple_objects": "object",
+    "color": "color",
+    "spatial_relationship": "spatial_relationship",
+    "scene": "scene",
+    "appearance_style": "appearance_style",
+}
 
 NUM_SAMPLES = 5  # videos per prompt in VBench's standard mode
 FULL_INFO_NAME = "VBench_full_info.json"
@@ -189,8 +220,10 @@ def _entry(index: int, item: object, where: str) -> SuiteEntry:
         value = aux.get(dim)
         inner = value.get(key) if isinstance(value, dict) else None
         if not isinstance(inner, (str, dict)) or not inner:
-            raise EvalError(f"{where}: field 'auxiliary_info.{dim}.{key}' must be a non-empty string or object "
-                            f"(VBench's {dim} reads it), got {value!r}")  # fmt: skip
+            raise EvalError(
+                f"{where}: field 'auxiliary_info.{dim}.{key}' must be a non-empty string or object "
+                f"(VBench's {dim} reads it), got {value!r}"
+            )
     return SuiteEntry(index, prompt, tuple(dims))
 
 
@@ -216,8 +249,10 @@ def video_name(prompt: str, k: int) -> str:
     if "/" in prompt or "\0" in prompt or (os.altsep and os.altsep in prompt):
         raise EvalError(f"prompt {prompt!r} contains a path separator: VBench's name {name!r} cannot be a file")
     if len(name.encode()) > _MAX_NAME_BYTES:
-        raise EvalError(f"prompt {prompt[:60]!r}...: the file name would be {len(name.encode())} bytes, more than "
-                        f"the {_MAX_NAME_BYTES} this file system allows with our suffixes")  # fmt: skip
+        raise EvalError(
+            f"prompt {prompt[:60]!r}...: the file name would be {len(name.encode())} bytes, more than "
+            f"the {_MAX_NAME_BYTES} this file system allows with our suffixes"
+        )
     return name
 
 

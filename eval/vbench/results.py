@@ -71,16 +71,19 @@ def _dimension(path: Path, dim: str, value: Any) -> DimensionResult:
         raise EvalError(f"{str(path)!r}: unknown dimension {dim!r}; allowed: {', '.join(DIMENSIONS)}")
     first = value[0] if isinstance(value, list) and value else None
     if isinstance(first, bool) or not isinstance(first, (int, float)) or len(value) != 2:
-        raise EvalError(f"{str(path)!r}: field {dim!r} must be [aggregate number, [per-video results]], "
-                        f"got {str(value)[:80]}")  # fmt: skip
+        raise EvalError(
+            f"{str(path)!r}: field {dim!r} must be [aggregate number, [per-video results]], got {str(value)[:80]}"
+        )
     if not isinstance(value[1], list):
         raise EvalError(f"{str(path)!r}: field {dim!r}: the per-video results must be a list, got {str(value[1])[:80]}")
     names = []
     for i, item in enumerate(value[1]):
         video = item.get("video_path") if isinstance(item, dict) else None
         if not isinstance(video, str) or not video.strip():
-            raise EvalError(f"{str(path)!r}: field {dim!r}, per-video result {i}: expected an object with a "
-                            f"non-empty string 'video_path', got {str(item)[:80]}")  # fmt: skip
+            raise EvalError(
+                f"{str(path)!r}: field {dim!r}, per-video result {i}: expected an object with a "
+                f"non-empty string 'video_path', got {str(item)[:80]}"
+            )
         names.append(video_key(video))
     return DimensionResult(dim, float(first), frozenset(names), path)
 
@@ -103,8 +106,10 @@ def given_videos(result: DimensionResult) -> frozenset[str] | None:
         videos = entry.get("video_list", []) if isinstance(entry, dict) else None
         videos = [videos] if isinstance(videos, str) else videos
         if not isinstance(dims, list) or not isinstance(videos, list) or not all(isinstance(v, str) for v in videos):
-            raise EvalError(f"{str(meta)!r}, entry {i}: expected 'dimension' (a list) and 'video_list' (paths), "
-                            f"got {str(entry)[:80]}")  # fmt: skip
+            raise EvalError(
+                f"{str(meta)!r}, entry {i}: expected 'dimension' (a list) and 'video_list' (paths), "
+                f"got {str(entry)[:80]}"
+            )
         if result.dimension in dims:
             names.update(video_key(v) for v in videos)
     return frozenset(names)
@@ -125,8 +130,10 @@ class Coverage:
 
     def describe(self) -> str:
         if self.extra:
-            return (f"its results hold {len(self.extra)} video(s) the suite does not list for it, e.g. "
-                    f"{self.extra[0] + '.mp4'!r}: scored against another suite or --num-samples")  # fmt: skip
+            return (
+                f"its results hold {len(self.extra)} video(s) the suite does not list for it, e.g. "
+                f"{self.extra[0] + '.mp4'!r}: scored against another suite or --num-samples"
+            )
         text = f"its results cover {self.covered} of the {self.listed} videos the suite lists for it"
         if self.missing:
             text += f", e.g. no result for {self.missing[0] + '.mp4'!r}"
@@ -139,8 +146,10 @@ def coverage(result: DimensionResult, expected: frozenset[str]) -> Coverage:
         given = given_videos(result)
         if given is None:
             meta = result.path.name[: -len(RESULTS_SUFFIX)] + INPUTS_SUFFIX
-            note = (f"{result.dimension} lists only the videos where VBench found the object; the videos it was "
-                    f"given are read from {meta}, which is missing or newer than the results")  # fmt: skip
+            note = (
+                f"{result.dimension} lists only the videos where VBench found the object; the videos it was "
+                f"given are read from {meta}, which is missing or newer than the results"
+            )
         else:
             scored = scored | given
     missing, extra = sorted(expected - scored), sorted(scored - expected)
@@ -179,13 +188,21 @@ def read_suite_record(score_dir: Path) -> tuple[Path, int] | None:
     data = _load_json(path)
     fields = data if isinstance(data, dict) else {}
     full_info, digest, num = fields.get("full_info"), fields.get("sha256"), fields.get("num_samples")
-    if not isinstance(full_info, str) or not isinstance(digest, str) or isinstance(num, bool) \
-            or not isinstance(num, int) or num < 1:  # fmt: skip
-        raise EvalError(f"{str(path)!r}: expected {{'full_info': path, 'sha256': hex, 'num_samples': int >= 1}}, "
-                        f"got {str(data)[:120]}")  # fmt: skip
+    if (
+        not isinstance(full_info, str)
+        or not isinstance(digest, str)
+        or isinstance(num, bool)
+        or not isinstance(num, int)
+        or num < 1
+    ):
+        raise EvalError(
+            f"{str(path)!r}: expected {{'full_info': path, 'sha256': hex, 'num_samples': int >= 1}}, "
+            f"got {str(data)[:120]}"
+        )
     if not Path(full_info).is_file():
         raise EvalError(f"{str(path)!r} names the suite {full_info!r}, which is not there; pass --full-info")
     if suite_digest(full_info) != digest:
-        raise EvalError(f"{str(path)!r}: the suite {full_info!r} changed since scoring (sha256 differs); "
-                        "pass --full-info")  # fmt: skip
+        raise EvalError(
+            f"{str(path)!r}: the suite {full_info!r} changed since scoring (sha256 differs); pass --full-info"
+        )
     return Path(full_info), num

@@ -120,8 +120,10 @@ def check_view(view: Path) -> None:
         raise EvalError(f"{str(view)!r} is a file; VBench needs a folder of videos only: use another --score-dir")
     for entry in view.iterdir() if view.is_dir() else ():
         if not entry.is_symlink():
-            raise EvalError(f"{str(view)!r} holds {entry.name!r}, which is not a link made by score.py; "
-                            "VBench needs a folder of videos only: use another --score-dir")  # fmt: skip
+            raise EvalError(
+                f"{str(view)!r} holds {entry.name!r}, which is not a link made by score.py; "
+                "VBench needs a folder of videos only: use another --score-dir"
+            )
 
 
 def make_view(videos: Path, names: Sequence[str], view: Path) -> int:
@@ -150,9 +152,23 @@ def plan_jobs(args: argparse.Namespace, dimensions: Sequence[str], score_dir: Pa
     jobs = []
     for gpu, dims in queues.items():
         for dim in dims:
-            argv = [args.python, str(SCRIPT), "--worker", "--dimension", dim, "--videos", str(score_dir / "videos"),
-                    "--score-dir", str(score_dir), "--full-info", str(full_info),
-                    "--num-samples", str(args.num_samples), "--device", args.device]  # fmt: skip
+            argv = [
+                args.python,
+                str(SCRIPT),
+                "--worker",
+                "--dimension",
+                dim,
+                "--videos",
+                str(score_dir / "videos"),
+                "--score-dir",
+                str(score_dir),
+                "--full-info",
+                str(full_info),
+                "--num-samples",
+                str(args.num_samples),
+                "--device",
+                args.device,
+            ]
             argv += ["--local"] if args.local else []
             cuda = "" if gpu == "cpu" else gpu
             jobs.append(Job(dim, gpu, argv, {**env, "CUDA_VISIBLE_DEVICES": cuda}, score_dir / "logs" / f"{dim}.log"))
@@ -223,8 +239,9 @@ def worker(args: argparse.Namespace) -> int:
     from vbench import VBench
 
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: VBench needs a CUDA device; none is visible to this worker (or use --device cpu)",
-              file=sys.stderr)
+        print(
+            "error: VBench needs a CUDA device; none is visible to this worker (or use --device cpu)", file=sys.stderr
+        )
         return 2
     VBench(torch.device(args.device), args.full_info, args.score_dir).evaluate(
         videos_path=args.videos,
@@ -243,21 +260,25 @@ def worker(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- command
-CPU_HELP = (f"cuda (default): one worker per GPU of --gpus; cpu: one after another on the CPU, for the dimensions "
-            f"whose VBench 0.1.5 code has no hard CUDA requirement ({', '.join(CPU_DIMENSIONS)}; not "
-            f"aesthetic_quality, whose head VBench loads without map_location), the default set with --device cpu")
+CPU_HELP = (
+    f"cuda (default): one worker per GPU of --gpus; cpu: one after another on the CPU, for the dimensions "
+    f"whose VBench 0.1.5 code has no hard CUDA requirement ({', '.join(CPU_DIMENSIONS)}; not "
+    f"aesthetic_quality, whose head VBench loads without map_location), the default set with --device cpu"
+)
 
 
 def build_parser() -> Parser:
     p = Parser(prog="eval/vbench/score.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--videos", required=True, type=nonempty, help="folder of the generated suite ({prompt}-{k}.mp4)")
-    p.add_argument("--score-dir", required=True, type=nonempty,
-                   help="folder for VBench's results, logs and the video links")
+    p.add_argument(
+        "--score-dir", required=True, type=nonempty, help="folder for VBench's results, logs and the video links"
+    )
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help=CPU_HELP)
     p.add_argument("--gpus", type=nonempty, help="comma-separated GPU ids, e.g. 0,1,2,3 (default 0; --device cuda)")
     p.add_argument("--dimensions", type=nonempty, help=f"comma-separated subset (default: all {len(DIMENSIONS)})")
-    p.add_argument("--full-info", type=nonempty,
-                   help="VBench_full_info.json (default: the one inside the installed vbench)")
+    p.add_argument(
+        "--full-info", type=nonempty, help="VBench_full_info.json (default: the one inside the installed vbench)"
+    )
     p.add_argument("--num-samples", type=positive_int, default=NUM_SAMPLES, help="videos per prompt (VBench: 5)")
     p.add_argument("--local", action="store_true", help="checkpoints from the local caches only, offline")
     p.add_argument("--python", default=sys.executable, type=nonempty, help="interpreter of the VBench environment")
@@ -281,8 +302,9 @@ def choose_dimensions(args: argparse.Namespace) -> list[str]:
     dims = parse_list(args.dimensions, "--dimensions", DIMENSIONS)
     no_cpu = [d for d in dims if args.device == "cpu" and d not in CPU_DIMENSIONS]
     if no_cpu:
-        raise EvalError(f"--device cpu: {', '.join(no_cpu)} needs CUDA in VBench 0.1.5; on the CPU: "
-                        f"{', '.join(CPU_DIMENSIONS)}")  # fmt: skip
+        raise EvalError(
+            f"--device cpu: {', '.join(no_cpu)} needs CUDA in VBench 0.1.5; on the CPU: {', '.join(CPU_DIMENSIONS)}"
+        )
     return dims
 
 
@@ -299,8 +321,10 @@ def prepare(args: argparse.Namespace) -> Plan:
     absent = {n for n in names if not (videos / f"{n}.mp4").is_file()}
     if absent and not args.allow_missing:
         example = next(n for n in names if n in absent) + ".mp4"
-        raise EvalError(f"{len(absent)} of the suite's {len(names)} videos are not in {str(videos)!r}, e.g. "
-                        f"{example!r}; finish eval/vbench/generate.py or pass --allow-missing")  # fmt: skip
+        raise EvalError(
+            f"{len(absent)} of the suite's {len(names)} videos are not in {str(videos)!r}, e.g. "
+            f"{example!r}; finish eval/vbench/generate.py or pass --allow-missing"
+        )
     wanted = dimension_videos(suite, args.num_samples)
     return Plan(full_info, names, absent, wanted, dims, videos, score_dir)
 

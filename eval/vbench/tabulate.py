@@ -67,8 +67,10 @@ def read_results(score_dir: Path) -> dict[str, DimensionResult]:
         for dim, result in read_results_file(path).items():
             check_raw(dim, result.aggregate, path)
             if dim in found and found[dim].aggregate != result.aggregate:
-                raise EvalError(f"dimension {dim!r} is in both {found[dim].path.name!r} ({found[dim].aggregate}) and "
-                                f"{path.name!r} ({result.aggregate}); remove the stale one")  # fmt: skip
+                raise EvalError(
+                    f"dimension {dim!r} is in both {found[dim].path.name!r} ({found[dim].aggregate}) and "
+                    f"{path.name!r} ({result.aggregate}); remove the stale one"
+                )
             found.setdefault(dim, result)
     return {d: found[d] for d in DIMENSIONS if d in found}
 
@@ -77,8 +79,10 @@ def check_raw(dim: str, value: float, path: Path) -> None:
     """VBench's raw aggregates are fractions in [0, 1]; anything else (a percentage, NaN from an empty or broken
     run) would go into the totals as a plausible-looking number."""
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
-        raise EvalError(f"{str(path)!r}: dimension {dim!r} scores {value}, outside [0, 1] (VBench's raw aggregates "
-                        "are fractions; a percentage or a failed run?)")  # fmt: skip
+        raise EvalError(
+            f"{str(path)!r}: dimension {dim!r} scores {value}, outside [0, 1] (VBench's raw aggregates "
+            "are fractions; a percentage or a failed run?)"
+        )
 
 
 def normalized(dim: str, raw: float) -> float:
@@ -93,8 +97,10 @@ def scale(
     partial dimension is null: a sum over fewer dimensions, or over fewer videos, is not VBench's score."""
     missing = [d for d in DIMENSIONS if d not in raw]
     if missing and not allow_missing:
-        raise EvalError(f"missing dimension(s){' in ' + where if where else ''}: {', '.join(missing)}; score them "
-                        "(eval/vbench/score.py --dimensions ...) or pass --allow-missing")  # fmt: skip
+        raise EvalError(
+            f"missing dimension(s){' in ' + where if where else ''}: {', '.join(missing)}; score them "
+            "(eval/vbench/score.py --dimensions ...) or pass --allow-missing"
+        )
     partial = partial or {}
     norm = {d: normalized(d, v) for d, v in raw.items()}
 
@@ -148,10 +154,15 @@ def check_coverage(
         if found.missing:
             partial[dim] = found
     if partial and not allow_partial:
-        what = "; ".join(f"{d!r} on {c.covered} of the {c.listed} videos the suite lists for it "
-                         f"({results[d].path.name}{', ' + c.note if c.note else ''})" for d, c in partial.items())
-        raise EvalError(f"dimension(s) scored on fewer videos than the suite lists: {what}; score them again "
-                        "(eval/vbench/score.py) or pass --allow-partial")  # fmt: skip
+        what = "; ".join(
+            f"{d!r} on {c.covered} of the {c.listed} videos the suite lists for it "
+            f"({results[d].path.name}{', ' + c.note if c.note else ''})"
+            for d, c in partial.items()
+        )
+        raise EvalError(
+            f"dimension(s) scored on fewer videos than the suite lists: {what}; score them again "
+            "(eval/vbench/score.py) or pass --allow-partial"
+        )
     return partial
 
 
@@ -172,15 +183,26 @@ def table(scaled: dict[str, Any]) -> str:
 def build_parser() -> Parser:
     p = Parser(prog="eval/vbench/tabulate.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--score-dir", required=True, type=nonempty, help="folder of VBench's *_eval_results.json files")
-    p.add_argument("--out", type=nonempty, help="folder for all_results.json and scaled_results.json "
-                   "(default: --score-dir)")  # fmt: skip
-    p.add_argument("--full-info", type=nonempty, help="VBench_full_info.json the videos were scored against "
-                   "(default: the one score.py recorded in SCORE_DIR/suite.json)")
-    p.add_argument("--num-samples", type=positive_int, help=f"videos per prompt (default: the record's, else "
-                   f"VBench's {NUM_SAMPLES})")  # fmt: skip
+    p.add_argument(
+        "--out", type=nonempty, help="folder for all_results.json and scaled_results.json (default: --score-dir)"
+    )
+    p.add_argument(
+        "--full-info",
+        type=nonempty,
+        help="VBench_full_info.json the videos were scored against "
+        "(default: the one score.py recorded in SCORE_DIR/suite.json)",
+    )
+    p.add_argument(
+        "--num-samples",
+        type=positive_int,
+        help=f"videos per prompt (default: the record's, else VBench's {NUM_SAMPLES})",
+    )
     p.add_argument("--allow-missing", action="store_true", help="tabulate without some dimensions (named in output)")
-    p.add_argument("--allow-partial", action="store_true",
-                   help="tabulate dimensions scored on fewer videos than the suite lists (marked partial)")
+    p.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="tabulate dimensions scored on fewer videos than the suite lists (marked partial)",
+    )
     return p
 
 
@@ -202,8 +224,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sources = {d: r.path.name for d, r in results.items()}
     atomic_write_json(out / "all_results.json", raw)
-    atomic_write_json(out / "scaled_results.json", {**scaled, "suite": suite if expected is not None else None,
-                                                    "sources": sources})  # fmt: skip
+    atomic_write_json(
+        out / "scaled_results.json", {**scaled, "suite": suite if expected is not None else None, "sources": sources}
+    )
     say(table(scaled), end="")
     say(f"wrote {out / 'all_results.json'} and {out / 'scaled_results.json'}")
     return 0

@@ -41,8 +41,11 @@ def main(argv: list[str]) -> int:
     what = "would add" if mode == "dry-run" else "added"
     print(f"duca-video {what} {len(added)} new package(s): {', '.join(added) or 'none'}")
     if changed or removed:
-        print(f"error: installing duca-video {'would change' if mode == 'dry-run' else 'changed'} the "
-              f"environment: {'; '.join(changed + removed)}", file=sys.stderr)
+        print(
+            f"error: installing duca-video {'would change' if mode == 'dry-run' else 'changed'} the "
+            f"environment: {'; '.join(changed + removed)}",
+            file=sys.stderr,
+        )
         return 1
     print(f"duca-video {'would change' if mode == 'dry-run' else 'changed'} none of the {len(before)} packages")
     return 0

@@ -43,7 +43,7 @@ def main(out_dir: str, sp_size: int) -> None:
             "max_diff": (out - single).abs().max().item(),
             "kinds": [h["kind"] for h in controller.history], "single_kinds": single_kinds,
             "calls_by_step": {f"{kind}|{name}": n for (name, kind), n in Counter(calls).items()},
-        }  # fmt: skip
+        }
     Path(out_dir, f"rank{ctx.rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()

@@ -50,10 +50,10 @@ def main(out_dir: str, method: str, threshold: float, **options: int) -> None:
         if sp is not None:
             out = sp.gather_latents(out, model.config.patch_size)
         runs[name] = {"latent": out, "kinds": [h["kind"] for h in controller.history],
-                      "signals": [h.get("signal") for h in controller.history]}  # fmt: skip
+                      "signals": [h.get("signal") for h in controller.history]}
     report = {"rank": ctx.rank, "world": ctx.world_size,
               "max_diff": (runs["sp"]["latent"] - runs["single"]["latent"]).abs().max().item(),
-              **{f"{k}_{name}": r[k] for name, r in runs.items() for k in ("kinds", "signals")}}  # fmt: skip
+              **{f"{k}_{name}": r[k] for name, r in runs.items() for k in ("kinds", "signals")}}
     Path(out_dir, f"rank{ctx.rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()

@@ -50,7 +50,7 @@ def main(out_dir: str) -> None:
             out = sp.gather_latents(out, model.config.patch_size)
         report["modes"][mode] = {"max_diff": (out - single).abs().max().item(), "history": steps(controller),
                                  "single_history": single_history,
-                                 "delta_reduces": reduces.count("fastercache_cfg_delta")}  # fmt: skip
+                                 "delta_reduces": reduces.count("fastercache_cfg_delta")}
     Path(out_dir, f"rank{ctx.rank}.json").write_text(json.dumps(report))
     dist.barrier()
     dist.destroy_process_group()

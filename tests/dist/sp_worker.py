@@ -23,7 +23,7 @@ from tests.helpers import TINY_SPATIAL, TINY_TEMPORAL
 
 METHODS = {"none": {}, "duca": {}, "toca": {}, "fora": {}, "conservative": {}, "pab": {"threshold": (0.0, 2000.0)},
            "teacache": {"threshold": 0.3}, "taylorseer": {"interval": 3, "warmup_steps": 1, "order": 2},
-           "duca_forecast": {}}  # fmt: skip
+           "duca_forecast": {}}
 
 
 def tiny_model() -> STDiT3:
@@ -44,14 +44,14 @@ def inputs():
     # 6x10 latent, patch 2 -> 3x5 = 15 spatial tokens: divisible by neither 2 nor 4.
     return dict(z=torch.randn(2, 4, 3, 6, 10, generator=g), y=torch.randn(2, 1, 8, 32, generator=g), mask=mask,
                 model_kwargs=dict(fps=torch.full((2,), 24.0), height=torch.full((2,), 48.0),
-                                  width=torch.full((2,), 80.0)))  # fmt: skip
+                                  width=torch.full((2,), 80.0)))
 
 
 def sample(model, data):
     sampler = RFlowSampler(num_sampling_steps=10, use_timestep_transform=False, cfg_scale=4.0)
     y_null = model.y_embedder.y_embedding[None, None].expand(2, 1, 8, 32)
     return sampler.sample(model, data["z"], data["y"], y_null, data["mask"], model_kwargs=data["model_kwargs"],
-                          progress=False, seed=3)  # fmt: skip
+                          progress=False, seed=3)
 
 
 def spy_collectives(calls: list, controller_of) -> None:
@@ -88,7 +88,7 @@ def main(out_dir: str) -> None:
         out = sp.gather_latents(sample(model, data), model.config.patch_size)
         kinds = Counter(kind for _, kind in calls)
         report["methods"][method] = {"max_diff": (out - single).abs().max().item(), "calls_by_step": dict(kinds),
-                                     "history": [h["kind"] for h in controller.history]}  # fmt: skip
+                                     "history": [h["kind"] for h in controller.history]}
     # VAE decoding split over the group: 40 frames = 3 chunks (17, 17, 6), so with 4 ranks one has none.
     torch.manual_seed(0)
     vae = OpenSoraVAE.from_config(TINY_SPATIAL, TINY_TEMPORAL).eval()

@@ -64,7 +64,7 @@ def main(out_dir: str) -> None:
 
     report = {"rank": dist.get_rank(), "world": dist.get_world_size(), "methods": {}}
     report["upstream_sp_uncached_diff"] = (sample_upstream(rflow, split, data)
-                                           - sample_upstream(rflow, single, data)).abs().max().item()  # fmt: skip
+                                           - sample_upstream(rflow, single, data)).abs().max().item()
     for method in SP_METHODS:
         extra = METHODS[method]
         controller = cache.enable(single, method, scheduler=rflow, **extra)

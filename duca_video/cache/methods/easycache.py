@@ -46,8 +46,13 @@ class EasyCacheConfig(CacheConfig):
 
     def validate(self) -> None:
         check_field(self.threshold >= 0, self.method, "threshold", "a number >= 0", self.threshold)
-        check_field(isinstance(self.warmup_steps, int) and self.warmup_steps >= 2, self.method, "warmup_steps",
-                    "int >= 2 (the transformation rate needs two computed steps)", self.warmup_steps)  # fmt: skip
+        check_field(
+            isinstance(self.warmup_steps, int) and self.warmup_steps >= 2,
+            self.method,
+            "warmup_steps",
+            "int >= 2 (the transformation rate needs two computed steps)",
+            self.warmup_steps,
+        )
 
     def make_policy(self, sample: Sample) -> EasyCachePolicy:
         return EasyCachePolicy(self, sample)

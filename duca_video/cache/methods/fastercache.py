@@ -66,16 +66,29 @@ class FasterCacheConfig(CacheConfig):
     radius_divisor: int = 5
 
     def validate(self) -> None:
-        ints = (("attn_start", 2), ("attn_interval", 2), ("attn_weight_steps", 1), ("cfg_start", 1),
-                ("cfg_interval", 1), ("low_boost_until", 0), ("high_boost_from", 0), ("radius_divisor", 1))  # fmt: skip
+        ints = (
+            ("attn_start", 2),
+            ("attn_interval", 2),
+            ("attn_weight_steps", 1),
+            ("cfg_start", 1),
+            ("cfg_interval", 1),
+            ("low_boost_until", 0),
+            ("high_boost_from", 0),
+            ("radius_divisor", 1),
+        )
         for name, low in ints:
             value = getattr(self, name)
             check_field(isinstance(value, int) and value >= low, self.method, name, f"int >= {low}", value)
         for name in ("low_boost", "high_boost"):
             check_field(getattr(self, name) > 0, self.method, name, "a number > 0", getattr(self, name))
         check_field(self.attn_weight >= 0, self.method, "attn_weight", "a number >= 0", self.attn_weight)
-        check_field(len(self.modules) > 0 and set(self.modules) <= set(EXTRAPOLATED), self.method, "modules",
-                    f"a non-empty subset of {EXTRAPOLATED}", self.modules)  # fmt: skip
+        check_field(
+            len(self.modules) > 0 and set(self.modules) <= set(EXTRAPOLATED),
+            self.method,
+            "modules",
+            f"a non-empty subset of {EXTRAPOLATED}",
+            self.modules,
+        )
 
     def layout_identity(self, cfg_parallel: bool) -> dict[str, Any]:
         # With the two CFG halves on two ranks no rank holds both halves, so CFG-Cache cannot run: every step
@@ -107,7 +120,6 @@ def _slot(module: str, prev: bool) -> str:
 
 
 class FasterCachePolicy(CachePolicy):
-
     def __init__(self, config: FasterCacheConfig, sample: Sample) -> None:
         super().__init__(config, sample)
         n = len(sample.timesteps)
@@ -170,8 +182,10 @@ class FasterCachePolicy(CachePolicy):
     def approximate(self, index: int, module: str) -> torch.Tensor:
         last, prev = self.store.get(index, module), self.store.get(index, _slot(module, True))
         if last is None or prev is None:
-            raise RuntimeError(f"cache 'fastercache': step {self.sample.step} extrapolates {module} of block "
-                               f"{index}, but fewer than two earlier steps stored it")  # fmt: skip
+            raise RuntimeError(
+                f"cache 'fastercache': step {self.sample.step} extrapolates {module} of block "
+                f"{index}, but fewer than two earlier steps stored it"
+            )
         rows = self._rows()
         last, prev = last[:rows], prev[:rows]
         return last + self.attn_weight(self.sample.step) * (last - prev)
@@ -217,8 +231,10 @@ class FasterCachePolicy(CachePolicy):
         c, s = self.config, self.sample.step
         low, high = self.store.get(STACK, "uncond_low"), self.store.get(STACK, "uncond_high")
         if low is None or high is None:
-            raise RuntimeError(f"cache 'fastercache': step {s} rebuilds the unconditional half, but no earlier step "
-                               "stored the CFG difference")  # fmt: skip
+            raise RuntimeError(
+                f"cache 'fastercache': step {s} rebuilds the unconditional half, but no earlier step "
+                "stored the CFG difference"
+            )
         if s <= c.low_boost_until:
             self.weights[0] *= c.low_boost
         if s >= c.high_boost_from:

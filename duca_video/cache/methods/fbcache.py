@@ -48,8 +48,13 @@ class FirstBlockCacheConfig(CacheConfig):
 
     def validate(self) -> None:
         check_field(self.threshold >= 0, self.method, "threshold", "a number >= 0", self.threshold)
-        check_field(self.warmup_steps >= 1, self.method, "warmup_steps",
-                    "an int >= 1 (step 0 has no earlier step to compare with)", self.warmup_steps)  # fmt: skip
+        check_field(
+            self.warmup_steps >= 1,
+            self.method,
+            "warmup_steps",
+            "an int >= 1 (step 0 has no earlier step to compare with)",
+            self.warmup_steps,
+        )
         check_field(self.max_skips >= 0, self.method, "max_skips", "an int >= 0 (0 = no limit)", self.max_skips)
 
     def make_policy(self, sample: Sample) -> FirstBlockCachePolicy:
@@ -86,8 +91,9 @@ class FirstBlockCachePolicy(CachePolicy):
             if sample.per_video:  # each video on its own rows: its decision does not depend on its batch
                 rel = per_video_relative_l1(current, previous, sample, stack_in, "fbcache_signal")
             else:  # upstream's packed captions: one signal for the batch
-                rel = [relative_l1(current, previous, sample.layout, stack_in, "fbcache_signal",
-                                   sample.row_group)] * sample.videos  # fmt: skip
+                rel = [
+                    relative_l1(current, previous, sample.layout, stack_in, "fbcache_signal", sample.row_group)
+                ] * sample.videos
             if sample.history:  # what the threshold was compared with, for choosing one
                 sample.history[-1]["signal"] = rel  # one per video
             for v, r in enumerate(rel):
@@ -99,8 +105,9 @@ class FirstBlockCachePolicy(CachePolicy):
             self.store.drop(STACK, FIRST_RESIDUAL)
         elif any(go_on):  # the computing videos' r0 (the others keep their last computed step's)
             rows = None if all(go_on) else sample.rows_of([v for v, c in enumerate(go_on) if c])
-            refresh_rows(self.store, FIRST_RESIDUAL, current, None if rows is None else torch.tensor(rows,
-                         device=current.device))  # fmt: skip
+            refresh_rows(
+                self.store, FIRST_RESIDUAL, current, None if rows is None else torch.tensor(rows, device=current.device)
+            )
         return go_on
 
     def reuse_stack(self, stack_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -33,10 +33,36 @@ log = logging.getLogger(__name__)
 
 # MagCache's Open-Sora 1.2 experiment: steps 1..29 of 30, used as their square root (step 0 has no predecessor).
 _PUBLISHED_OPEN_SORA_12 = (
-    0.93359, 0.96484, 0.99609, 1.0, 0.99609, 0.99609, 0.99219, 1.0, 1.0, 0.99609, 0.99219, 1.0, 0.99219, 0.99609,
-    0.99219, 0.99609, 0.99609, 0.99609, 0.99219, 0.99219, 0.99219, 0.98828, 0.98828, 0.98438, 0.98438, 0.97656,
-    0.97656, 0.96484, 0.96484,
-)  # fmt: skip
+    0.93359,
+    0.96484,
+    0.99609,
+    1.0,
+    0.99609,
+    0.99609,
+    0.99219,
+    1.0,
+    1.0,
+    0.99609,
+    0.99219,
+    1.0,
+    0.99219,
+    0.99609,
+    0.99219,
+    0.99609,
+    0.99609,
+    0.99609,
+    0.99219,
+    0.99219,
+    0.99219,
+    0.98828,
+    0.98828,
+    0.98438,
+    0.98438,
+    0.97656,
+    0.97656,
+    0.96484,
+    0.96484,
+)
 OPEN_SORA_12_RATIOS = (1.0, *(math.sqrt(r) for r in _PUBLISHED_OPEN_SORA_12))
 
 
@@ -46,8 +72,10 @@ def read_ratios_file(path: str | Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).expanduser().read_text())
     except FileNotFoundError:
-        raise ValueError(f"{where}: no such file; make one with `python -m duca_video.cache.methods."
-                         "magcache_calibrate --config CONFIG --prompts N --out FILE.json`") from None  # fmt: skip
+        raise ValueError(
+            f"{where}: no such file; make one with `python -m duca_video.cache.methods."
+            "magcache_calibrate --config CONFIG --prompts N --out FILE.json`"
+        ) from None
     except (OSError, ValueError) as exc:
         raise ValueError(f"{where}: not a readable JSON file ({exc})") from None
     ratios = data.get("ratios") if isinstance(data, dict) else None
@@ -121,13 +149,24 @@ class MagCacheConfig(CacheConfig):
     def validate(self) -> None:
         check_field(self.threshold >= 0, self.method, "threshold", "a number >= 0", self.threshold)
         check_field(self.max_skips >= 0, self.method, "max_skips", "an int >= 0", self.max_skips)
-        check_field(0 <= self.retention_ratio <= 1, self.method, "retention_ratio", "a number in [0, 1]",
-                    self.retention_ratio)  # fmt: skip
-        check_field(not (self.ratios and self.ratios_path), self.method, "ratios",
-                    "empty when ratios_path is given (one source of ratios)", self.ratios)  # fmt: skip
+        check_field(
+            0 <= self.retention_ratio <= 1, self.method, "retention_ratio", "a number in [0, 1]", self.retention_ratio
+        )
+        check_field(
+            not (self.ratios and self.ratios_path),
+            self.method,
+            "ratios",
+            "empty when ratios_path is given (one source of ratios)",
+            self.ratios,
+        )
         if self.ratios:
-            check_field(_valid_ratios(self.ratios), self.method, "ratios",
-                        "a list of >= 2 finite numbers > 0, one per step", self.ratios)  # fmt: skip
+            check_field(
+                _valid_ratios(self.ratios),
+                self.method,
+                "ratios",
+                "a list of >= 2 finite numbers > 0, one per step",
+                self.ratios,
+            )
         # Read now, so that a bad file is an error before any model loads.
         self._file = read_ratios_file(self.ratios_path) if self.ratios_path else None
 

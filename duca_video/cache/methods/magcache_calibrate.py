@@ -120,10 +120,18 @@ def calibrate(argv: Sequence[str], count: int, prompt_seed: int = 1000) -> dict[
     finally:
         cache_lib.disable(models.model)
     size = list(cfg.size) if cfg.size is not None else None
-    return {**summarize(config.records), "model": models.weights.get("model"), "prompts": len(jobs),
-            "prompt_texts": [j.text for j in jobs], "seed": cfg.seed, "image_size": size,
-            "num_frames": cfg.num_frames, "cfg_scale": cfg.scheduler.cfg_scale, "dtype": cfg.dtype,
-            "made_by": "python -m duca_video.cache.methods.magcache_calibrate " + " ".join(argv)}  # fmt: skip
+    return {
+        **summarize(config.records),
+        "model": models.weights.get("model"),
+        "prompts": len(jobs),
+        "prompt_texts": [j.text for j in jobs],
+        "seed": cfg.seed,
+        "image_size": size,
+        "num_frames": cfg.num_frames,
+        "cfg_scale": cfg.scheduler.cfg_scale,
+        "dtype": cfg.dtype,
+        "made_by": "python -m duca_video.cache.methods.magcache_calibrate " + " ".join(argv),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,8 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     atomic_write_json(args.out, data)
-    print(f"wrote {args.out}: {data['num_steps']} steps from {data['prompts']} prompt(s); ratios "
-          f"{min(data['ratios'])} .. {max(data['ratios'])}")  # fmt: skip
+    print(
+        f"wrote {args.out}: {data['num_steps']} steps from {data['prompts']} prompt(s); ratios "
+        f"{min(data['ratios'])} .. {max(data['ratios'])}"
+    )
     return 0
 
 

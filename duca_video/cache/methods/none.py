@@ -31,8 +31,13 @@ class StepsConfig(NoneConfig):
     num_steps: int = 12
 
     def validate(self) -> None:
-        check_field(isinstance(self.num_steps, int) and self.num_steps >= 1, self.method, "num_steps", "int >= 1",
-                    self.num_steps)  # fmt: skip
+        check_field(
+            isinstance(self.num_steps, int) and self.num_steps >= 1,
+            self.method,
+            "num_steps",
+            "int >= 1",
+            self.num_steps,
+        )
 
     def sampler_settings(self) -> dict[str, Any]:
         return {"num_sampling_steps": self.num_steps}

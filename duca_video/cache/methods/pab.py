@@ -30,8 +30,13 @@ class PABConfig(CacheConfig):
             value = getattr(self, name)
             check_field(isinstance(value, int) and value >= 1, self.method, name, "int >= 1", value)
         self.threshold = tuple(float(v) for v in self.threshold)
-        check_field(len(self.threshold) == 2 and self.threshold[0] < self.threshold[1], self.method, "threshold",
-                    "(low, high) timesteps with low < high", self.threshold)  # fmt: skip
+        check_field(
+            len(self.threshold) == 2 and self.threshold[0] < self.threshold[1],
+            self.method,
+            "threshold",
+            "(low, high) timesteps with low < high",
+            self.threshold,
+        )
 
     def make_policy(self, sample: Sample) -> CachePolicy:
         return PABPolicy(self, sample)

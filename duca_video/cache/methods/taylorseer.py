@@ -45,7 +45,6 @@ def _slot(module: str, order: int) -> str:
 
 
 class TaylorSeerPolicy(CachePolicy):
-
     def __init__(self, config: TaylorSeerConfig, sample: Sample) -> None:
         super().__init__(config, sample)
         self.t_full: dict[tuple[int, str], float] = {}  # t of the full step the differences were taken at

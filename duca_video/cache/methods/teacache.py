@@ -39,8 +39,9 @@ class TeaCacheConfig(CacheConfig):
     def validate(self) -> None:
         check_field(self.threshold >= 0, self.method, "threshold", "a number >= 0", self.threshold)
         self.coefficients = tuple(float(c) for c in self.coefficients)
-        check_field(len(self.coefficients) >= 1, self.method, "coefficients", "a non-empty polynomial",
-                    self.coefficients)  # fmt: skip
+        check_field(
+            len(self.coefficients) >= 1, self.method, "coefficients", "a non-empty polynomial", self.coefficients
+        )
 
     def make_policy(self, sample: Sample) -> TeaCachePolicy:
         return TeaCachePolicy(self, sample)
@@ -74,8 +75,9 @@ def relative_l1(
     return float((sums[0] / sums[1]).item())
 
 
-def per_video_relative_l1(current: torch.Tensor, previous: torch.Tensor, sample: Sample, x: torch.Tensor,
-                          name: str) -> list[float]:  # fmt: skip
+def per_video_relative_l1(
+    current: torch.Tensor, previous: torch.Tensor, sample: Sample, x: torch.Tensor, name: str
+) -> list[float]:
     """`relative_l1` for each video of the batch over its own rows (both CFG halves, the whole grid): what the
     video alone would measure, so its decisions do not depend on the batch it is in."""
     sums = _change_sums(current, previous, sample.layout, x)  # (2, rows)

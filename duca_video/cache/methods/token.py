@@ -50,19 +50,26 @@ class TokenCacheConfig(CacheConfig):
         for name, low in (("warmup_steps", 0), ("cycle", 1), ("cross_cycle", 1)):
             value = getattr(self, name)
             check_field(isinstance(value, int) and value >= low, m, name, f"int >= {low}", value)
-        check_field(len(self.pattern) == self.cycle, m, "pattern", f"a sequence of {self.cycle} (= cycle) step kinds",
-                    self.pattern)  # fmt: skip
+        check_field(
+            len(self.pattern) == self.cycle,
+            m,
+            "pattern",
+            f"a sequence of {self.cycle} (= cycle) step kinds",
+            self.pattern,
+        )
         bad = [k for k in self.pattern if k not in STEP_KINDS]
         check_field(not bad, m, "pattern", f"entries from {STEP_KINDS}", self.pattern)
         check_field("full" in self.pattern, m, "pattern", "at least one 'full' step per cycle", self.pattern)
-        check_field(0.0 <= self.recompute_ratio <= 1.0, m, "recompute_ratio", "a number in [0, 1]",
-                    self.recompute_ratio)  # fmt: skip
+        check_field(
+            0.0 <= self.recompute_ratio <= 1.0, m, "recompute_ratio", "a number in [0, 1]", self.recompute_ratio
+        )
         bad = [k for k in self.recompute if k not in MODULES]
         check_field(not bad, m, "recompute", f"a subset of {MODULES}", self.recompute)
         check_field(self.selector in SELECTORS, m, "selector", str(SELECTORS), self.selector)
         check_field(self.age_bonus >= 0, m, "age_bonus", "a number >= 0", self.age_bonus)
-        check_field(self.forecast_order in (0, 1), m, "forecast_order", "0 (reuse) or 1 (linear forecast)",
-                    self.forecast_order)  # fmt: skip
+        check_field(
+            self.forecast_order in (0, 1), m, "forecast_order", "0 (reuse) or 1 (linear forecast)", self.forecast_order
+        )
 
     def make_policy(self, sample: Sample) -> TokenPolicy:
         return TokenPolicy(self, sample)
@@ -199,9 +206,14 @@ class TokenPolicy(CachePolicy):
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "duca": {
         "published": {},
-        "paper": dict(warmup_steps=0, cycle=5, cross_cycle=5, recompute_ratio=0.1,
-                      pattern=("full", "conservative", "aggressive", "conservative", "aggressive")),
+        "paper": dict(
+            warmup_steps=0,
+            cycle=5,
+            cross_cycle=5,
+            recompute_ratio=0.1,
+            pattern=("full", "conservative", "aggressive", "conservative", "aggressive"),
+        ),
     }
-}  # fmt: skip
+}
 
 METHODS = (DuCaConfig, ToCaConfig, ForaConfig, AggressiveConfig, ConservativeConfig, DuCaForecastConfig)
