@@ -8,7 +8,7 @@ The script may also be left out (then it is DIR/scripts/inference.py, see --open
 own flags goes to upstream's script unchanged, so users keep their configs and flags; under `torchrun ... -m
 duca_video.opensora ...` upstream's sequence parallelism runs as usual.
 Our flags:
-  --cache METHOD          a cache method (none, duca, toca, fora, aggressive, conservative, pab, teacache, steps)
+  --cache METHOD          a cache method of the registry (`--help` lists them all)
   --cache-opt KEY=VALUE   a setting of that method (repeatable), e.g. --cache-opt recompute_ratio=0.2
   --open-sora-root DIR    the Open-Sora checkout (default: the leading script's, else $OPEN_SORA_ROOT, else
                           the current directory)
