@@ -213,3 +213,18 @@ def test_folded_cache_gives_the_same_result_with_less_memory(method, extra, smal
 def test_every_registered_method_is_exported_with_its_config():
     configs = {cls for name, cls in vars(cache).items() if name.endswith("Config") and isinstance(cls, type)}
     assert set(cache.METHODS.values()) <= configs, set(cache.METHODS.values()) - configs
+
+
+def test_step_records_round_trip_their_labels_and_replay_their_decisions():
+    from duca_video.cache.records import StepKind, StepRecord
+
+    for label in ("full", "conservative", "aggressive", "mixed:1011", "first_block", "first_block:01"):
+        assert StepRecord.parse(label).label == label
+    mixed = StepRecord.skipped(False, [True, False])
+    assert (mixed.kind, mixed.label) == (StepKind.MIXED, "mixed:10")
+    assert mixed.computes(after_first_block=False, videos=2) == [True, False]
+    assert mixed.computes(after_first_block=True, videos=2) is True  # the stack ran for the computing video
+    assert StepRecord.skipped(True, [False, False]).label == "first_block"
+    assert StepRecord.parse("first_block").computes(after_first_block=False, videos=2) is True
+    assert StepRecord.parse("first_block").computes(after_first_block=True, videos=2) is False
+    assert StepRecord.parse("aggressive").computes(after_first_block=False, videos=2) is False

@@ -27,6 +27,7 @@ from .folding import FoldingMixin
 from .follow import SampleFollower, SamplingSettings, settings_from
 from .methods.none import NoneConfig
 from .policy import Sample
+from .records import StepRecord
 from .report import summary_text
 from .schedule import Action, StepPlan, build_schedule, schedule_table
 from .state import CacheState, OffloadedState
@@ -285,11 +286,7 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         False (skip) or one bool per video; None when this is no replay of a data-dependent method."""
         if self.replay_kinds is None or not self.config.data_dependent:
             return None
-        kind, _, bits = self.replay_kinds[sample.step].partition(":")
-        skipped = "first_block" if after_first else "aggressive"
-        if kind in ("mixed", "first_block") and bits:
-            return [b == "1" for b in bits] if kind == ("first_block" if after_first else "mixed") else True
-        return kind != skipped
+        return StepRecord.parse(self.replay_kinds[sample.step]).computes(after_first, sample.videos)
 
     def _start_stack(
         self, sample: Sample, block: nn.Module, x: torch.Tensor, y: Any, mask: Any, t: torch.Tensor, T, S
@@ -324,10 +321,9 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         if all(videos):
             return False
         sample.pass_x = x
-        mixed = f":{''.join('1' if v else '0' for v in videos)}" if any(videos) else ""
         if sample.history:
-            sample.history[-1]["kind"] = ("mixed" if mixed and skipped == "aggressive" else skipped) + mixed
-        if not mixed:
+            sample.history[-1]["kind"] = StepRecord.skipped(skipped == "first_block", videos).label
+        if not any(videos):
             sample.skip_stack = True
             return True
         sample.compute_list = sample.rows_of([v for v, computes in enumerate(videos) if computes])

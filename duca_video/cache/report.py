@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import CacheConfig
+from .records import StepRecord
 
 _SKIPPED = {"aggressive": "stack reused", "first_block": "first block computed, rest reused", "mixed": "stack reused"}
 
@@ -16,21 +17,20 @@ def summary_text(config: CacheConfig, history: list[dict[str, Any]], cache_bytes
     lines = [f"cache method {config.method}: {config.to_dict()}", header]
     counts: dict[str, int] = {}
     for h in history:
-        kind, _, bits = h["kind"].partition(":")
-        counts[kind] = counts.get(kind, 0) + 1
+        record = StepRecord.parse(h["kind"])
+        counts[record.kind.value] = counts.get(record.kind.value, 0) + 1
         lines.append(
-            f"{h['step']:>4} {h['t']:>8.2f}  {h['kind']:<12} {h['spatial']:<8} {h['temporal']:<8} "
-            f"{_share(h, kind, bits)}"
+            f"{h['step']:>4} {h['t']:>8.2f}  {h['kind']:<12} {h['spatial']:<8} {h['temporal']:<8} {_share(h, record)}"
         )
     lines.append(f"steps: {counts}; peak cache {cache_bytes / 2**20:.1f} MiB")
     return "\n".join(lines)
 
 
-def _share(h: dict[str, Any], kind: str, bits: str) -> str:
-    if kind in _SKIPPED:
-        share = _SKIPPED[kind]
-        if bits:
-            share += f" for {bits.count('0')} of {len(bits)} videos (the others computed)"
+def _share(h: dict[str, Any], record: StepRecord) -> str:
+    if record.kind.value in _SKIPPED:
+        share = _SKIPPED[record.kind.value]
+        if record.computing is not None:
+            share += f" for {record.computing.count(False)} of {len(record.computing)} videos (the others computed)"
         return share
     return "/".join(
         f"{100 * h['recomputed'].get(m, 0) / h['tokens'][m]:.1f}%" if h["tokens"].get(m) else "-"
