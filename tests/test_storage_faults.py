@@ -57,7 +57,7 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def test_a_full_disk_while_locking_ends_the_job_with_a_summary(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(locks, "json", types.SimpleNamespace(dump=_full, loads=json.loads))
+    monkeypatch.setattr(locks, "json", types.SimpleNamespace(dumps=_full, dump=_full, loads=json.loads))
     code = _run(tmp_path)
     out, err = capsys.readouterr()
     assert code == 1 and "Traceback" not in err + out, err

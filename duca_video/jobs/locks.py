@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..io.files import process_alive
+from ..io.files import process_alive, temp_name
 
 __all__ = ["VideoLock", "lock_path"]
 
@@ -43,24 +43,48 @@ class VideoLock:
 
     def acquire(self) -> bool:
         for _ in range(2):  # a second try after removing a stale lock
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self.holder = self._read()
-                if not self._stale(self.holder):
-                    return False
-                with contextlib.suppress(FileNotFoundError):
-                    self.path.unlink()
-                continue
-            self.held, self.holder = True, None  # ours from here: a stop while writing still releases it
-            try:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(self.me, f)
-            except OSError:  # e.g. a full disk: leave no empty lock behind
-                self.release()
-                raise
-            return True
+            if self._create():
+                return True
+            self.holder = self._read()
+            if not self._stale(self.holder):
+                return False
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
         return False
+
+    def _create(self) -> bool:
+        """Create the lock with its holder already in it: written to a temporary file, then hard-linked into place
+        (which fails when the lock exists), so no job ever sees an empty lock, even of a process killed midway."""
+        tmp = temp_name(self.path)
+        try:
+            tmp.write_text(json.dumps(self.me))  # a full disk fails here, before any lock exists
+            self.held, self.holder = True, None  # ours from here: a stop before the link still releases it
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                self.held = False
+                return False
+            except OSError:  # a filesystem without hard links: create exclusively, then write
+                self.held = False
+                return self._create_in_place()
+            return True
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+
+    def _create_in_place(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        self.held, self.holder = True, None
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.me, f)
+        except OSError:  # e.g. a full disk: leave no empty lock behind
+            self.release()
+            raise
+        return True
 
     def release(self) -> None:
         # Ours when it names this process, or is still empty (created with O_EXCL, stopped before written).
