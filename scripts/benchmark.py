@@ -6,7 +6,7 @@
 `--flops-only` counts the whole sampling loop on the meta device (no weights, runs at Open-Sora sizes on a
 laptop). Otherwise every method also generates the same sample on the chosen device (random weights unless
 `--ckpt-path` is given): latency (median of `--repeats`), peak CUDA memory, cache bytes, and PSNR/SSIM of its
-final latent against `none`'s. Writes contract 5's JSON (to a temp file, then renamed).
+final latent against `none`'s. Writes the per-method JSON of docs/benchmarks.md (to a temp file, then renamed).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -313,3 +314,10 @@ def generate_tiny_batch(method: str, *opts: str, flops: bool = False):
 
     cfg, models, jobs = load_tiny_batch(method, *opts, flops=flops)
     return pipeline.generate(models, cfg, jobs, False), models
+
+
+def reference_dir() -> Path | None:
+    """Numeric references made with upstream Open-Sora's code (not in the repository: $DUCA_REFERENCE_DIR names a
+    folder of them, see docs/testing.md); the tests that need them skip without it."""
+    value = os.environ.get("DUCA_REFERENCE_DIR")
+    return Path(value) if value else None

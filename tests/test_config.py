@@ -1,7 +1,6 @@
 """Config files, their validation, CLI overrides, sizes and weight paths: no model is built here."""
 
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,10 +13,10 @@ from duca_video.configs.preflight import InputError, check_cache_settings, resol
 from duca_video.io import PromptError
 from duca_video.jobs import load_prompts
 from duca_video.models import STDiT3Config
+from tests.upstream import open_sora_root, skip_reason
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-UPSTREAM = Path("/work/.mirror/hpcaitech+Open-Sora/repo")
 
 
 def make(**fields):
@@ -127,14 +126,10 @@ def test_num_frames_errors():
 
 
 def test_tables_match_upstream():
-    if not UPSTREAM.exists():
-        pytest.skip("upstream Open-Sora mirror not present")
-    source = subprocess.run(
-        ["git", "-C", str(UPSTREAM), "show", "v1.2.0:opensora/datasets/aspect.py"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    root = open_sora_root()
+    if root is None:
+        pytest.skip(skip_reason())
+    source = (root / "opensora" / "datasets" / "aspect.py").read_text()
     namespace: dict = {}
     exec(compile(source, "aspect.py", "exec"), namespace)  # upstream's tables, read as data
     for res in sizes.RESOLUTIONS:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from duca_video.sampling.events import SampleStart, StepStart, register_listener
 from duca_video.sampling.rflow import RFlowSampler, add_noise, timestep_transform
+from tests.helpers import reference_dir
 
 REF_SIZES = {
     "480p_51f": (480, 854, 51),
@@ -21,15 +20,11 @@ REF_SIZES = {
 B, C, T, H, W, L, CY = 2, 3, 4, 2, 3, 5, 6
 
 
-def _reference_dir() -> Path:
-    override = os.environ.get("DUCA_REFERENCE_DIR")
-    return Path(override) if override else Path(__file__).resolve().parents[2] / "shared" / "reference"
-
-
 @pytest.fixture(scope="module")
 def ref_timesteps() -> dict[str, list[float]]:
-    path = _reference_dir() / "stdit3_reference_public.json"
-    if not path.is_file():
+    folder = reference_dir()
+    path = None if folder is None else folder / "stdit3_reference_public.json"
+    if path is None or not path.is_file():
         pytest.skip(f"reference file absent: {path}")
     return json.loads(path.read_text())["rflow_timesteps_30"]
 

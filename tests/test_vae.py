@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -17,11 +16,9 @@ from duca_video.models.vae import (
     TemporalVAE,
     temporal_vae_sd,
 )
-from tests.helpers import TINY_SPATIAL, TINY_TEMPORAL
+from tests.helpers import TINY_SPATIAL, TINY_TEMPORAL, reference_dir
 
-REFERENCE_DIR = Path(
-    os.environ.get("DUCA_REFERENCE_DIR") or Path(__file__).resolve().parents[2] / "shared" / "reference"
-)
+REFERENCE_DIR = reference_dir() or Path("$DUCA_REFERENCE_DIR (not set)")
 REF_WEIGHTS = REFERENCE_DIR / "temporal_vae_public.safetensors"
 REF_JSON = REFERENCE_DIR / "temporal_vae_reference_public.json"
 FULL_SIZE_NUM_PARAMETERS = 309_687_144

@@ -34,7 +34,7 @@ __all__ = [
     "VAESection",
 ]
 
-# The names duca_video.cache.enable accepts (DESIGN.md, contract 3).
+# The names duca_video.cache.enable accepts: the registry's methods (docs/methods.md).
 CACHE_METHODS = tuple(CACHE_REGISTRY)  # the one registry of methods (duca_video/cache/registry.py)
 # Upstream's spellings (opensora.utils.misc.to_torch_dtype) plus torch's.
 TORCH_DTYPES = {

@@ -12,7 +12,8 @@ __all__ = ["RECORD_FIELDS", "OutputPaths", "RunSummary"]
 
 log = logging.getLogger(__name__)
 
-# Keys every NAME.json holds (DESIGN.md contract 4, plus what is needed to read them).
+# Keys every NAME.json holds: the run record of docs/generating.md (what made the video, its cost, its identity
+# for resuming, and the sizes and hashes of its files).
 RECORD_FIELDS = (
     "name",
     "prompt",
