@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -321,3 +322,21 @@ def reference_dir() -> Path | None:
     folder of them, see docs/testing.md); the tests that need them skip without it."""
     value = os.environ.get("DUCA_REFERENCE_DIR")
     return Path(value) if value else None
+
+
+def counted_tiny_loop(models) -> tuple[list[str], int, Any]:
+    """The real sampling loop of `load_tiny_batch(..., flops=True)`'s models on both prompts, counted by the FLOP
+    counter, every caption token valid (the replay on meta counts full-length captions): (the step kinds
+    decided, the FLOPs counted, the replay's count function of a list of kinds)."""
+    from duca_video.metrics.flops import flop_counter
+    from duca_video.models.text_encoder import null_caption
+    from duca_video.parallel.group_work import encode_text
+
+    y, mask = encode_text(models.text_encoder, TWO_PROMPTS, models.ctx, models.device)
+    z = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
+    sizes = {k: torch.full((2,), v) for k, v in (("height", 16.0), ("width", 16.0), ("num_frames", 8.0), ("fps", 8.0))}
+    kwargs = {"model_kwargs": sizes, "progress": False, "seed": [1, 2]}
+    with flop_counter() as counter, torch.no_grad():
+        models.sampler.sample(models.model, z, y, null_caption(models.model, 2), torch.ones_like(mask), **kwargs)
+    decided = [h["kind"] for h in models.controller.history]
+    return decided, counter.get_total_flops(), lambda kinds: models.flops.count(2, models.latent_shape, sizes, kinds)

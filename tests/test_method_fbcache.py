@@ -8,10 +8,15 @@ import torch
 
 from duca_video import pipeline
 from duca_video.cache.state import STACK
-from duca_video.metrics.flops import flop_counter
-from duca_video.models.text_encoder import null_caption
-from duca_video.parallel.group_work import encode_text
-from tests.helpers import TINY_CONFIG, TINY_STEPS, TWO_PROMPTS, generate_tiny_batch, inference_main, load_tiny_batch
+from tests.helpers import (
+    TINY_CONFIG,
+    TINY_STEPS,
+    TWO_PROMPTS,
+    counted_tiny_loop,
+    generate_tiny_batch,
+    inference_main,
+    load_tiny_batch,
+)
 from tests.torchrun import run_workers
 
 TINY, PROMPTS, STEPS = TINY_CONFIG, TWO_PROMPTS, TINY_STEPS
@@ -67,25 +72,9 @@ def test_a_skipped_step_is_first_block_output_plus_the_rest_residual_of_the_last
 @pytest.mark.slow
 def test_the_flop_count_replays_the_decisions_and_counts_block_zero_on_skipped_steps():
     _, models, _ = load("fbcache", "threshold=0.2", flops=True)
-    # The real loop, counted, with every caption token valid: the replay on meta counts full-length captions.
-    y, mask = encode_text(models.text_encoder, PROMPTS, models.ctx, models.device)
-    z = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
-    sizes = {k: torch.full((2,), v) for k, v in (("height", 16.0), ("width", 16.0), ("num_frames", 8.0), ("fps", 8.0))}
-    with flop_counter() as counter, torch.no_grad():
-        models.sampler.sample(
-            models.model,
-            z,
-            y,
-            null_caption(models.model, 2),
-            torch.ones_like(mask),
-            model_kwargs=sizes,
-            progress=False,
-            seed=[1, 2],
-        )
-    decided = [h["kind"] for h in models.controller.history]
+    decided, counted, count = counted_tiny_loop(models)
     assert "first_block" in decided and decided.count("full") >= 3
-    count = lambda ks: models.flops.count(2, models.latent_shape, sizes, ks)  # noqa: E731
-    assert count(decided) == counter.get_total_flops() > 0
+    assert count(decided) == counted > 0
     # A skipped step costs block 0 more than skipping the whole stack: `d` per step, d > 0.
     one = ["full"] * STEPS
     d = count([*one[:-2], "first_block", "full"]) - count([*one[:-2], "aggressive", "full"])

@@ -146,33 +146,21 @@ def init_parallel(
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     rank = dist.get_rank()
     dp_rank, cfg_rank, sp_rank = dims.coordinate(rank)
-    sp_group = _new_group_along(dims, (2,), rank)
-    dp_group = _new_group_along(dims, (0,), rank)
-    if cfg == 1:
-        return ParallelContext(
-            world_size=world,
-            rank=rank,
-            sp_size=dims.sp,
-            sp_rank=sp_rank,
-            dp_size=dims.dp,
-            dp_rank=dp_rank,
-            sp_group=sp_group,
-            dp_group=dp_group,
-        )
-    return ParallelContext(
+    ctx = ParallelContext(
         world_size=world,
         rank=rank,
         sp_size=dims.sp,
         sp_rank=sp_rank,
         dp_size=dims.dp,
         dp_rank=dp_rank,
-        sp_group=sp_group,
-        dp_group=dp_group,
-        cfg_size=cfg,
-        cfg_rank=cfg_rank,
-        cfg_group=_new_group_along(dims, (1,), rank),
-        video_group=_new_group_along(dims, (1, 2), rank),
+        sp_group=_new_group_along(dims, (2,), rank),
+        dp_group=_new_group_along(dims, (0,), rank),
     )
+    if cfg > 1:  # the CFG pair, and the video group (cfg x sp) it belongs to
+        ctx.cfg_size, ctx.cfg_rank = cfg, cfg_rank
+        ctx.cfg_group = _new_group_along(dims, (1,), rank)
+        ctx.video_group = _new_group_along(dims, (1, 2), rank)
+    return ctx
 
 
 def close_parallel(exit_code: int = 0) -> None:
