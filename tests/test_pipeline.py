@@ -220,7 +220,7 @@ FOUR = [*PROMPTS, "a small yellow square moving down on a dark background"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["duca", "toca", "toca:random_frame", "teacache", "fbcache", "none"])
+@pytest.mark.parametrize("method", ["duca", "toca", "toca:random_frame", "teacache", "fbcache", "auto", "none"])
 def test_same_seed_same_video_in_any_batch(tmp_path, method):
     # With caching on, token selection is random: each video must draw it from its own seed, not from its
     # row in the batch (batch 4 puts the fourth prompt on row 3, batch 1 on row 0).

@@ -18,6 +18,7 @@ method's config class is exported here.
 
 from .compile import compile_blocks, prepare_compile
 from .config import CacheConfig, make_config
+from .methods.auto import AutoConfig
 from .methods.easycache import EasyCacheConfig
 from .methods.fastercache import FasterCacheConfig
 from .methods.fbcache import FirstBlockCacheConfig
@@ -45,6 +46,7 @@ __all__ = [
     "METHODS",
     "PRESETS",
     "AggressiveConfig",
+    "AutoConfig",
     "CacheConfig",
     "CacheController",
     "CachePolicy",

@@ -115,6 +115,15 @@ class CacheConfig:
         the video's identity); empty for a method that computes the same video on any layout."""
         return {}
 
+    def input_digests(self) -> dict[str, str]:
+        """Digests of the files this method reads that change the video (e.g. a calibration), by name: part of
+        the video's identity, so a changed file is another video; empty for a method that reads none."""
+        return {}
+
+    def summary_lines(self, num_steps: int) -> list[str]:
+        """Lines the summary shows before the steps (e.g. how a solved schedule spends its budget)."""
+        return []
+
     def make_policy(self, sample: Any) -> Any:
         """The per-sample policy that carries this method out (see `duca_video.cache.policy`)."""
         raise NotImplementedError(f"cache method {self.method!r} has no policy")

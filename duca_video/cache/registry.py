@@ -11,7 +11,18 @@ from typing import Any
 
 from .config import CacheConfig
 
-METHOD_MODULES = ("none", "token", "pab", "teacache", "taylorseer", "fbcache", "magcache", "fastercache", "easycache")
+METHOD_MODULES = (
+    "none",
+    "token",
+    "pab",
+    "teacache",
+    "taylorseer",
+    "fbcache",
+    "magcache",
+    "fastercache",
+    "easycache",
+    "auto",
+)
 
 METHODS: dict[str, type[CacheConfig]] = {}
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {}

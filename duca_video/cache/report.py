@@ -14,7 +14,10 @@ def summary_text(config: CacheConfig, history: list[dict[str, Any]], cache_bytes
     """What each step did (C = computed, R = reused, P = partly recomputed; for attn / cross / mlp of the
     spatial and temporal blocks) and the share of tokens recomputed per module."""
     header = f"{'step':>4} {'t':>8}  {'kind':<12} {'spatial':<8} {'temporal':<8} recomputed (attn/cross/mlp)"
-    lines = [f"cache method {config.method}: {config.to_dict()}", header]
+    lines = [f"cache method {config.method}: {config.to_dict()}"]
+    if history:
+        lines += config.summary_lines(len(history))
+    lines.append(header)
     counts: dict[str, int] = {}
     for h in history:
         record = StepRecord.parse(h["kind"])

@@ -56,6 +56,9 @@ class VideoIdentity:
         )
         # A method whose video depends on the parallel layout says how (absent for every other method, so
         # their records stay valid on any number of GPUs).
+        inputs = config.input_digests()  # e.g. a calibration file: a changed file makes another video
+        if inputs:
+            self.common["method_inputs"] = canonical(inputs)
         layout = config.layout_identity(cfg_parallel=cfg.cfg_parallel)
         if layout:
             self.common["layout"] = canonical(layout)

@@ -15,7 +15,8 @@ from duca_video.parallel.launch import init_parallel
 from duca_video.parallel.sequence import disable_sequence_parallel, parallelize_stdit3
 from tests.dist.sp_worker import inputs, sample, spy_collectives, tiny_model
 
-METHODS = {"none": {}, "duca": {}, "toca": {}, "teacache": {"threshold": 0.3}, "taylorseer": {"interval": 3}}
+METHODS = {"none": {}, "duca": {}, "toca": {}, "teacache": {"threshold": 0.3}, "taylorseer": {"interval": 3},
+           "auto": {"schedule": "FFCRAMFCAR"}}
 
 
 def main(out_dir: str, sp_size: int) -> None:
