@@ -17,7 +17,7 @@ from tests.helpers import NAMES, latent, mp4_times, record, run_tiny, sample, ti
         ("taylorseer", {"interval": 3}),
         ("toca", {"selector": "random", "age_bonus": 0.5}),
         ("pab", {}),
-        ("auto", {"schedule": "FFCRAMFCA"}),
+        ("auto", {"schedule": "FFCRAMSTA"}),
     ],
 )
 def test_offloaded_cache_gives_the_resident_result_with_two_blocks_on_the_device(method, extra):

@@ -31,7 +31,7 @@ from tests.helpers import (
 def synthetic(n: int, seed: int, patterns=("A", "R", "C"), span: int = 4) -> Calibration:
     rng = random.Random(seed)
     errors = {p: [[0.0] + [rng.uniform(0.01, 1.0) * m for m in range(1, span)] for _ in range(n)] for p in patterns}
-    costs = {"F": 1.0, "C": 0.3, "M": 0.05, "A": 0.01, "R": 0.01}
+    costs = {"F": 1.0, "C": 0.3, "M": 0.05, "A": 0.01, "R": 0.01, "S": 0.5, "T": 0.5}
     gain = [rng.uniform(0.2, 1.5) for _ in range(n + 1)]
     return Calibration(n, costs, errors, gain, 0.15, "synthetic", "synthetic")
 
@@ -68,7 +68,7 @@ def test_the_builtin_open_sora_calibration_keeps_the_first_fifth_and_uses_full_a
 @pytest.mark.parametrize(
     "opts, words",
     [
-        ({"schedule": "FXF"}, ["schedule", "letters from FCMAR"]),
+        ({"schedule": "FXF"}, ["schedule", "letters from FCMARST"]),
         ({"schedule": "RFF"}, ["schedule", "starting with F"]),
         ({"speedup": 0.5}, ["speedup", "[1, 100]"]),
         ({"calibration": "/nonexistent/cal.json"}, ["no such file", "duca_video.cache.calibrate", BUILTIN]),
@@ -98,7 +98,7 @@ def test_a_schedule_of_full_steps_equals_none_bitwise(reference):
 
 
 def test_a_written_schedule_runs_letter_by_letter():
-    letters = "FFRRAFCMAF"
+    letters = "FFRRAFCMAS"
     cfg, models, jobs = load_tiny_batch("auto", f"schedule={letters}")
     blocks, seen = models.controller.blocks, []
     blocks[0].register_forward_pre_hook(lambda _m, args: seen.append({"in": args[0]}))
@@ -108,8 +108,10 @@ def test_a_written_schedule_runs_letter_by_letter():
     pipeline.generate(models, cfg, jobs, False)
     history = models.controller.history
     expected = {"F": "full", "C": "conservative", "M": "conservative", "A": "aggressive", "R": "aggressive"}
+    expected["S"] = "conservative"
     assert [h["kind"].split(":")[0] for h in history] == [expected[c] for c in letters]
     assert [h["spatial"] for h in history][6:8] == ["RRP", "RRR"]  # C: the MLP partly recomputed; M: all reused
+    assert (history[9]["spatial"], history[9]["temporal"]) == ("CCC", "RRR")  # S: spatial blocks only
     close = dict(atol=1e-5, rtol=1e-5)
     residual = seen[1]["out"] - seen[1]["in"]  # step 1, the last computed before the R steps
     for k in (2, 3):  # R: this step's input + that residual
@@ -119,7 +121,7 @@ def test_a_written_schedule_runs_letter_by_letter():
 
 
 def test_the_flop_count_replays_the_schedule():
-    _, models, _ = load_tiny_batch("auto", "schedule=FFRCAFMRFF", flops=True)
+    _, models, _ = load_tiny_batch("auto", "schedule=FFRCAFMRST", flops=True)
     decided, counted, count = counted_tiny_loop(models)
     assert count(decided) == counted > 0
 
@@ -136,7 +138,7 @@ def calibration(tmp_path_factory):
 def test_the_calibration_file_holds_the_error_model_and_its_check(calibration):
     data = json.loads(calibration.read_text())
     assert data["num_steps"] == TINY_STEPS and data["prompts"] == 2
-    assert set(data["errors"]) == {"A", "R", "C", "M", "CA", "CR"}
+    assert set(data["errors"]) == {"A", "R", "C", "M", "S", "T", "CA", "CR"}
     assert data["costs"]["F"] == 1.0 and 0 < data["costs"]["A"] < data["costs"]["C"] < 1
     row = data["errors"]["R"][2]
     assert row[0] == 0.0 and 0 < row[1] < row[2] < row[3]  # longer reuse, further from the uncached latent
@@ -237,7 +239,7 @@ def test_the_builtin_skip_cost_is_the_counted_one(tmp_path):
 
 def test_a_time_budget_uses_the_measured_step_times(calibration):
     data = json.loads(calibration.read_text())
-    assert data["times"]["F"] == 1.0 and all(0 < data["times"][c] < 1 for c in "CMAR"), data["times"]
+    assert data["times"]["F"] == 1.0 and all(0 < data["times"][c] < 1 for c in "CMARST"), data["times"]
     config = cache.make_config("auto", calibration=str(calibration), speedup=2.0, budget="time")
     letters = config.letters(TINY_STEPS)
     cal = config.loaded_calibration()

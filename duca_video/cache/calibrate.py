@@ -5,7 +5,7 @@
 
 For each batch of N prompts (flags as scripts/inference.py's; a testbed config draws balanced captions):
 1. the uncached sample runs through the real pipeline, and every step's model input is recorded;
-2. from the uncached latent at every step i, each pattern p (A, R, C, M, CA, CR) runs as a segment "F" + p p p ..
+2. from the uncached latent at every step i, each pattern p (A, R, C, M, S, T, CA, CR) runs as a segment "F" + p p p ..
    for up to `--max-span` steps through the real cache engine: the RMS distance of the latent to the uncached
    one after m of its steps is err[p][i][m];
 3. a deviation of the latent at step j (the one a single A step leaves) is carried to the end uncached: the
@@ -37,7 +37,7 @@ from .calibration_check import check_error_model
 from .methods.auto_solver import FORMAT, LETTERS
 from .methods.magcache_calibrate import _prompts
 
-PATTERNS = ("A", "R", "C", "M", "CA", "CR")
+PATTERNS = ("A", "R", "C", "M", "S", "T", "CA", "CR")
 PROG = "python -m duca_video.cache.calibrate"
 _COST_FORWARDS = 2 * (len(LETTERS) - 1) * 4  # letter_costs: steps 0 and 1, counted once and timed 3 times
 

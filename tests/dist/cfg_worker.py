@@ -16,7 +16,7 @@ from duca_video.parallel.sequence import disable_sequence_parallel, parallelize_
 from tests.dist.sp_worker import inputs, sample, spy_collectives, tiny_model
 
 METHODS = {"none": {}, "duca": {}, "toca": {}, "teacache": {"threshold": 0.3}, "taylorseer": {"interval": 3},
-           "auto": {"schedule": "FFCRAMFCAR"}}
+           "auto": {"schedule": "FFCRAMSFTR"}}
 
 
 def main(out_dir: str, sp_size: int) -> None:

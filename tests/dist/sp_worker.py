@@ -23,7 +23,7 @@ from tests.helpers import TINY_SPATIAL, TINY_TEMPORAL
 
 METHODS = {"none": {}, "duca": {}, "toca": {}, "fora": {}, "conservative": {}, "pab": {"threshold": (0.0, 2000.0)},
            "teacache": {"threshold": 0.3}, "taylorseer": {"interval": 3, "warmup_steps": 1, "order": 2},
-           "duca_forecast": {}, "auto": {"schedule": "FFCRAMFCAR"}}
+           "duca_forecast": {}, "auto": {"schedule": "FFCRAMSFTR"}}
 
 
 def tiny_model() -> STDiT3:

@@ -6,6 +6,7 @@ A schedule gives every step one letter:
   M  module reuse (FORA's): every module's cached output reused, the residual stream runs
   A  stack reuse (DuCa's aggressive step): the block stack's last computed output, whole
   R  residual reuse (TeaCache's / MagCache's skip): this step's stack input + the last computed stack residual
+  S  spatial blocks computed, temporal blocks' modules reused (T: the other way round): one block kind refreshed
 
 `schedule="FFRRC..."` runs that schedule as written. Otherwise the schedule is solved, when a sample starts,
 for `speedup` (in FLOPs of the sampling loop; with `budget="time"`, in the step times the calibration measured)
@@ -27,23 +28,31 @@ from torch import nn
 
 from ..config import MODULES, CacheConfig, check_field
 from ..policy import CachePolicy, Sample
-from ..schedule import Action, StepPlan, same_actions
+from ..schedule import Action, StepPlan
 from ..state import STACK
 from .auto_solver import BUILTIN, LETTERS, Calibration, load_calibration, magcache_calibration, solve
 
-_ACTIONS = {
-    "F": ("full", dict.fromkeys(MODULES, Action.COMPUTE)),
-    "C": ("conservative", {"attn": Action.REUSE, "cross": Action.REUSE, "mlp": Action.PARTIAL}),
-    "M": ("conservative", dict.fromkeys(MODULES, Action.REUSE)),
-    "A": ("aggressive", dict.fromkeys(MODULES, Action.REUSE)),
-    "R": ("aggressive", dict.fromkeys(MODULES, Action.REUSE)),
+_FULL, _REUSE = dict.fromkeys(MODULES, Action.COMPUTE), dict.fromkeys(MODULES, Action.REUSE)
+_PARTIAL = {"attn": Action.REUSE, "cross": Action.REUSE, "mlp": Action.PARTIAL}
+_ACTIONS = {  # letter -> (step kind, spatial blocks' module actions, temporal blocks')
+    "F": ("full", _FULL, _FULL),
+    "C": ("conservative", _PARTIAL, _PARTIAL),
+    "M": ("conservative", _REUSE, _REUSE),
+    "A": ("aggressive", _REUSE, _REUSE),
+    "R": ("aggressive", _REUSE, _REUSE),
+    "S": ("conservative", _FULL, _REUSE),
+    "T": ("conservative", _REUSE, _FULL),
 }
 _SLOTS = {"A": "output", "R": "residual"}  # the stack tensor a skipped step reads
 
 
 def plans_of(letters: str) -> list[StepPlan]:
     """The engine's step plans for a schedule written in letters."""
-    return [StepPlan(_ACTIONS[c][0], same_actions(_ACTIONS[c][1])) for c in letters]
+    plans = []
+    for c in letters:
+        kind, spatial, temporal = _ACTIONS[c]
+        plans.append(StepPlan(kind, {"spatial": dict(spatial), "temporal": dict(temporal)}))
+    return plans
 
 
 @dataclass

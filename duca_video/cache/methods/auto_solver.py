@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-LETTERS = "FCMAR"
+LETTERS = "FCMARST"
 BUILTIN = "opensora12-magcache"
 FORMAT = "duca-video auto calibration"
 _GRID = 1000  # budget units per full step
@@ -48,6 +48,7 @@ class Calibration:
     source: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     times: dict[str, float] | None = None  # each letter's time relative to a full step, where measured
+    units: str = "RMS distance of the final latent to the uncached one; an upper bound"
 
     @property
     def max_span(self) -> int:
@@ -160,9 +161,19 @@ def magcache_calibration(num_steps: int = 30) -> Calibration:
             error += abs(1.0 - scale)
             row.append(error if i + 1 >= first else math.inf)  # no skip before `first`
         rows.append(row)
-    costs = {"F": 1.0, "C": math.inf, "M": math.inf, "A": math.inf, "R": _OPEN_SORA_12_SKIP_COST}
+    costs = {c: math.inf for c in LETTERS}
+    costs.update(F=1.0, R=_OPEN_SORA_12_SKIP_COST)
+    units = "MagCache's accumulated |1 - product of ratios| over the skipped steps"
     return Calibration(
-        num_steps, costs, {"R": rows}, [1.0] * (num_steps + 1), 0.15, BUILTIN, BUILTIN, {"model": "STDiT3-XL/2"}
+        num_steps,
+        costs,
+        {"R": rows},
+        [1.0] * (num_steps + 1),
+        0.15,
+        BUILTIN,
+        BUILTIN,
+        {"model": "STDiT3-XL/2"},
+        units=units,
     )
 
 
@@ -179,10 +190,11 @@ class Solved:
         """Where the budget went: the schedule, and the FLOPs and predicted error per letter."""
         n, cal = len(self.letters), self.calibration
         what = "FLOPs" if self.budget == "flops" else "time"
+        ident = "built in" if cal.digest == BUILTIN else f"sha256 {cal.digest[:12]}"
         lines = [
-            f"auto: solved for {self.speedup:g}x {what} from {cal.source} (sha256 {cal.digest[:12]}): {self.letters}",
+            f"auto: solved for {self.speedup:g}x {what} from {cal.source} ({ident}): {self.letters}",
             f"  FLOPs {self.cost:.2f} of {n} full steps ({n / self.cost:.2f}x); predicted error "
-            f"{self.predicted:.4g} (RMS of the latent; uncached = 0)",
+            f"{self.predicted:.4g} ({cal.units}; uncached = 0)",
         ]
         if cal.times is not None:
             lines.append(f"  time on the calibrating machine: {n / cal.cost(self.letters, 'time'):.2f}x")
