@@ -3,6 +3,8 @@
     python scripts/train_tiny.py --threads 2 --steps 4800 --time-limit-min 55      # fresh run (the shipped one)
     python scripts/train_tiny.py --resume                                           # continue the last run
     python scripts/train_tiny.py --export-only                                      # re-export from the checkpoint
+    python scripts/train_tiny.py --depth 28 --hidden 48 --heads 3 --no-bf16 --steps 2600 --time-limit-min 80 \
+        --out weights/tiny28                          # the deep testbed model: Open-Sora 1.2's 28 blocks, 8 MB
 
 The model is our STDiT3 (in_channels 3, pred_sigma False) trained with `RFlowSampler.training_loss` jointly
 with a `WordTextEncoder`; t is logit-normal, shifted towards noise (`--t-shift`), and the sampler's timestep

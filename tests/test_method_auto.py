@@ -246,3 +246,24 @@ def test_a_time_budget_uses_the_measured_step_times(calibration):
     assert cal.cost(letters, "time") <= TINY_STEPS / 2.0 + 1e-9
     with pytest.raises(ValueError, match="budget='time' needs measured times"):
         cache.make_config("auto", speedup=2.0, budget="time").letters(30)
+
+
+@pytest.mark.slow
+def test_four_videos_in_one_batch_equal_each_alone_with_every_letter(tmp_path):
+    """Batch invariance with token recomputation (C), block-kind (S / T) and skip (A / R) steps."""
+    from safetensors.torch import load_file
+
+    from duca_video import pipeline
+    from duca_video.configs import build_parser, load_config
+
+    prompts = [*TWO_PROMPTS, "a small green circle moving right on a light background"]
+    prompts.append("a small yellow square moving down on a dark background")
+    flags = ["--config", str(TINY_CONFIG), "--quiet", "--save-latents", "--num-sampling-steps", "8"]
+    flags += ["--prompt", *prompts, "--cache", "auto", "--cache-opt", "schedule=FFCRSATC"]
+    for name, batch in (("a", "4"), ("b", "1")):
+        argv = [*flags, "--save-dir", str(tmp_path / name), "--batch-size", batch]
+        pipeline.run(load_config(argv[1], build_parser().parse_args(argv)))
+    for i in range(4):
+        a = load_file(tmp_path / "a" / f"sample_{i:04d}.latent.safetensors")["latent"]
+        b = load_file(tmp_path / "b" / f"sample_{i:04d}.latent.safetensors")["latent"]
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
