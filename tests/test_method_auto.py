@@ -144,6 +144,9 @@ def test_the_calibration_file_holds_the_error_model_and_its_check(calibration):
     assert row[0] == 0.0 and 0 < row[1] < row[2] < row[3]  # longer reuse, further from the uncached latent
     check = data["check"]
     assert check["prompts"] == 2 and not set(check["prompt_texts"]) & set(data["prompt_texts"])  # held out
+    from duca_video.testbed.evaluate import balanced_prompts
+
+    assert not set(balanced_prompts(64, 0)) & {*data["prompt_texts"], *check["prompt_texts"]}  # the benchmark's
     assert -1 <= check["spearman"] <= 1 and len(check["rows"]) >= 10
     assert not calibration.with_name("auto.json.partial").exists()
 

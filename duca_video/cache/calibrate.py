@@ -3,7 +3,7 @@
     python -m duca_video.cache.calibrate --config configs/tiny.py --prompts 8 --held-out 8 \\
         --out weights/tiny/auto.json [any scripts/inference.py flag, e.g. --num-sampling-steps 30]
 
-For each batch of N prompts (flags as scripts/inference.py's; a testbed config draws balanced captions):
+For each batch of N prompts (flags as scripts/inference.py's; see `prompt_sets` for which prompts):
 1. the uncached sample runs through the real pipeline, and every step's model input is recorded;
 2. from the uncached latent at every step i, each pattern p (A, R, C, M, S, T, CA, CR) runs as a segment "F" + p p p ..
    for up to `--max-span` steps through the real cache engine: the RMS distance of the latent to the uncached
@@ -35,7 +35,6 @@ from ..sampling.events import SampleStart, StepStart
 from . import disable, enable
 from .calibration_check import check_error_model
 from .methods.auto_solver import FORMAT, LETTERS
-from .methods.magcache_calibrate import _prompts
 
 PATTERNS = ("A", "R", "C", "M", "S", "T", "CA", "CR")
 PROG = "python -m duca_video.cache.calibrate"
@@ -244,7 +243,32 @@ def _load_partial(path: Path, key: dict[str, Any]) -> list[dict[str, Any]]:
     return data["parts"] if data.get("key") == key else []
 
 
-def calibrate(argv: Sequence[str], count: int, held_out: int, span: int, out: str, prompt_seed: int) -> dict:
+_BENCHMARK_PROMPTS = 64  # scripts/benchmark.py's most (the first ones of the testbed's seeded caption order)
+
+
+def prompt_sets(cfg: Any, count: int, held_out: int) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """Calibration and check prompts, disjoint. --prompt / --prompt-path: the first `count`, then the next
+    `held_out`. A testbed config: the last `count` captions of the benchmark's seeded order, the `held_out` before
+    them; the benchmark takes the first ones, so neither set meets its prompts."""
+    from ..jobs import load_prompts
+    from ..testbed.evaluate import balanced_prompts
+
+    if cfg.prompt or cfg.prompt_path:
+        prompts = load_prompts(cfg)
+        if len(prompts) < count + held_out:
+            raise ValueError(f"{len(prompts)} prompt(s) given; --prompts {count} + --held-out {held_out} need more")
+        return prompts[:count], prompts[count : count + held_out]
+    if cfg.text_encoder.type != "word":
+        raise ValueError("pass --prompt-path FILE (or --prompt ...) with the prompts to calibrate on")
+    order = list(dict.fromkeys(balanced_prompts(4096, 0)))  # every caption once, in the benchmark's order
+    free = len(order) - _BENCHMARK_PROMPTS
+    if count + held_out > free:
+        raise ValueError(f"--prompts + --held-out can be at most {free} on the testbed (it has {len(order)} captions)")
+    tail = order[len(order) - count - held_out :]
+    return list(enumerate(tail[held_out:])), list(enumerate(tail[:held_out]))
+
+
+def calibrate(argv: Sequence[str], count: int, held_out: int, span: int, out: str) -> dict:
     """Everything the file holds (see the module doc); batches done are kept in OUT.partial as they finish."""
     from .. import pipeline
     from ..configs import config_from_args
@@ -254,11 +278,12 @@ def calibrate(argv: Sequence[str], count: int, held_out: int, span: int, out: st
 
     cfg, _ = config_from_args([*argv, "--cache", "none"])
     cfg.count_flops = False
-    jobs = [j for b in plan_batches(cfg, _prompts(cfg, count, prompt_seed)) for j in b]
+    prompts, check_prompts = prompt_sets(cfg, count, held_out)
+    jobs = [j for b in plan_batches(cfg, prompts) for j in b]
     models = pipeline.load_models(cfg, resolve_weights(cfg), resolve_device(cfg.device))
     batches = list(batch_jobs(jobs, cfg.batch_size))
     n = cfg.scheduler.num_sampling_steps
-    partial, key = Path(out + ".partial"), {"argv": list(argv), "prompts": count, "span": span, "seed": prompt_seed}
+    partial, key = Path(out + ".partial"), {"argv": list(argv), "prompts": count, "span": span}
     parts = _load_partial(partial, key)
     bar = tqdm(total=len(batches) * (forwards_per_batch(n, span) - n - _COST_FORWARDS), desc="calibrate")
     bar.update(len(parts) * bar.total // max(1, len(batches)))
@@ -284,7 +309,7 @@ def calibrate(argv: Sequence[str], count: int, held_out: int, span: int, out: st
         "made_by": f"{PROG} --prompts {count} --held-out {held_out} --max-span {span} " + " ".join(argv),
     }
     if held_out:
-        data["check"] = check_error_model(data, models, cfg, held_out, prompt_seed + 7919)
+        data["check"] = check_error_model(data, models, cfg, check_prompts)
     return data
 
 
@@ -297,13 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--held-out", type=int, default=0, help="other prompts to check the error model on (default 0)")
     p.add_argument("--max-span", type=positive_int, default=10, help="longest segment, in steps (default 10)")
     p.add_argument("--out", required=True, help="JSON file to write (atomically; its folder must exist)")
-    p.add_argument("--prompt-seed", type=int, default=2000, help="testbed configs: seed of the captions drawn")
     args, rest = p.parse_known_args(argv)
     p.check(output_file, args.out, "--out")
     if args.held_out < 0 or args.max_span < 2:
         p.error("--held-out must be >= 0 and --max-span >= 2")
     try:
-        data = calibrate(rest, args.prompts, args.held_out, args.max_span, args.out, args.prompt_seed)
+        data = calibrate(rest, args.prompts, args.held_out, args.max_span, args.out)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

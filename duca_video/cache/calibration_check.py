@@ -67,17 +67,16 @@ def _schedules(cal: Calibration) -> list[tuple[str, str]]:
     return out
 
 
-def check_error_model(data: dict[str, Any], models: Any, cfg: Any, count: int, prompt_seed: int) -> dict[str, Any]:
-    """Run every schedule on `count` held-out prompts; compare with the prediction."""
+def check_error_model(data: dict[str, Any], models: Any, cfg: Any, prompts: list[tuple[int, str]]) -> dict[str, Any]:
+    """Run every schedule on the held-out `prompts`; compare with the prediction."""
     from .. import pipeline
     from ..jobs import batch_jobs, plan_batches
     from .calibrate import Trajectory, rms, run_schedule
-    from .methods.magcache_calibrate import _prompts
 
     cal = calibration_of(data)
     schedules = _schedules(cal)
     sums = [0.0] * len(schedules)
-    jobs = [j for b in plan_batches(cfg, _prompts(cfg, count, prompt_seed)) for j in b]
+    jobs = [j for b in plan_batches(cfg, prompts) for j in b]
     for batch in batch_jobs(jobs, cfg.batch_size):
         traj = Trajectory(models.model, cfg.scheduler.cfg_scale, len(batch))
         traj.record(lambda batch=batch: pipeline.generate(models, cfg, batch, progress=False))
