@@ -30,6 +30,7 @@ from duca_video.configs.loader import load_config
 from duca_video.configs.preflight import InputError, resolve_device
 from duca_video.metrics.benchmark import BenchSetup, compare, format_table
 from duca_video.metrics.flops import video_latent_shape
+from duca_video.metrics.pareto import format_margins, front_margins
 from duca_video.metrics.plot import speedup_fidelity_plot
 from duca_video.models import STDiT3, STDiT3Config
 
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results, run = open_sora(cfg, args, methods)
     print(format_table(results))
+    if any(m.partition("[")[0] == "auto" for m in results) and all(r.get("psnr_vs_none") for r in results.values()):
+        print("\n`auto` against the fixed variants at equal or lower FLOPs:")
+        print(format_margins(front_margins(results, "auto")))
     write_json(args.json, {"config": run, "methods": results})
     if args.plot:
         points = [

@@ -270,3 +270,18 @@ def test_four_videos_in_one_batch_equal_each_alone_with_every_letter(tmp_path):
         a = load_file(tmp_path / "a" / f"sample_{i:04d}.latent.safetensors")["latent"]
         b = load_file(tmp_path / "b" / f"sample_{i:04d}.latent.safetensors")["latent"]
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_the_front_margin_compares_with_fixed_variants_at_equal_or_lower_flops():
+    from duca_video.metrics.pareto import format_margins, front_margins
+
+    def r(speedup, psnr, ssim=0.9):
+        return {"flops_speedup": speedup, "psnr_vs_none": psnr, "ssim_vs_none": ssim, "latency_speedup": speedup}
+
+    results = {"none": r(1.0, math.inf, 1.0), "a": r(2.4, 45.0), "b": r(2.6, 38.0), "c": r(3.5, 30.0)}
+    results.update({"auto[speedup=2.5]": r(2.5, 40.0), "auto[speedup=4]": r(4.0, 33.0)})
+    rows = {row["variant"]: row for row in front_margins(results, "auto")}
+    assert rows["auto[speedup=2.5]"]["front_variant"] == "b"  # a is faster in PSNR but slower in FLOPs
+    assert rows["auto[speedup=4]"]["front_psnr"] is None
+    table = format_margins(list(rows.values()))
+    assert "+2.00 dB" in table and "none that fast" in table
