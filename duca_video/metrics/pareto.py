@@ -49,12 +49,17 @@ def format_margins(rows: list[dict[str, Any]]) -> str:
         if r["front_psnr"] is None:
             front, margin, ssim = "none that fast", "-", f"{r['ssim']:.4f} / -"
         else:
-            front = r["front_variant"]
+            front = _cell(r["front_variant"])
             margin = "inf" if math.isinf(r["psnr"]) else f"{r['psnr'] - r['front_psnr']:+.2f} dB"
             ssim = f"{r['ssim']:.4f} / {r['front_ssim']:.4f}"
         psnr_front = "-" if r["front_psnr"] is None else f"{r['front_psnr']:.2f}"
         lines.append(
-            f"| {r['variant']} | {r['flops_speedup']:.2f}x | {ratio} | {r['psnr']:.2f} | {front} | {psnr_front} "
+            f"| {_cell(r['variant'])} | {r['flops_speedup']:.2f}x | {ratio} | {r['psnr']:.2f} | {front} | {psnr_front} "
             f"| {margin} | {ssim} |"
         )
     return "\n".join(lines)
+
+
+def _cell(variant: str) -> str:
+    """A variant name in a markdown table cell: its list settings' "|" escaped (a column bar otherwise)."""
+    return variant.replace("|", "\\|")
