@@ -115,6 +115,11 @@ class CacheConfig:
         the video's identity); empty for a method that computes the same video on any layout."""
         return {}
 
+    def unseen_bytes(self, rows: int, tokens: int, hidden: int, itemsize: int) -> int | None:
+        """Bytes this method holds between steps that a meta-device run (every step replayed as full) does not
+        store: 0 for a static method; None when a meta run cannot follow its storage (its decisions need data)."""
+        return None if self.data_dependent else 0
+
     def input_digests(self) -> dict[str, str]:
         """Digests of the files this method reads that change the video (e.g. a calibration), by name: part of
         the video's identity, so a changed file is another video; empty for a method that reads none."""

@@ -39,20 +39,12 @@ from ..sampling.events import register_listener, unregister_listener
 from .benchmark import BenchSetup, make_inputs
 from .flops import video_latent_shape
 
-# The methods whose storage a meta run can follow (the data-dependent First-Block Cache stores on decisions a
-# meta tensor cannot make; TeaCache's storage does not depend on them, see loop_memory).
-METHODS = (
-    "none",
-    "duca",
-    "duca_forecast",
-    "toca",
-    "fora",
-    "pab",
-    "teacache",
-    "aggressive",
-    "taylorseer",
-    "magcache",
-    "fastercache",
+# The methods whose storage a meta run can follow (`CacheConfig.unseen_bytes` is not None): every static method
+# and TeaCache, from the registry; `steps` holds nothing (its memory is `none`'s).
+METHODS = tuple(
+    m
+    for m, cls in cache_lib.METHODS.items()
+    if m != "steps" and cache_lib.make_config(m).unseen_bytes(1, 1, 1, 1) is not None
 )
 RESOLUTIONS = {"480p": (480, 854), "720p": (720, 1280)}
 SIZES = ("480p:51", "480p:102", "480p:408", "720p:51", "720p:102", "720p:408")  # 2 s, 4 s, 16 s at 24 fps
@@ -159,12 +151,18 @@ def loop_memory(setup: BenchSetup, method: str, dtype: torch.dtype = torch.bfloa
     """Bytes of one sampling loop on meta: weights, inputs, loop peak (with / without cache), cache peak, the
     largest one-block cache holding."""
     config = setup.method_config(method)
-    tea = isinstance(config, cache_lib.TeaCacheConfig)
+    t, h, w = setup.latent_shape
+    pt, ph, pw = setup.model.patch_size
+    tokens = -(-t // pt) * -(-h // ph) * -(-w // pw)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    extra = config.unseen_bytes(2 * setup.batch, tokens, setup.model.hidden_size, itemsize)
+    if extra is None:
+        raise ValueError(f"memory: {method!r} decides from the data; a meta run cannot follow its storage")
     with torch.device("meta"):
         model = STDiT3(setup.model).eval().to(dtype)
     weights = sum(_nbytes(t) for t in (*model.parameters(), *model.buffers()))
     controller = cache_lib.enable(model, config)
-    if tea:  # meta tensors carry no signal: replay all-full steps (the residual is stored at each of them)
+    if config.data_dependent:  # meta tensors carry no signal: replay all-full steps
         controller.replay_kinds = ["full"] * setup.num_steps
     blocks = _BlockPeak(controller)
     register_listener(model, blocks)
@@ -191,13 +189,6 @@ def loop_memory(setup: BenchSetup, method: str, dtype: torch.dtype = torch.bfloa
         F.scaled_dot_product_attention = original
         unregister_listener(model, blocks)
         cache_lib.disable(model)
-    extra = 0
-    if tea:  # the modulated input of the first block, (rows, T*S, C) in the model dtype, held between steps
-        t, h, w = setup.latent_shape
-        _, ph, pw = setup.model.patch_size
-        rows = 2 * setup.batch
-        extra = rows * -(-t // setup.model.patch_size[0]) * -(-h // ph) * -(-w // pw) * setup.model.hidden_size
-        extra *= torch.empty((), dtype=dtype).element_size()
     return {
         "weights": weights,
         "inputs": held,

@@ -43,6 +43,11 @@ class TeaCacheConfig(CacheConfig):
             len(self.coefficients) >= 1, self.method, "coefficients", "a non-empty polynomial", self.coefficients
         )
 
+    def unseen_bytes(self, rows: int, tokens: int, hidden: int, itemsize: int) -> int | None:
+        # Replayed as full on meta, every step stores the stack residual (as a computed step does); what a meta
+        # run cannot store is the signal's state: the first block's modulated input, (rows, tokens, C).
+        return rows * tokens * hidden * itemsize
+
     def make_policy(self, sample: Sample) -> TeaCachePolicy:
         return TeaCachePolicy(self, sample)
 
