@@ -66,13 +66,17 @@ class Calibration:
             return None
         total, starts = 0.0, [i for i, c in enumerate(letters) if c == "F"]
         for i, j in zip(starts, [*starts[1:], len(letters)]):
-            inner = letters[i + 1 : j]
-            pattern = next((p for p in self.errors if inner == (p * len(inner))[: len(inner)]), None)
-            err = None if pattern is None else self.segment_error(pattern, i, len(inner))
+            err = self.predict_segment(letters[i:j], i)
             if err is None:
                 return None
             total += err
         return total
+
+    def predict_segment(self, part: str, start: int) -> float | None:
+        """The predicted error of one segment: "F" + a pattern's letters, starting at step `start`."""
+        inner = part[1:]
+        pattern = next((p for p in self.errors if inner == (p * len(inner))[: len(inner)]), None)
+        return None if pattern is None else self.segment_error(pattern, start, len(inner))
 
     def cost(self, letters: str, budget: str = "flops") -> float:
         return sum(self.prices(budget)[c] for c in letters)
@@ -203,7 +207,18 @@ class Solved:
             if count:
                 share = 100 * count * cal.costs[c] / self.cost
                 lines.append(f"  {c}: {count:>2} steps, {share:5.1f}% of the FLOPs")
+        lines.append("  steps    letters      FLOPs  predicted error")
+        for start, end in self.segments():
+            part = self.letters[start:end]
+            err = cal.predict_segment(part, start)
+            shown = "-" if err is None else f"{err:.4g}"
+            lines.append(f"  {start:>2}-{end - 1:<2}    {part:<12} {cal.cost(part):5.2f}  {shown}")
         return lines
+
+    def segments(self) -> list[tuple[int, int]]:
+        """(first, end) of each run that starts with a full step."""
+        starts = [i for i, c in enumerate(self.letters) if c == "F"]
+        return list(zip(starts, [*starts[1:], len(self.letters)]))
 
 
 def _segments(cal: Calibration, n: int, budget: str) -> list[tuple[int, str, int, int, float]]:
