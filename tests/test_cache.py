@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from duca_video import cache
-from duca_video.cache import selection as sel
+from duca_video.cache.methods.token import selection as sel
 from duca_video.cache.schedule import schedule_table
 from tests.helpers import sample, tiny_model
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from duca_video import cache
-from duca_video.cache import selection as sel
+from duca_video.cache.methods.token import selection as sel
 from duca_video.sampling.events import register_listener, unregister_listener
 from tests.helpers import sample, tiny_model
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..models.stdit3 import block_modulation, block_self_attention, gate_tokens, modulate_tokens
-from . import selection as sel
-from .folding import rows_param, write_rows
+from .methods.token import selection as sel
+from .methods.token.folding import rows_param, write_rows
 from .schedule import Action
 
 # The projections whose outputs a selector reads (by Open-Sora's attribute names, ours and upstream's alike).

@@ -94,7 +94,7 @@ class CacheConfig:
     data_dependent: ClassVar[bool] = False
     # The policy wraps the whole model call (`CachePolicy.model_forward`), e.g. to run only one CFG half.
     wraps_model_forward: ClassVar[bool] = False
-    # The plan's module outputs are plain stored tensors, so a full step may fold them (see folding.py).
+    # The plan's module outputs are plain stored tensors, so a full step may fold them (see methods/token/folding.py).
     fold_ok: ClassVar[bool] = False
     # `update` reads the stored values on a full step too (TaylorSeer's differences): an offloaded cache
     # prefetches them for every step.

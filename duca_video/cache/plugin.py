@@ -23,16 +23,16 @@ from ..seeds import check_seed
 from .block import BlockMixin
 from .compile import keep_out_of_tracing
 from .config import SCORED_SELECTORS, CacheConfig, make_config
-from .folding import FoldingMixin
 from .follow import SampleFollower, SamplingSettings, settings_from
 from .methods.none import NoneConfig
+from .methods.token.drawing import SelectionMixin
+from .methods.token.folding import FoldingMixin
 from .policy import Sample
 from .records import StepRecord
 from .report import summary_text
 from .schedule import Action, StepPlan, build_schedule, schedule_table
 from .state import CacheState, OffloadedState
 from .structure import caption_rows, find_blocks
-from .tokens import SelectionMixin
 from .upstream import UpstreamLayout, localize_cross_attention, restore_cross_attention, upstream_sp_group
 
 _ATTR = "_duca_cache_controller"

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
-from ..models.layers import sinusoid
-from ..models.stdit3 import block_modulation, gate_tokens
+from duca_video.models.layers import sinusoid
+from duca_video.models.stdit3 import block_modulation, gate_tokens
+
+from ...schedule import Action
 from . import selection as sel
-from .schedule import Action
 
 
 def rows_param(p: torch.Tensor, idx: torch.Tensor, S: int) -> torch.Tensor:

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..parallel.sequence import layout_of
+from duca_video.parallel.sequence import layout_of
+
+from ...schedule import Action
 from . import selection as sel
 from .folding import count_rows
-from .schedule import Action
 
 PREDRAWN_SELECTORS = ("random", "random_frame")
 

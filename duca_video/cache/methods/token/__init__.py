@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import MODULES, SELECTORS, STEP_KINDS, CacheConfig, check_field
-from ..policy import CachePolicy, Sample
-from ..schedule import Action, StepPlan, same_actions
-from ..state import STACK
+from ...config import MODULES, SELECTORS, STEP_KINDS, CacheConfig, check_field
+from ...policy import CachePolicy, Sample
+from ...schedule import Action, StepPlan, same_actions
+from ...state import STACK
 
 
 @dataclass
