@@ -27,7 +27,7 @@ from .follow import SampleFollower, SamplingSettings, settings_from
 from .methods.none import NoneConfig
 from .methods.token.drawing import SelectionMixin
 from .methods.token.folding import FoldingMixin
-from .policy import Sample
+from .policy import Sample, StepState, TokenScratch
 from .records import StepRecord
 from .report import summary_text
 from .schedule import Action, StepPlan, build_schedule, schedule_table
@@ -227,7 +227,12 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         # What the device held of it: all of it, or with offload about two blocks' worth (and the stack tensors).
         self.device_cache_bytes = getattr(self.sample.store, "resident_peak_bytes", self.cache_bytes)
         self.sample.store.reset()
-        self.sample.stack_in, self.sample.drawn, self.sample.plan, self.sample.policy = None, None, None, None
+        self.sample.now, self.sample.tokens, self.sample.plan, self.sample.policy = (
+            StepState(),
+            TokenScratch(),
+            None,
+            None,
+        )
         self.last, self.sample = self.sample, None
 
     # -- the block --------------------------------------------------------------------------------------
@@ -238,25 +243,25 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         last = index == len(self.blocks) - 1
         if index == 0:
             self._start_stack(sample, block, x, y, mask, t, T, S)
-        if sample.skip_stack:
-            return sample.policy.reuse_stack(sample.stack_in, sample.pass_x) if last else x
-        rows = sample.compute_rows
+        if sample.now.skip_stack:
+            return sample.policy.reuse_stack(sample.now.stack_in, sample.now.pass_x) if last else x
+        rows = sample.now.compute_rows
         if rows is not None:  # some videos skip this step: the blocks run on the computing videos' rows only
             x = x.index_select(0, rows) if x.shape[0] == sample.rows else x
             y, mask = caption_rows(sample, y, mask)
             t, x_mask, t0 = (None if a is None else a.index_select(0, rows) for a in (t, x_mask, t0))
         out = self._run_held(sample.store, index, block, x, y, t, mask, x_mask, t0, T, S)
-        if index == 0 and not last and sample.compute_rows is None:
+        if index == 0 and not last and sample.now.compute_rows is None:
             decision = self._replayed(sample, after_first=True)
             if decision is None:
-                decision = sample.policy.after_first_block(sample.stack_in, out)
-            if self._apply(sample, decision, out, "first_block") and sample.compute_rows is not None:
-                return out.index_select(0, sample.compute_rows)
+                decision = sample.policy.after_first_block(sample.now.stack_in, out)
+            if self._apply(sample, decision, out, "first_block") and sample.now.compute_rows is not None:
+                return out.index_select(0, sample.now.compute_rows)
         elif last:
             if rows is not None:  # the skipped videos' rows, then the computed ones in their places
-                out = sample.policy.reuse_stack(sample.stack_in, sample.pass_x).index_copy(0, rows, out)
-            sample.policy.update_stack(sample.stack_in, out)
-            sample.stack_in = sample.pass_x = sample.compute_rows = None
+                out = sample.policy.reuse_stack(sample.now.stack_in, sample.now.pass_x).index_copy(0, rows, out)
+            sample.policy.update_stack(sample.now.stack_in, out)
+            sample.now = StepState()
         return out
 
     def _run_held(self, store: CacheState, index: int, block: nn.Module, *args: Any) -> torch.Tensor:
@@ -293,11 +298,10 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
     ) -> None:
         if self._layout is not None:  # upstream's split of this forward: S is this rank's share
             self._layout.set_local(S)
-        if sample.predraw_due:  # the sample's first forward: the token grid is known from now on
-            sample.predraw_due = False
+        if sample.tokens.predraw_due:  # the sample's first forward: the token grid is known from now on
+            sample.tokens.predraw_due = False
             self._predraw(x, T)
-        sample.stack_in = sample.pass_x = x
-        sample.compute_rows = None
+        sample.now = StepState(stack_in=x, pass_x=x)
         if isinstance(sample.store, OffloadedState):
             sample.store.release_all()
         # Per-video decisions need the captions row by row: ours are, upstream packs them into one sequence and
@@ -307,7 +311,6 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         decision = self._replayed(sample)
         if decision is None:
             decision = sample.policy.compute_stack(block, x, t)
-        sample.skip_stack = False
         if sample.history:
             sample.history[-1]["kind"] = sample.plan.kind
         self._apply(sample, decision, x, "aggressive")
@@ -320,14 +323,14 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
             videos = [True] * sample.videos
         if all(videos):
             return False
-        sample.pass_x = x
+        sample.now.pass_x = x
         if sample.history:
             sample.history[-1]["kind"] = StepRecord.skipped(skipped == "first_block", videos).label
         if not any(videos):
-            sample.skip_stack = True
+            sample.now.skip_stack = True
             return True
-        sample.compute_list = sample.rows_of([v for v, computes in enumerate(videos) if computes])
-        sample.compute_rows = torch.tensor(sample.compute_list, device=x.device)
+        sample.now.compute_list = sample.rows_of([v for v, computes in enumerate(videos) if computes])
+        sample.now.compute_rows = torch.tensor(sample.now.compute_list, device=x.device)
         return True
 
     # -- reporting -------------------------------------------------------------------------------------

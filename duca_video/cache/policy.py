@@ -35,22 +35,10 @@ from .state import STACK, CacheState
 
 
 @dataclass
-class Sample:
-    """Everything the cache holds for one sample (a batch denoised together, both CFG halves): made when the
-    sample starts, dropped when it ends."""
+class StepState:
+    """What the stack does at the current step, passed from block to block: made afresh when the step's first
+    block starts."""
 
-    timesteps: tuple[float, ...]
-    cfg: bool
-    rows: int  # model batch rows (CFG halves included)
-    seeds: tuple[int, ...]  # one per video
-    layout: Any = None  # the sequence-parallel token layout (None on one process)
-    row_group: Any = None  # CFG parallelism: the group holding the other CFG half's rows (None otherwise)
-    store: CacheState = field(default_factory=CacheState)  # or an OffloadedState (cache in host memory)
-    plans: list[StepPlan] = field(default_factory=list)
-    policy: CachePolicy | None = None
-    step: int = -1
-    plan: StepPlan | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
     skip_stack: bool = False  # this step skips the block stack
     stack_in: torch.Tensor | None = None  # the stack's input of this step
     # A step where some videos compute and the others skip: the computing rows (device indices), and the full
@@ -58,11 +46,42 @@ class Sample:
     compute_rows: torch.Tensor | None = None
     compute_list: list[int] = field(default_factory=list)  # the same rows as Python ints
     pass_x: torch.Tensor | None = None
-    per_video: bool = True  # rows can be sliced (False for upstream's packed captions: one decision per batch)
-    drawn: Any = None  # the pre-drawn random selections (tokens.DrawnSelection)
+
+
+@dataclass
+class TokenScratch:
+    """The token family's working state for one sample (`methods/token/`): its pre-drawn selections and the
+    folding's next timestep modulation."""
+
+    drawn: Any = None  # the pre-drawn random selections (drawing.DrawnSelection)
     picked: tuple[torch.Tensor, int] | None = None  # last pre-drawn indices handed out and their row count
     predraw_due: bool = True  # the first forward draws
     next_t_mlp: tuple[int, torch.Tensor] | None = None  # folding: the next step's timestep modulation
+
+
+@dataclass
+class Sample:
+    """Everything the cache holds for one sample (a batch denoised together, both CFG halves): made when the
+    sample starts, dropped when it ends. Facts about the sample first, then where the engine is (plan, step,
+    store, policy), then `now` (this step), `tokens` (the token family's state) and the history."""
+
+    # -- facts ---------------------------------------------------------------------------------------------
+    timesteps: tuple[float, ...]
+    cfg: bool
+    rows: int  # model batch rows (CFG halves included)
+    seeds: tuple[int, ...]  # one per video
+    layout: Any = None  # the sequence-parallel token layout (None on one process)
+    row_group: Any = None  # CFG parallelism: the group holding the other CFG half's rows (None otherwise)
+    per_video: bool = True  # rows can be sliced (False for upstream's packed captions: one decision per batch)
+    # -- the engine ------------------------------------------------------------------------------------------
+    store: CacheState = field(default_factory=CacheState)  # or an OffloadedState (cache in host memory)
+    plans: list[StepPlan] = field(default_factory=list)
+    policy: CachePolicy | None = None
+    step: int = -1
+    plan: StepPlan | None = None
+    now: StepState = field(default_factory=StepState)
+    tokens: TokenScratch = field(default_factory=TokenScratch)
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def t(self) -> float:
@@ -153,7 +172,7 @@ class ResidualStackPolicy(CachePolicy):
         if not self.residual_needed():
             self.store.drop(STACK, "residual")
         else:
-            refresh_rows(self.store, "residual", out - stack_in, self.sample.compute_rows)
+            refresh_rows(self.store, "residual", out - stack_in, self.sample.now.compute_rows)
 
     def residual_needed(self) -> bool:
         """Whether a later step may skip (dynamic methods: unless this is the last step)."""
@@ -171,4 +190,4 @@ def refresh_rows(store: CacheState, name: str, value: torch.Tensor, rows: torch.
         held.index_copy_(0, rows, value.index_select(0, rows))
 
 
-__all__ = ["CachePolicy", "ResidualStackPolicy", "Sample", "refresh_rows"]
+__all__ = ["CachePolicy", "ResidualStackPolicy", "Sample", "StepState", "TokenScratch", "refresh_rows"]

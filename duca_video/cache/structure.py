@@ -29,10 +29,10 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
 def caption_rows(sample: Any, y: torch.Tensor, mask: Any) -> tuple[torch.Tensor, Any]:
     """The captions (and mask) of the rows that compute this step: rows of ours, or the pieces of upstream's
     packed caption sequence (1, sum of lengths, C), whose mask is each row's length."""
-    rows = sample.compute_rows
+    rows = sample.now.compute_rows
     if y.shape[0] == sample.rows:
         return y.index_select(0, rows), None if mask is None else mask.index_select(0, rows)
     lengths = [int(v) for v in mask]
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
-    pieces = [y[:, starts[i] : starts[i] + lengths[i]] for i in sample.compute_list]
-    return torch.cat(pieces, dim=1), [lengths[i] for i in sample.compute_list]
+    pieces = [y[:, starts[i] : starts[i] + lengths[i]] for i in sample.now.compute_list]
+    return torch.cat(pieces, dim=1), [lengths[i] for i in sample.now.compute_list]

@@ -125,8 +125,8 @@ class EasyCachePolicy(ResidualStackPolicy):
         if last_in is not None:  # the rate between this computed step and the last one, for the videos computed
             sums = _video_sums([out - last_out, stack_in - last_in], sample, out, "easycache_rate")
             self.pending.update(dict.fromkeys(self._computed_videos(), sums))
-        refresh_rows(store, "last_input", stack_in, sample.compute_rows)
-        refresh_rows(store, "last_output", out, sample.compute_rows)
+        refresh_rows(store, "last_input", stack_in, sample.now.compute_rows)
+        refresh_rows(store, "last_output", out, sample.now.compute_rows)
 
     def _read_rates(self) -> None:
         """k for every video with new sums: one host read per distinct tensor (usually one)."""
@@ -140,9 +140,9 @@ class EasyCachePolicy(ResidualStackPolicy):
 
     def _computed_videos(self) -> list[int]:
         sample = self.sample
-        if sample.compute_rows is None:
+        if sample.now.compute_rows is None:
             return list(range(sample.videos))
-        return sorted({r % sample.videos for r in sample.compute_list})
+        return sorted({r % sample.videos for r in sample.now.compute_list})
 
 
 METHODS = (EasyCacheConfig,)

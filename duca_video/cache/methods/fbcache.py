@@ -125,7 +125,7 @@ class FirstBlockCachePolicy(CachePolicy):
             rest = rest - first
         # else: a FLOP replay on meta, which takes the decisions from the recorded kinds and never calls
         # after_first_block; the values are never read there, only the shapes and the work.
-        refresh_rows(self.store, REST_RESIDUAL, rest, self.sample.compute_rows)
+        refresh_rows(self.store, REST_RESIDUAL, rest, self.sample.now.compute_rows)
 
 
 METHODS = (FirstBlockCacheConfig,)

@@ -84,7 +84,7 @@ class SelectionMixin:
 
     @property
     def _drawn(self) -> DrawnSelection | None:
-        return self.sample.drawn if self.sample is not None else None
+        return self.sample.tokens.drawn if self.sample is not None else None
 
     def _can_predraw(self) -> bool:
         cfg = self.config
@@ -96,7 +96,7 @@ class SelectionMixin:
 
     def _predraw(self, x: torch.Tensor, T: int) -> None:
         """At the sample's first forward: draw every (step, block) selection the schedule will read, copy once."""
-        self.sample.drawn = None
+        self.sample.tokens.drawn = None
         if self.plans is None or not self._can_predraw():
             return
         rows = x.shape[0]
@@ -121,9 +121,9 @@ class SelectionMixin:
                 where[key] = (at, r, w, offset + pad_at, count)
         host = torch.cat(chunks + pads)
         if x.device.type == "cuda":  # pinned memory lets the one copy run without blocking the host
-            self.sample.drawn = DrawnSelection(host.pin_memory().to(x.device, non_blocking=True), where)
+            self.sample.tokens.drawn = DrawnSelection(host.pin_memory().to(x.device, non_blocking=True), where)
         else:
-            self.sample.drawn = DrawnSelection(host.to(x.device), where)
+            self.sample.tokens.drawn = DrawnSelection(host.to(x.device), where)
 
     @staticmethod
     def _kind(block: nn.Module) -> str:
@@ -144,7 +144,7 @@ class SelectionMixin:
 
     def _rows_picked(self, idx: torch.Tensor, pad: torch.Tensor | None) -> int:
         """Tokens recomputed with `idx` (for the summary): known on the host for pre-drawn ones, no device read."""
-        picked = self.sample.picked
+        picked = self.sample.tokens.picked
         if picked is not None and picked[0] is idx:
             return picked[1]
         return count_rows(idx, pad)
@@ -159,7 +159,7 @@ class SelectionMixin:
         selectors read the sample's pre-drawn choice (`_predraw`); the code below is the draw at the step."""
         drawn = None if self._drawn is None else self._drawn.get((self.step if step is None else step, index))
         if drawn is not None:
-            self.sample.picked = (drawn[0], drawn[2])
+            self.sample.tokens.picked = (drawn[0], drawn[2])
             return drawn[0], drawn[1]
         cfg, sp = self.config, self.sp
         rows = x.shape[0]

@@ -70,12 +70,12 @@ class FoldingMixin:
         """The model's t_block output at the next step's timestep: the same ops the model will run then."""
         step = self.step + 1
         sample = self.sample
-        if sample.next_t_mlp is None or sample.next_t_mlp[0] != step:
+        if sample.tokens.next_t_mlp is None or sample.tokens.next_t_mlp[0] != step:
             embedder = self.model.t_embedder
             t = torch.full((rows,), self.timesteps[step], device=like.device).to(like.dtype)
             freq = sinusoid(t, embedder.frequency_embedding_size).to(like.dtype)
-            sample.next_t_mlp = (step, self.model.t_block(embedder.mlp(freq) + self._fps_emb))
-        return sample.next_t_mlp[1]
+            sample.tokens.next_t_mlp = (step, self.model.t_block(embedder.mlp(freq) + self._fps_emb))
+        return sample.tokens.next_t_mlp[1]
 
     def _store_folded(self, index, block, rows, attn, cross, mlp, T, S, x) -> None:
         _, _, gate_msa, _, _, gate_mlp = block_modulation(block, self._t_mlp_of_next_step(rows, attn))
