@@ -4,7 +4,7 @@
     python scripts/train_tiny.py --resume                                           # continue the last run
     python scripts/train_tiny.py --export-only                                      # re-export from the checkpoint
     python scripts/train_tiny.py --depth 28 --hidden 48 --heads 3 --no-bf16 --steps 2600 --time-limit-min 80 \
-        --out weights/tiny28                          # the deep testbed model: Open-Sora 1.2's 28 blocks, 8 MB
+        --out weights/tiny28             # Open-Sora 1.2's depth, 8 MB: not trained enough yet (docs/known-gaps.md)
 
 The model is our STDiT3 (in_channels 3, pred_sigma False) trained with `RFlowSampler.training_loss` jointly
 with a `WordTextEncoder`; t is logit-normal, shifted towards noise (`--t-shift`), and the sampler's timestep
