@@ -32,8 +32,18 @@ def speedup_fidelity_plot(
                 identical.append(p["method"])
                 continue
             family = _family(p["method"])
-            color = colors(families.index(family) % 20)
-            ax.scatter([x], [y], color=color, label=None if family in shown else family, zorder=3)
+            solved = family == "auto"  # schedules solved for a budget: black stars, the points to compare against
+            color = "black" if solved else colors(families.index(family) % 20)
+            label = None if family in shown else family
+            ax.scatter(
+                [x],
+                [y],
+                color=color,
+                label=label,
+                zorder=4 if solved else 3,
+                marker="*" if solved else "o",
+                s=90 if solved else None,
+            )
             shown.add(family)
             if settings := _settings(p["method"]):  # the variant's settings next to its point
                 ax.annotate(settings, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6, color=color)
@@ -66,6 +76,8 @@ def _settings(variant: str) -> str:
     parts = []
     for item in filter(None, inside.split(";")):
         key, _, value = item.partition("=")
+        if key == "calibration":  # auto's calibration file: one per model, named in the figure's caption
+            continue
         if "/" in value:  # a file: its name says enough
             key, value = key.removesuffix("_path"), "/".join(Path(value).parts[-2:])
         parts.append(f"{key}={value}")
