@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +27,8 @@ from tests.helpers import (
     inference_main,
     load_tiny_batch,
 )
+
+SHIPPED = Path(__file__).resolve().parents[1] / "weights" / "tiny" / "auto.json"  # the testbed's calibration
 
 
 def synthetic(n: int, seed: int, patterns=("A", "R", "C"), span: int = 4) -> Calibration:
@@ -285,3 +288,27 @@ def test_the_front_margin_compares_with_fixed_variants_at_equal_or_lower_flops()
     assert rows["auto[speedup=4]"]["front_psnr"] is None
     table = format_margins(list(rows.values()))
     assert "+2.00 dB" in table and "none that fast" in table
+
+
+@pytest.mark.parametrize(
+    "opts, words",
+    [
+        ([f"calibration={SHIPPED}", "speedup=2.5"], ["is for 30 steps, the run has 10"]),
+        (["schedule=FFF"], ["schedule has 3 letters for a run of 10 steps"]),
+    ],
+)
+def test_a_run_the_calibration_or_schedule_cannot_serve_stops_before_any_model_loads(tmp_path, capsys, opts, words):
+    argv = ["--config", str(TINY_CONFIG), "--save-dir", str(tmp_path), "--prompt", TWO_PROMPTS[0]]
+    argv += ["--num-sampling-steps", str(TINY_STEPS), "--cache", "auto"]
+    argv += [f"--cache-opt={o}" for o in opts]
+    assert inference_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and all(w in err for w in words) and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_speedup_out_of_reach_stops_before_any_model_loads(tmp_path, capsys):
+    argv = ["--config", str(TINY_CONFIG), "--save-dir", str(tmp_path), "--prompt", TWO_PROMPTS[0], "--cache", "auto"]
+    argv += [f"--cache-opt=calibration={SHIPPED}", "--cache-opt=speedup=40"]
+    assert inference_main(argv) == 2
+    assert "speedup=40 is out of reach" in capsys.readouterr().err

@@ -120,6 +120,10 @@ class CacheConfig:
         store: 0 for a static method; None when a meta run cannot follow its storage (its decisions need data)."""
         return None if self.data_dependent else 0
 
+    def check_run(self, num_steps: int) -> None:
+        """Raise ValueError when this method cannot run a loop of `num_steps` steps (checked before any model
+        loads; e.g. a calibration made for another step count)."""
+
     def input_digests(self) -> dict[str, str]:
         """Digests of the files this method reads that change the video (e.g. a calibration), by name: part of
         the video's identity, so a changed file is another video; empty for a method that reads none."""

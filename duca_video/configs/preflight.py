@@ -89,7 +89,12 @@ def check_cache_settings(cfg: InferenceConfig) -> None:
             config = make_config(cfg.cache.method, **cfg.cache.overrides)
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"cache: {exc}") from None
-        _check_fewer_steps(cfg, config.sampler_settings().get("num_sampling_steps"))
+        steps = config.sampler_settings().get("num_sampling_steps")
+        _check_fewer_steps(cfg, steps)
+        try:
+            config.check_run(steps or cfg.scheduler.num_sampling_steps)
+        except ValueError as exc:
+            raise ConfigError(f"cache: {exc}") from None
 
 
 def _check_fewer_steps(cfg: InferenceConfig, steps: int | None) -> None:

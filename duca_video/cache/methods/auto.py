@@ -111,6 +111,9 @@ class AutoConfig(CacheConfig):
             self._solved = solved
         return solved[num_steps].letters
 
+    def check_run(self, num_steps: int) -> None:
+        self.letters(num_steps)  # a wrong length, another step count or an out-of-reach target: ValueError
+
     def input_digests(self) -> dict[str, str]:
         cal = self.loaded_calibration()
         return {} if cal is None else {"calibration": cal.digest}
