@@ -47,8 +47,16 @@ log() { echo "[opensora12 py$VER $(date +%H:%M:%S)] $*"; }
 # to work at all when installed today (diffusers 0.27.2 imports huggingface_hub's cached_download, removed in
 # 0.26; torchvision 0.18's write_video fails on av >= 13; torch 2.3 was built against numpy 1).
 CONSTRAINTS=$REPO/scripts/envs/opensora12-constraints.txt
+NEEDED_GIB=6  # measured: 5.9 GiB for either Python version, most of it torch 2.3's CUDA libraries
 if [ ! -f "$ENV_DIR/.built" ]; then
   log "building $ENV_DIR with $PY"
+  mkdir -p "$(dirname "$ENV_DIR")"
+  FREE_GIB=$(df -Pk "$(dirname "$ENV_DIR")" | awk 'NR==2 {printf "%d", $4 / 1048576}')
+  if [ "$FREE_GIB" -lt "$NEEDED_GIB" ]; then
+    echo "error: $FREE_GIB GiB free under $(dirname "$ENV_DIR"); the environment needs about $NEEDED_GIB GiB" \
+      "(free space, or pass --env DIR on a larger disk)" >&2
+    exit 2
+  fi
   rm -rf "$ENV_DIR"
   "$PY" -m venv "$ENV_DIR"
   "$ENV_DIR/bin/python" -m pip install -q torch==2.3.0 torchvision==0.18.0 -c "$CONSTRAINTS"
