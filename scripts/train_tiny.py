@@ -47,12 +47,13 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from duca_video.models import STDiT3, STDiT3Config
 from duca_video.sampling.rflow import RFlowSampler, describe
 from duca_video.testbed.data import DataConfig, SyntheticVideos
+from duca_video.testbed.grow import grow_depth
 from duca_video.testbed.text import WordTextEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patch", type=int, nargs=3, default=(4, 2, 2))
     p.add_argument("--text-dim", type=int, default=64, help="word embedding size (caption_channels)")
     p.add_argument("--max-words", type=int, default=16, help="model_max_length")
+    p.add_argument(
+        "--grow-from",
+        type=Path,
+        default=None,
+        help="start from this exported shallower model (same width), its blocks repeated to --depth (testbed/grow.py)",
+    )
     # optimisation
     p.add_argument("--steps", type=int, default=4800)
     p.add_argument("--stop-at", type=int, default=None, help="pause at this step (the schedule still ends at --steps)")
@@ -116,6 +123,31 @@ def build(args: argparse.Namespace, data: DataConfig) -> tuple[STDiT3, WordTextE
         input_sq_size=4 * max(data.height, data.width),
     )
     return STDiT3(config), WordTextEncoder(output_dim=args.text_dim, model_max_length=args.max_words)
+
+
+def grow_into(model: STDiT3, text: WordTextEncoder, source: Path) -> None:
+    """Load a shallower exported model into `model`, its blocks repeated (duca_video.testbed.grow), and its word
+    encoder into `text`; any other difference of architecture is refused, naming the field."""
+    shallow = json.loads((source / "config.json").read_text())
+    mine = model.config.to_dict()
+    for field in ("hidden_size", "num_heads", "patch_size", "caption_channels", "model_max_length", "in_channels"):
+        if _as_list(shallow[field]) != _as_list(mine[field]):
+            raise SystemExit(f"--grow-from {source}: {field} is {shallow[field]} there, {mine[field]} here")
+    model.load_state_dict(grow_depth(load_file(str(source / "model.safetensors")), model.config.depth), strict=True)
+    text.load_state_dict(WordTextEncoder.from_pretrained(source).state_dict(), strict=True)
+    print(f"grown from {source}: {shallow['depth']} -> {model.config.depth} blocks")
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def grown_from(source: Path | None) -> dict[str, Any] | None:
+    """What config.json records of a warm start: the source's depth and how it was trained."""
+    if source is None:
+        return None
+    shallow = json.loads((source / "config.json").read_text())
+    return {"depth": shallow["depth"], "training": shallow.get("testbed", {}).get("training")}
 
 
 def lr_at(progress: float, step: int, args: argparse.Namespace) -> float:
@@ -227,6 +259,7 @@ def export(args: argparse.Namespace, ckpt: dict[str, Any], data: DataConfig, sam
             "bf16": args.bf16,
             "t_shift": args.t_shift,
             "cond_frame_prob": args.cond_frame_prob,
+            "grown_from": grown_from(args.grow_from),
         },
     }
     (args.out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
@@ -255,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--cond-frame-prob needs a temporal patch size of 1")
     torch.manual_seed(args.seed)
     model, text = build(args, data)
+    if args.grow_from is not None and not args.resume:
+        grow_into(model, text, args.grow_from)
     pair = torch.nn.ModuleDict({"model": model, "text": text}).train()
     params = [p for p in pair.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))

@@ -16,6 +16,7 @@ from duca_video.testbed import PixelVAE, WordTextEncoder
 from duca_video.testbed.adherence import CHANCE, adherence, color_accuracy, direction_accuracy, parse_caption
 from duca_video.testbed.data import DataConfig, SyntheticVideos
 from duca_video.testbed.grammar import vocabulary
+from duca_video.testbed.grow import RESIDUAL_OUTPUTS, grow_depth
 from duca_video.testbed.tiny import DEFAULT_TINY_DIR, load_tiny, read_tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,6 +201,63 @@ def test_train_script_resume_matches_an_uninterrupted_run(tmp_path):
     bed = load_tiny(tmp_path / "a")
     video = bed.generate(["a red circle moving up on a light background"], seeds=[0])
     assert video.shape == (1, 3, bed.data.num_frames, bed.data.height, bed.data.width)
+
+    # A deeper model started from this one (--grow-from): config.json says so; another width is refused by name.
+    deeper = [*common[2:], "--depth", "2", "--steps", "1", "--grow-from", str(tmp_path / "a")]
+    train.main([*deeper, "--out", str(tmp_path / "c")])
+    grown = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert grown["depth"] == 2 and grown["testbed"]["training"]["grown_from"]["depth"] == 1
+    with pytest.raises(SystemExit, match="hidden_size is 32 there, 16 here"):
+        train.main([*deeper, "--hidden", "16", "--out", str(tmp_path / "d")])
+
+
+def _tiny_stdit3(depth: int) -> STDiT3:
+    sizes = dict(hidden_size=32, num_heads=2, caption_channels=8, model_max_length=4, input_sq_size=16)
+    config = STDiT3Config(depth=depth, patch_size=(4, 2, 2), in_channels=3, pred_sigma=False, **sizes)
+    return STDiT3(config).eval()
+
+
+def test_grown_model_repeats_blocks_and_divides_their_residual_branches():
+    torch.manual_seed(0)
+    shallow = _tiny_stdit3(2).state_dict()
+    grown = grow_depth(shallow, 6)
+    deep = _tiny_stdit3(6)
+    deep.load_state_dict(grown, strict=True)  # every key of a 6-block model, nothing else
+    for i in range(6):
+        for kind in ("spatial_blocks", "temporal_blocks"):
+            src = f"{kind}.{i // 3}"
+            assert torch.equal(grown[f"{kind}.{i}.attn.qkv.weight"], shallow[f"{src}.attn.qkv.weight"])
+            assert torch.equal(grown[f"{kind}.{i}.scale_shift_table"], shallow[f"{src}.scale_shift_table"])
+            for out in ("attn.proj.weight", "cross_attn.proj.bias", "mlp.fc2.weight"):
+                assert torch.allclose(grown[f"{kind}.{i}.{out}"] * 3, shallow[f"{src}.{out}"])
+    assert torch.equal(grown["final_layer.linear.weight"], shallow["final_layer.linear.weight"])
+    with pytest.raises(ValueError, match="multiple of the source model's 2 blocks"):
+        grow_depth(shallow, 5)
+
+
+def test_grown_model_matches_its_source_to_first_order():
+    # With residual branches of size eps, the k copies of a block add up to it up to O(eps^2): the grown model's
+    # output is far closer to the source's than the branches' own contribution is.
+    torch.manual_seed(1)
+    shallow = _tiny_stdit3(2)
+    with torch.no_grad():
+        for name, p in shallow.named_parameters():
+            if "blocks" in name and any(f".{out}." in name for out in RESIDUAL_OUTPUTS):
+                p.mul_(1e-2)
+    deep = _tiny_stdit3(8)
+    deep.load_state_dict(grow_depth(shallow.state_dict(), 8))
+    identity = _tiny_stdit3(2)
+    branchless = {
+        k: v * 0 if any(f".{o}." in k for o in RESIDUAL_OUTPUTS) else v for k, v in shallow.state_dict().items()
+    }
+    identity.load_state_dict(branchless)
+    x = torch.randn(2, 3, 8, 8, 8)
+    kwargs = dict(timestep=torch.tensor([500.0, 900.0]), y=torch.randn(2, 1, 4, 8), mask=torch.ones(2, 4).long())
+    kwargs.update(fps=torch.tensor([8.0, 8.0]), height=torch.tensor([8.0, 8.0]), width=torch.tensor([8.0, 8.0]))
+    with torch.no_grad():
+        out, out_deep, out_id = (m(x, **kwargs) for m in (shallow, deep, identity))
+    branches, first_order = (out - out_id).norm(), (out_deep - out).norm()
+    assert first_order < 0.05 * branches, (float(first_order), float(branches))
 
 
 # ---------------------------------------------------------------------------------------------- shipped model
