@@ -55,21 +55,22 @@ class IndexMoveSpy:
 
 
 def _run(model, controller, predraw: bool):
-    controller.predraw = predraw
+    selector = controller.selector
+    selector.predraw = predraw
     picked = []
-    select = controller._select
+    select = selector.select
 
-    def recording(index, x, T, S, step=None):
-        idx, pad = select(index, x, T, S, step)
-        picked.append((controller.step if step is None else step, index, x.shape[0], T * S, idx.clone()))
+    def recording(sample_, index, x, T, S, step=None):
+        idx, pad = select(sample_, index, x, T, S, step)
+        picked.append((sample_.step if step is None else step, index, x.shape[0], T * S, idx.clone()))
         return idx, pad
 
-    controller._select = recording
+    selector.select = recording
     try:
         with IndexMoveSpy(model) as spy:
             out = sample(model, steps=STEPS, seed=3)
     finally:
-        del controller._select
+        del selector.select
     return out, spy.moves, picked
 
 

@@ -244,14 +244,14 @@ def test_batched_sampling_draws_each_videos_selection_from_its_own_seed():
     model = tiny_model()
     controller = cache.enable(model, "toca", selector="random")
     picks = []
-    original = controller._select
+    original = controller.selector.select
 
     def spy(*args, **kwargs):
         idx, pad = original(*args, **kwargs)
         picks.append(idx.clone())
         return idx, pad
 
-    controller._select = spy
+    controller.selector.select = spy
     sampler = RFlowSampler(num_sampling_steps=6, cfg_scale=2.0, use_timestep_transform=False)
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(3, 4, 3, 8, 10, generator=g), torch.randn(3, 1, 8, 32, generator=g)

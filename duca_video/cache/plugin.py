@@ -18,18 +18,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..parallel.sequence import layout_of
 from ..sampling.events import SampleStart, StepStart, register_listener, unregister_listener
 from ..seeds import check_seed
-from .block import BlockMixin
 from .compile import keep_out_of_tracing
-from .config import SCORED_SELECTORS, CacheConfig, make_config
+from .config import CacheConfig, make_config
 from .follow import SampleFollower, SamplingSettings, settings_from
 from .methods.none import NoneConfig
-from .methods.token.drawing import SelectionMixin
-from .methods.token.folding import FoldingMixin
+from .methods.token.drawing import Selector
+from .methods.token.folding import Folder
 from .policy import Sample, StepState, TokenScratch
 from .records import StepRecord
 from .report import summary_text
+from .runner import BlockCall, StepContext, run_block
 from .schedule import Action, StepPlan, build_schedule, schedule_table
 from .state import CacheState, OffloadedState
 from .structure import caption_rows, find_blocks
@@ -38,8 +39,9 @@ from .upstream import UpstreamLayout, localize_cross_attention, restore_cross_at
 _ATTR = "_duca_cache_controller"
 
 
-class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
-    """Listens to the sampler, makes one `Sample` (with the method's policy) per sample and runs every block."""
+class CacheController:
+    """Listens to the sampler, makes one `Sample` (with the method's policy) per sample and hands every block
+    to `runner.run_block` with the step's context."""
 
     def __init__(
         self,
@@ -56,12 +58,13 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         self.follower = SampleFollower(self, settings, seed)
         self.announced = False  # a sampler announced the sample in progress
         self._layout: UpstreamLayout | None = None  # upstream's sequence parallelism, when the model uses it
-        # Folding stores `gate_msa(t') * attn + cross + gate_mlp(t') * mlp` as one tensor for the single
-        # conservative step t' that reads it (plus the rows it recomputes), instead of three tensors.
-        self.fold = fold and all(hasattr(model, a) for a in ("fps_embedder", "t_embedder", "t_block"))
-        self._fps_emb: torch.Tensor | None = None  # this forward's fps embedding (folding needs it)
         self._hooks: list[Any] = []
         self.blocks = find_blocks(model)
+        # The token family's parts, for a method with a token selector: which tokens a partial recompute
+        # refreshes, and folding (one tensor per block for the single conservative step that reads it).
+        has_selector = getattr(config, "selector", None) is not None
+        self.selector = Selector(config, self.blocks) if has_selector else None
+        self.folder = Folder(config, model) if fold and Folder.possible(model, config) else None
         self.sample: Sample | None = None  # the sample in progress
         self.last: Sample | None = None  # the last finished one (its history; its tensors are freed)
         self.cache_bytes = 0  # peak bytes of the last finished (or current) sample
@@ -91,11 +94,10 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         self._hooks.append(self.model.register_forward_pre_hook(eager(self.follower.before), with_kwargs=True))
         self._hooks.append(self.model.register_forward_hook(eager(self.follower.after), with_kwargs=True))
         self._find_layout()
-        if self.fold:  # the fps embedding of this forward, to compute the next step's modulation
-            hook = self.model.fps_embedder.register_forward_hook(keep_out_of_tracing(self._keep_fps_embedding))
-            self._hooks.append(hook)
-        if getattr(self.config, "selector", None) in SCORED_SELECTORS:
-            self._hooks += self._install_capture()
+        if self.folder is not None:  # the fps embedding of each forward, for the next step's modulation
+            self._hooks.append(self.folder.install())
+        if self.selector is not None:  # scored selectors capture projections a full step computes anyway
+            self._hooks += self.selector.install(self.blocks)
         if self.config.wraps_model_forward:  # the policy sees the whole model call (e.g. a CFG cache)
             forward = self.model.forward
             self.model.forward = functools.wraps(forward)(functools.partial(self._model_forward, forward))
@@ -114,9 +116,6 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
             self.sample.store.reset()
         self.sample = None
 
-    def _keep_fps_embedding(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        self._fps_emb = output
-
     def _find_layout(self) -> None:
         group = upstream_sp_group(self.model)
         if group is None:
@@ -133,6 +132,12 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
         return self.sample.policy.model_forward(forward, args, kwargs)
 
     @property
+    def sp(self) -> Any:
+        """The sequence-parallel token layout when the tokens are split over more than one rank, else None."""
+        sp = self._layout if self._layout is not None else layout_of(self.model)
+        return sp if sp is not None and sp.size > 1 else None
+
+    @property
     def caches(self) -> bool:
         """Whether this method changes anything (`none` and `steps` leave every block as it is)."""
         return not isinstance(self.config, NoneConfig)
@@ -145,10 +150,6 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
     @property
     def state(self) -> CacheState:
         return self.sample.store if self.sample is not None else CacheState()
-
-    @property
-    def plans(self) -> list[StepPlan] | None:
-        return self.sample.plans if self.sample is not None else None
 
     @property
     def plan(self) -> StepPlan | None:
@@ -169,14 +170,6 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
     @property
     def seeds(self) -> tuple[int, ...]:
         return self._view.seeds if self._view is not None else ()
-
-    @property
-    def cfg(self) -> bool:
-        return self._view.cfg if self._view is not None else False
-
-    @property
-    def rows(self) -> int:
-        return self._view.rows if self._view is not None else 0
 
     # -- sampler events -------------------------------------------------------------------------------
     def on_sample_start(self, event: SampleStart) -> None:
@@ -250,7 +243,7 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
             x = x.index_select(0, rows) if x.shape[0] == sample.rows else x
             y, mask = caption_rows(sample, y, mask)
             t, x_mask, t0 = (None if a is None else a.index_select(0, rows) for a in (t, x_mask, t0))
-        out = self._run_held(sample.store, index, block, x, y, t, mask, x_mask, t0, T, S)
+        out = self._run_held(sample, index, block, BlockCall(x, y, t, mask, x_mask, t0, T, S))
         if index == 0 and not last and sample.now.compute_rows is None:
             decision = self._replayed(sample, after_first=True)
             if decision is None:
@@ -264,17 +257,19 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
             sample.now = StepState()
         return out
 
-    def _run_held(self, store: CacheState, index: int, block: nn.Module, *args: Any) -> torch.Tensor:
+    def _run_held(self, sample: Sample, index: int, block: nn.Module, call: BlockCall) -> torch.Tensor:
         """The block, with an offloaded cache's share of it on the device only while it runs; the next block's
         share is prefetched meanwhile, when this step reads it (the static plan says so)."""
+        ctx = StepContext.of(sample, self.selector, self.folder)
+        store = sample.store
         if not isinstance(store, OffloadedState):
-            return self._run_block(index, block, *args)
+            return run_block(ctx, index, block, call)
         store.enter(index)
         following = index + 1
         if following < len(self.blocks) and self._reads_cache(store, following):
             store.prefetch(following)
         try:
-            return self._run_block(index, block, *args)
+            return run_block(ctx, index, block, call)
         finally:
             store.release(index)
 
@@ -300,7 +295,8 @@ class CacheController(BlockMixin, FoldingMixin, SelectionMixin):
             self._layout.set_local(S)
         if sample.tokens.predraw_due:  # the sample's first forward: the token grid is known from now on
             sample.tokens.predraw_due = False
-            self._predraw(x, T)
+            if self.selector is not None:
+                self.selector.predraw_sample(sample, x, T)
         sample.now = StepState(stack_in=x, pass_x=x)
         if isinstance(sample.store, OffloadedState):
             sample.store.release_all()

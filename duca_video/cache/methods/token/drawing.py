@@ -1,7 +1,10 @@
 """Token selection for conservative steps: the scores a full step keeps, and the draw at the step that uses them.
 
-A mixin of CacheController (uses its config, state, plans, blocks, step, seeds, cfg and sp). Under sequence
-parallelism the choice is made over the whole grid, identically on every rank, and each rank keeps its own share.
+`Selector` is made once per cached model (by the controller, for a method with a selector) and is told the sample
+in each call: what it reads of it is the schedule (`plans`, `step`), the videos' seeds, whether the batch holds
+both CFG halves, the sequence-parallel layout, the store (scores, ages) and the family's scratch
+(`sample.tokens`). Under sequence parallelism the choice is made over the whole grid, identically on every rank,
+and each rank keeps its own share.
 
 The random selectors (`random`, `random_frame`) depend on (video seed, step, block) only, so the whole sample's
 choice is known once the token grid is: at the sample's first forward every (step, block) that recomputes tokens
@@ -13,16 +16,23 @@ step's data, so they still choose at the step itself, on the device.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from duca_video.parallel.sequence import layout_of
-
-from ...schedule import Action
+from ...config import SCORED_SELECTORS, CacheConfig
+from ...policy import Sample
+from ...schedule import Action, StepPlan
 from . import selection as sel
 from .folding import count_rows
+
+# The projections whose outputs a selector reads (by Open-Sora's attribute names, ours and upstream's alike).
+_CAPTURED = (("attn", "qkv", "qkv"), ("cross_attn", "q_linear", "q"), ("cross_attn", "kv_linear", "kv"))
 
 PREDRAWN_SELECTORS = ("random", "random_frame")
 
@@ -48,8 +58,55 @@ class DrawnSelection:
         return self.flat.numel() * self.flat.element_size()
 
 
-class SelectionMixin:
-    def _store_scores(self, index, block, grabbed, mask, T, S) -> None:
+class Selector:
+    """Chooses the tokens a partial recompute refreshes, for one cached model's method (`config.selector`)."""
+
+    predraw = True  # False: draw at each step (the behaviour before pre-drawing; the tests' reference)
+
+    def __init__(self, config: CacheConfig, blocks: list[nn.Module]) -> None:
+        self.config = config
+        self.kinds = ["temporal" if block.temporal else "spatial" for block in blocks]
+        self._grab: dict[str, torch.Tensor] | None = None  # where the capture hooks write, while a step captures
+        self._grab_keys: tuple[str, ...] = ()
+
+    # -- scores a full step captures for later conservative steps -------------------------------------------
+    def install(self, blocks: list[nn.Module]) -> list[Any]:
+        """Forward hooks, registered once (not per call: a compiled module would recompile), that keep a
+        projection's output while a full step computes it anyway, for a scored selector. They store only inside
+        `capturing`; an unscored selector needs none."""
+        if self.config.selector not in SCORED_SELECTORS:
+            return []
+        handles = []
+        for block in blocks:
+            for parent, name, key in _CAPTURED:
+                module = getattr(getattr(block, parent), name)
+                handles.append(module.register_forward_hook(functools.partial(self._grab_output, key)))
+        return handles
+
+    def _grab_output(self, key: str, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        if self._grab is not None and key in self._grab_keys:
+            self._grab[key] = output
+
+    @contextmanager
+    def capturing(self, sink: dict[str, torch.Tensor], *keys: str) -> Iterator[None]:
+        self._grab, self._grab_keys = sink, keys
+        try:
+            yield
+        finally:
+            self._grab, self._grab_keys = None, ()
+
+    def needs_scores(self, plan: StepPlan, kind: str) -> str | None:
+        """Which statistic this step must capture for later conservative steps: "qkv", "cross" or None."""
+        selector = self.config.selector
+        if not self.config.recompute:
+            return None
+        if selector in ("k_norm", "v_norm") and plan.action(kind, "attn") is Action.COMPUTE:
+            return "qkv"
+        if selector == "cross_entropy" and plan.action(kind, "cross") is Action.COMPUTE:
+            return "cross"
+        return None
+
+    def store_scores(self, sample: Sample, index: int, block: nn.Module, grabbed, mask, T: int, S: int) -> None:
         cfg = self.config
         if cfg.selector in ("k_norm", "v_norm"):
             qkv = grabbed["qkv"]  # (B*T, S, 3C) spatial or (B*S, T, 3C) temporal
@@ -71,42 +128,34 @@ class SelectionMixin:
                 key_mask = key_mask.bool()
             scores = sel.attention_entropy(q, keys, key_mask, getattr(block.cross_attn, "num_heads", 1))
         scores = scores.float()
-        if self.sp:  # selection looks at the whole grid: every rank gets every token's score
-            scores = self.sp.gather_scores(scores, T)
-        self.state.put(index, "scores", scores)
+        sp = _sp(sample)
+        if sp:  # selection looks at the whole grid: every rank gets every token's score
+            scores = sp.gather_scores(scores, T)
+        sample.store.put(index, "scores", scores)
 
-    @property
-    def sp(self):
-        sp = self._layout if self._layout is not None else layout_of(self.model)
-        return sp if sp is not None and sp.size > 1 else None
-
-    predraw = True  # False: draw at each step (the behaviour before pre-drawing; the tests' reference)
-
-    @property
-    def _drawn(self) -> DrawnSelection | None:
-        return self.sample.tokens.drawn if self.sample is not None else None
-
+    # -- the draw ----------------------------------------------------------------------------------------------
     def _can_predraw(self) -> bool:
         cfg = self.config
         return (
             self.predraw
-            and getattr(cfg, "selector", None) in PREDRAWN_SELECTORS
+            and cfg.selector in PREDRAWN_SELECTORS
             and cfg.age_bonus == 0  # the age term makes each choice depend on the previous ones, held on the device
         )
 
-    def _predraw(self, x: torch.Tensor, T: int) -> None:
+    def predraw_sample(self, sample: Sample, x: torch.Tensor, T: int) -> None:
         """At the sample's first forward: draw every (step, block) selection the schedule will read, copy once."""
-        self.sample.tokens.drawn = None
-        if self.plans is None or not self._can_predraw():
+        sample.tokens.drawn = None
+        if not sample.plans or not self._can_predraw():
             return
+        sp = _sp(sample)
         rows = x.shape[0]
-        n = T * self.sp.s_global if self.sp else x.shape[1]
+        n = T * sp.s_global if sp else x.shape[1]
         chunks, pads, where, offset = [], [], {}, 0
-        for step, plan in enumerate(self.plans):
-            for index, block in enumerate(self.blocks):
-                if plan.kind == "aggressive" or Action.PARTIAL not in plan.actions[self._kind(block)].values():
+        for step, plan in enumerate(sample.plans):
+            for index, kind in enumerate(self.kinds):
+                if plan.kind == "aggressive" or Action.PARTIAL not in plan.actions[kind].values():
                     continue
-                idx, pad = self._draw_on_cpu(index, rows, T, n, step)
+                idx, pad = self._draw_on_cpu(sample, index, rows, T, n, step)
                 pad_at = None
                 if pad is not None:  # only under sequence parallelism; placed after all the indices below
                     pad_at = sum(p.numel() for p in pads)
@@ -121,79 +170,87 @@ class SelectionMixin:
                 where[key] = (at, r, w, offset + pad_at, count)
         host = torch.cat(chunks + pads)
         if x.device.type == "cuda":  # pinned memory lets the one copy run without blocking the host
-            self.sample.tokens.drawn = DrawnSelection(host.pin_memory().to(x.device, non_blocking=True), where)
+            sample.tokens.drawn = DrawnSelection(host.pin_memory().to(x.device, non_blocking=True), where)
         else:
-            self.sample.tokens.drawn = DrawnSelection(host.to(x.device), where)
-
-    @staticmethod
-    def _kind(block: nn.Module) -> str:
-        return "temporal" if block.temporal else "spatial"
+            sample.tokens.drawn = DrawnSelection(host.to(x.device), where)
 
     def _draw_on_cpu(
-        self, index: int, rows: int, T: int, n: int, step: int
+        self, sample: Sample, index: int, rows: int, T: int, n: int, step: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A random selector's choice for (step, block) on the CPU: indices (rows, k) and padding under SP."""
-        cfg = self.config
-        draw = (self.seeds, step, index)
+        cfg, sp = self.config, _sp(sample)
+        draw = (sample.seeds, step, index)
         if cfg.selector == "random":
-            scores = sel.random_scores(rows, n, self.cfg, *draw)
+            scores = sel.random_scores(rows, n, sample.cfg, *draw)
         else:
-            scores = sel.random_frame_scores(rows, T, n // T, self.cfg, *draw)
+            scores = sel.random_frame_scores(rows, T, n // T, sample.cfg, *draw)
         idx = sel.top_k(scores, round(cfg.recompute_ratio * n))
-        return self.sp.to_local(idx, T) if self.sp else (idx, None)
+        return sp.to_local(idx, T) if sp else (idx, None)
 
-    def _rows_picked(self, idx: torch.Tensor, pad: torch.Tensor | None) -> int:
+    def rows_picked(self, sample: Sample, idx: torch.Tensor, pad: torch.Tensor | None) -> int:
         """Tokens recomputed with `idx` (for the summary): known on the host for pre-drawn ones, no device read."""
-        picked = self.sample.tokens.picked
+        picked = sample.tokens.picked
         if picked is not None and picked[0] is idx:
             return picked[1]
         return count_rows(idx, pad)
 
-    def _select(
-        self, index: int, x: torch.Tensor, T: int, S: int, step: int | None = None
+    def select(
+        self, sample: Sample, index: int, x: torch.Tensor, T: int, S: int, step: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Tokens to recompute at `step` (default: the current one): (indices (B, k), padding mask or None).
 
         The draw depends on (video seed, step, block) only. Under sequence parallelism the scores cover the whole
         grid, identical on every rank, and each rank keeps its share: the same choice as one process. Random
-        selectors read the sample's pre-drawn choice (`_predraw`); the code below is the draw at the step."""
-        drawn = None if self._drawn is None else self._drawn.get((self.step if step is None else step, index))
+        selectors read the sample's pre-drawn choice (`predraw_sample`); the code below is the draw at the step."""
+        step = sample.step if step is None else step
+        drawn = None if sample.tokens.drawn is None else sample.tokens.drawn.get((step, index))
         if drawn is not None:
-            self.sample.tokens.picked = (drawn[0], drawn[2])
+            sample.tokens.picked = (drawn[0], drawn[2])
             return drawn[0], drawn[1]
-        cfg, sp = self.config, self.sp
+        cfg, sp = self.config, _sp(sample)
         rows = x.shape[0]
         n = T * sp.s_global if sp else x.shape[1]
-        k = round(cfg.recompute_ratio * n)
-        draw = (self.seeds, self.step if step is None else step, index)
-        if cfg.selector == "random":
-            scores = sel.random_scores(rows, n, self.cfg, *draw)
-        elif cfg.selector == "random_frame":
-            scores = sel.random_frame_scores(rows, T, n // T, self.cfg, *draw)
-        elif cfg.selector in ("min_similarity", "max_similarity"):
-            if sp:
-                raise ValueError(
-                    f"selector {cfg.selector!r} compares tokens across the whole grid at the step"
-                    " itself; it is not supported with sequence parallelism, use another one"
-                )
-            gens = sel.row_generators(*draw, rows, self.cfg)
-            scores = sel.similarity_scores(x, 0.01, cfg.selector == "min_similarity", gens)
-        else:
-            scores = self.state.get(index, "scores")
-            if scores is None:
-                raise RuntimeError(f"cache: selector {cfg.selector!r} has no scores for block {index}")
+        scores = self._scores_at_step(sample, index, x, rows, T, n, step)
         # On the meta device (counting runs) the choice is made on the CPU, where the random draws are; scores
         # computed from meta tensors have no values, and which tokens are picked does not change the cost.
         scores = torch.zeros(scores.shape) if scores.is_meta else scores.to("cpu" if x.is_meta else x.device)
         if cfg.age_bonus > 0:
-            age = self.state.get(index, "age")
+            age = sample.store.get(index, "age")
             if age is None:
-                age = self.state.put(index, "age", torch.zeros(rows, n, device=scores.device))
+                age = sample.store.put(index, "age", torch.zeros(rows, n, device=scores.device))
             scores = scores + cfg.age_bonus * age
-        idx = sel.top_k(scores, k)
+        idx = sel.top_k(scores, round(cfg.recompute_ratio * n))
         if cfg.age_bonus > 0:
             age += 1
             age.scatter_(1, idx, 0.0)
-            self.state.put(index, "age", age)  # stored again after the in-place change (an offloaded cache needs it)
+            sample.store.put(index, "age", age)  # stored again after the in-place change (an offloaded cache needs it)
         idx, pad = sp.to_local(idx, T) if sp else (idx, None)
         return idx.to(x.device), None if pad is None else pad.to(x.device)
+
+    def _scores_at_step(
+        self, sample: Sample, index: int, x: torch.Tensor, rows: int, T: int, n: int, step: int
+    ) -> torch.Tensor:
+        cfg = self.config
+        draw = (sample.seeds, step, index)
+        if cfg.selector == "random":
+            return sel.random_scores(rows, n, sample.cfg, *draw)
+        if cfg.selector == "random_frame":
+            return sel.random_frame_scores(rows, T, n // T, sample.cfg, *draw)
+        if cfg.selector in ("min_similarity", "max_similarity"):
+            if _sp(sample):
+                raise ValueError(
+                    f"selector {cfg.selector!r} compares tokens across the whole grid at the step"
+                    " itself; it is not supported with sequence parallelism, use another one"
+                )
+            gens = sel.row_generators(*draw, rows, sample.cfg)
+            return sel.similarity_scores(x, 0.01, cfg.selector == "min_similarity", gens)
+        scores = sample.store.get(index, "scores")
+        if scores is None:
+            raise RuntimeError(f"cache: selector {cfg.selector!r} has no scores for block {index}")
+        return scores
+
+
+def _sp(sample: Sample) -> Any:
+    """The sample's sequence-parallel layout when it splits the tokens over more than one rank, else None."""
+    layout = sample.layout
+    return layout if layout is not None and layout.size > 1 else None
