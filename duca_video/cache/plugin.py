@@ -70,7 +70,7 @@ class CacheController:
         self.cache_bytes = 0  # peak bytes of the last finished (or current) sample
         self.device_cache_bytes = 0  # of those, the peak held on the device (less with offload)
         # FLOP replays on the meta device (metrics.flops.SamplingFlops): a data-dependent method's per-step
-        # decisions of the real run ("full", "aggressive" = stack skipped, "first_block" = skipped after block 0).
+        # decisions of the real run, as the history's labels (records.StepRecord).
         self.replay_kinds: list[str] | None = None
 
     # -- installation ---------------------------------------------------------------------------------
@@ -205,7 +205,7 @@ class CacheController:
             {
                 "step": event.index,
                 "t": event.t,
-                "kind": sample.plan.kind,
+                "kind": sample.plan.kind.value,
                 "spatial": sample.plan.short("spatial"),
                 "temporal": sample.plan.short("temporal"),
                 "recomputed": {},
@@ -248,7 +248,7 @@ class CacheController:
             decision = self._replayed(sample, after_first=True)
             if decision is None:
                 decision = sample.policy.after_first_block(sample.now.stack_in, out)
-            if self._apply(sample, decision, out, "first_block") and sample.now.compute_rows is not None:
+            if self._apply(sample, decision, out, after_first_block=True) and sample.now.compute_rows is not None:
                 return out.index_select(0, sample.now.compute_rows)
         elif last:
             if rows is not None:  # the skipped videos' rows, then the computed ones in their places
@@ -308,10 +308,10 @@ class CacheController:
         if decision is None:
             decision = sample.policy.compute_stack(block, x, t)
         if sample.history:
-            sample.history[-1]["kind"] = sample.plan.kind
-        self._apply(sample, decision, x, "aggressive")
+            sample.history[-1]["kind"] = sample.plan.kind.value
+        self._apply(sample, decision, x, after_first_block=False)
 
-    def _apply(self, sample: Sample, decision: bool | list[bool], x: torch.Tensor, skipped: str) -> bool:
+    def _apply(self, sample: Sample, decision: bool | list[bool], x: torch.Tensor, after_first_block: bool) -> bool:
         """Carry out a decision to compute (True), skip (False) or compute some videos (one bool per video);
         `x` is what the skipped rows are rebuilt from. Returns whether something is skipped."""
         videos = [bool(decision)] * sample.videos if isinstance(decision, bool) else list(decision)
@@ -321,7 +321,7 @@ class CacheController:
             return False
         sample.now.pass_x = x
         if sample.history:
-            sample.history[-1]["kind"] = StepRecord.skipped(skipped == "first_block", videos).label
+            sample.history[-1]["kind"] = StepRecord.skipped(after_first_block, videos).label
         if not any(videos):
             sample.now.skip_stack = True
             return True

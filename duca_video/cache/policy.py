@@ -120,7 +120,7 @@ class CachePolicy:
 
     # -- the whole block stack ---------------------------------------------------------------------------
     def compute_stack(self, block: nn.Module, x: torch.Tensor, t: torch.Tensor) -> bool:
-        compute = self.sample.plan.kind != "aggressive"
+        compute = not self.sample.plan.skips_stack
         if compute:  # only a skipped step reads the stack output: free it before computing
             self.store.drop(STACK, "output")
         return compute
@@ -163,7 +163,7 @@ class ResidualStackPolicy(CachePolicy):
     (TeaCache, MagCache): one stack tensor held while a later step may skip."""
 
     def compute_stack(self, block: nn.Module, x: torch.Tensor, t: torch.Tensor) -> bool:
-        return self.sample.plan.kind != "aggressive"
+        return not self.sample.plan.skips_stack
 
     def reuse_stack(self, stack_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return stack_in + self.store.get(STACK, "residual")
@@ -177,7 +177,7 @@ class ResidualStackPolicy(CachePolicy):
     def residual_needed(self) -> bool:
         """Whether a later step may skip (dynamic methods: unless this is the last step)."""
         later = self.sample.plans[self.sample.step + 1 :]
-        return any(p.kind == "aggressive" for p in later)
+        return any(p.skips_stack for p in later)
 
 
 def refresh_rows(store: CacheState, name: str, value: torch.Tensor, rows: torch.Tensor | None) -> None:

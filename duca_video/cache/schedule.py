@@ -1,7 +1,8 @@
 """Static schedules: for every step, what each module of each block kind does, and what must be stored.
 
 Actions per module: COMPUTE (all tokens), REUSE (cached output, whole), PARTIAL (cached output with a subset
-of tokens recomputed). A step is "aggressive" when the whole block stack is replaced by its cached output.
+of tokens recomputed). A step's kind (`records.StepKind`) is FULL, MODULE_REUSE, or STACK_SKIP when the whole
+block stack is replaced by its cached output.
 Knowing the schedule up front lets a step store only what a later step will read.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+from .records import StepKind
 
 BLOCK_KINDS = ("spatial", "temporal")
 
@@ -22,11 +25,18 @@ class Action(str, Enum):
 
 @dataclass
 class StepPlan:
-    kind: str  # full | conservative | aggressive
+    kind: StepKind  # FULL | MODULE_REUSE | STACK_SKIP (a label such as DuCa's "aggressive" is converted)
     actions: dict[str, dict[str, Action]]  # block kind -> module -> action
     # Filled by `mark_storage`: the module caches a later step reads, and whether the stack output is read.
     keep: dict[str, set[str]] = field(default_factory=lambda: {k: set() for k in BLOCK_KINDS})
     keep_stack: bool = False
+
+    def __post_init__(self) -> None:
+        self.kind = StepKind(self.kind)
+
+    @property
+    def skips_stack(self) -> bool:
+        return self.kind is StepKind.STACK_SKIP
 
     def action(self, block_kind: str, module: str) -> Action:
         return self.actions[block_kind][module]
@@ -42,7 +52,7 @@ def same_actions(actions: dict[str, Action]) -> dict[str, dict[str, Action]]:
 
 def full_schedule(num_steps: int) -> list[StepPlan]:
     return [
-        StepPlan("full", same_actions(dict.fromkeys(("attn", "cross", "mlp"), Action.COMPUTE)))
+        StepPlan(StepKind.FULL, same_actions(dict.fromkeys(("attn", "cross", "mlp"), Action.COMPUTE)))
         for _ in range(num_steps)
     ]
 
@@ -57,13 +67,13 @@ def mark_storage(plans: list[StepPlan]) -> list[StepPlan]:
             for plan in reversed(plans):
                 if needed:
                     plan.keep[kind].add(module)
-                act = None if plan.kind == "aggressive" else plan.action(kind, module)
+                act = None if plan.skips_stack else plan.action(kind, module)
                 if act is Action.COMPUTE:
                     needed = False
                 elif act in (Action.REUSE, Action.PARTIAL):
                     needed = True
     for s, plan in enumerate(plans):
-        plan.keep_stack = s + 1 < len(plans) and plans[s + 1].kind == "aggressive"
+        plan.keep_stack = s + 1 < len(plans) and plans[s + 1].skips_stack
     return plans
 
 
@@ -79,6 +89,6 @@ def build_schedule(config: Any, timesteps: tuple[float, ...]) -> list[StepPlan]:
 def schedule_table(plans: list[StepPlan]) -> list[dict[str, str]]:
     """Rows (step, kind, spatial, temporal) with module actions as C/R/P letters for attn, cross, mlp."""
     return [
-        {"step": str(s), "kind": p.kind, "spatial": p.short("spatial"), "temporal": p.short("temporal")}
+        {"step": str(s), "kind": p.kind.value, "spatial": p.short("spatial"), "temporal": p.short("temporal")}
         for s, p in enumerate(plans)
     ]

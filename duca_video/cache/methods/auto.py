@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import MODULES, CacheConfig, check_field
 from ..policy import CachePolicy, Sample
+from ..records import StepKind
 from ..schedule import Action, StepPlan
 from ..state import STACK
 from .auto_solver import BUILTIN, LETTERS, Calibration, load_calibration, magcache_calibration, solve
@@ -35,13 +36,13 @@ from .auto_solver import BUILTIN, LETTERS, Calibration, load_calibration, magcac
 _FULL, _REUSE = dict.fromkeys(MODULES, Action.COMPUTE), dict.fromkeys(MODULES, Action.REUSE)
 _PARTIAL = {"attn": Action.REUSE, "cross": Action.REUSE, "mlp": Action.PARTIAL}
 _ACTIONS = {  # letter -> (step kind, spatial blocks' module actions, temporal blocks')
-    "F": ("full", _FULL, _FULL),
-    "C": ("conservative", _PARTIAL, _PARTIAL),
-    "M": ("conservative", _REUSE, _REUSE),
-    "A": ("aggressive", _REUSE, _REUSE),
-    "R": ("aggressive", _REUSE, _REUSE),
-    "S": ("conservative", _FULL, _REUSE),
-    "T": ("conservative", _REUSE, _FULL),
+    "F": (StepKind.FULL, _FULL, _FULL),
+    "C": (StepKind.MODULE_REUSE, _PARTIAL, _PARTIAL),
+    "M": (StepKind.MODULE_REUSE, _REUSE, _REUSE),
+    "A": (StepKind.STACK_SKIP, _REUSE, _REUSE),
+    "R": (StepKind.STACK_SKIP, _REUSE, _REUSE),
+    "S": (StepKind.MODULE_REUSE, _FULL, _REUSE),
+    "T": (StepKind.MODULE_REUSE, _REUSE, _FULL),
 }
 _SLOTS = {"A": "output", "R": "residual"}  # the stack tensor a skipped step reads
 

@@ -35,6 +35,7 @@ import torch
 from ...parallel.comm import all_reduce_sum
 from ..config import MODULES, CacheConfig, check_field
 from ..policy import CachePolicy, Sample
+from ..records import StepKind
 from ..schedule import Action, StepPlan, same_actions
 from ..state import STACK
 
@@ -152,7 +153,7 @@ class FasterCachePolicy(CachePolicy):
         plans = []
         for s in range(n):
             act = {m: Action.REUSE if self.reused[s] and m in c.modules else Action.COMPUTE for m in MODULES}
-            plan = StepPlan("conservative" if self.reused[s] else "full", same_actions(act))
+            plan = StepPlan(StepKind.MODULE_REUSE if self.reused[s] else StepKind.FULL, same_actions(act))
             if s in self.needed:  # mark_storage only adds to `keep`: the controller then hands us these outputs
                 for kind in plan.keep:
                     plan.keep[kind].update(c.modules)

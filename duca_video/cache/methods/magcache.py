@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from ..config import MODULES, CacheConfig, check_field
 from ..policy import ResidualStackPolicy, Sample
+from ..records import StepKind
 from ..schedule import Action, StepPlan, full_schedule, same_actions
 
 log = logging.getLogger(__name__)
@@ -206,13 +207,13 @@ class MagCachePolicy(ResidualStackPolicy):
         plans = full_schedule(n)
         for s, skip in enumerate(skips):
             if skip:
-                plans[s] = StepPlan("aggressive", same_actions(dict.fromkeys(MODULES, Action.REUSE)))
+                plans[s] = StepPlan(StepKind.STACK_SKIP, same_actions(dict.fromkeys(MODULES, Action.REUSE)))
         return plans
 
     def residual_needed(self) -> bool:
         # A computed step replaces the residual, so only the skips right after this step read it.
         nxt = self.sample.step + 1
-        return nxt < len(self.sample.plans) and self.sample.plans[nxt].kind == "aggressive"
+        return nxt < len(self.sample.plans) and self.sample.plans[nxt].skips_stack
 
 
 METHODS = (MagCacheConfig,)

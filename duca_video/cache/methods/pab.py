@@ -9,6 +9,7 @@ from typing import ClassVar
 
 from ..config import CacheConfig, check_field
 from ..policy import CachePolicy, Sample
+from ..records import StepKind
 from ..schedule import Action, StepPlan
 
 
@@ -57,7 +58,7 @@ def pab_schedule(config: PABConfig, timesteps: tuple[float, ...]) -> list[StepPl
             "temporal": {"attn": act(config.temporal_range), "cross": cross, "mlp": mlp},
         }
         full = all(a is Action.COMPUTE for acts in actions.values() for a in acts.values())
-        plans.append(StepPlan("full" if full else "conservative", actions))
+        plans.append(StepPlan(StepKind.FULL if full else StepKind.MODULE_REUSE, actions))
     return plans
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ..config import MODULES, CacheConfig, check_field
 from ..policy import CachePolicy, Sample
+from ..records import StepKind
 from ..schedule import Action, StepPlan, mark_storage, same_actions
 
 
@@ -54,7 +55,8 @@ class TaylorSeerPolicy(CachePolicy):
         for s in range(len(self.sample.timesteps)):
             full = s < max(cfg.warmup_steps, 1) or (s - cfg.warmup_steps) % cfg.interval == 0
             action = Action.COMPUTE if full else Action.REUSE
-            plans.append(StepPlan("full" if full else "conservative", same_actions(dict.fromkeys(MODULES, action))))
+            kind = StepKind.FULL if full else StepKind.MODULE_REUSE
+            plans.append(StepPlan(kind, same_actions(dict.fromkeys(MODULES, action))))
         return plans
 
     def mark(self, plans: list[StepPlan]) -> list[StepPlan]:
@@ -67,7 +69,7 @@ class TaylorSeerPolicy(CachePolicy):
                 if forecast_after:
                     for kind in plan.keep:
                         plan.keep[kind] |= set(MODULES)
-                forecast_after = forecast_after or plan.kind != "full"
+                forecast_after = forecast_after or plan.kind is not StepKind.FULL
         return plans
 
     def update(self, index: int, module: str, value: torch.Tensor, keep: bool) -> None:

@@ -162,7 +162,7 @@ class TokenPolicy(CachePolicy):
     def compute_stack(self, block: nn.Module, x: torch.Tensor, t: torch.Tensor) -> bool:
         if self.config.forecast_order == 0:
             return super().compute_stack(block, x, t)
-        if self.sample.plan.kind == "aggressive":
+        if self.sample.plan.skips_stack:
             return False
         self._release(self._pair(self.sample.step))  # free what no later forecast reads before computing
         return True
@@ -175,10 +175,10 @@ class TokenPolicy(CachePolicy):
     def _pair(self, step: int) -> set[int]:
         """The computed steps the next aggressive step after `step` extrapolates from (its last two)."""
         plans = self.sample.plans
-        nxt = next((a for a in range(step + 1, len(plans)) if plans[a].kind == "aggressive"), None)
+        nxt = next((a for a in range(step + 1, len(plans)) if plans[a].skips_stack), None)
         if nxt is None:
             return set()
-        return set([s for s in range(nxt) if plans[s].kind != "aggressive"][-2:])
+        return set([s for s in range(nxt) if not plans[s].skips_stack][-2:])
 
     def reuse_stack(self, stack_in: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if self.config.forecast_order == 0:

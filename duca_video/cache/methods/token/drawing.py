@@ -153,7 +153,7 @@ class Selector:
         chunks, pads, where, offset = [], [], {}, 0
         for step, plan in enumerate(sample.plans):
             for index, kind in enumerate(self.kinds):
-                if plan.kind == "aggressive" or Action.PARTIAL not in plan.actions[kind].values():
+                if plan.skips_stack or Action.PARTIAL not in plan.actions[kind].values():
                     continue
                 idx, pad = self._draw_on_cpu(sample, index, rows, T, n, step)
                 pad_at = None

@@ -23,6 +23,7 @@ from duca_video.models.stdit3 import block_modulation, gate_tokens
 from ...compile import keep_out_of_tracing
 from ...config import CacheConfig
 from ...policy import Sample
+from ...records import StepKind
 from ...schedule import Action
 from . import selection as sel
 
@@ -83,7 +84,7 @@ class Folder:
         cur, nxt = sample.plan.actions[kind], sample.plans[s + 1]
         after = nxt.actions[kind]
         return (
-            nxt.kind == "conservative"
+            nxt.kind is StepKind.MODULE_REUSE
             and cur["attn"] is Action.COMPUTE
             and cur["mlp"] is Action.COMPUTE
             and after["attn"] is Action.REUSE
