@@ -172,8 +172,9 @@ class SampleFollower:
         t, total, nxt = call.uniform_t(), self.settings.num_timesteps, self.step + 1
         waiting = ctl.timesteps[nxt] if self.open and nxt < len(ctl.timesteps) else None
         if waiting is not None and _close(t, waiting, total):
-            if call.x.shape[0] != ctl.rows:
-                raise RuntimeError(f"cache: the batch changed from {ctl.rows} to {call.x.shape[0]} rows mid-sample")
+            rows = ctl.sample.rows  # the sample is open: it is the one in progress
+            if call.x.shape[0] != rows:
+                raise RuntimeError(f"cache: the batch changed from {rows} to {call.x.shape[0]} rows mid-sample")
         else:
             start = self._prepare(model, call)
             self._close_sample()  # an unfinished sample (e.g. interrupted) ends here

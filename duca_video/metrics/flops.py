@@ -44,7 +44,7 @@ def meta_inputs(
     image_size: tuple[int, int],
     text_tokens: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Model inputs on the meta device; height/width stay on the CPU (their values set the position scale)."""
+    """Model inputs on the meta device; the mask and height/width stay on the CPU (their values are read)."""
     text_tokens = config.model_max_length if text_tokens is None else text_tokens
     t, h, w = latent_shape
     with torch.device("meta"):
@@ -52,9 +52,10 @@ def meta_inputs(
             x=torch.empty(batch, config.in_channels, t, h, w),
             timestep=torch.empty(batch),
             y=torch.empty(batch, 1, text_tokens, config.caption_channels),
-            mask=torch.ones(batch, text_tokens, dtype=torch.long),
             fps=torch.empty(batch),
         )
+    # The mask, height and width stay on the CPU: their values are what the model reads of them.
+    inputs["mask"] = torch.ones(batch, text_tokens, dtype=torch.long)
     inputs["height"] = torch.full((batch,), float(image_size[0]))
     inputs["width"] = torch.full((batch,), float(image_size[1]))
     return inputs

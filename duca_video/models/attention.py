@@ -68,7 +68,7 @@ def cut_text_keys(y: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Ten
     """Drop the text positions no row attends to: y (B, 1, L, C) -> (B, 1, L', C), mask (B, L) -> (B, L') or
     None when every row is valid on all L' positions. Cross-attention gives the same result (masked keys have
     zero weight), on ~40 keys instead of 300 for a typical prompt, and with no mask when the lengths agree."""
-    if mask is None or mask.is_meta:  # a meta mask has no values to read (FLOP counting): keep every key
+    if mask is None:
         return y, mask
     keep, full = text_key_cut(mask)
     return y[:, :, :keep], None if full else mask[:, :keep]

@@ -268,7 +268,7 @@ class RFlowSampler:
         # A CPU mask (the tokenizer's) costs no device read at all; what is left of it goes to the device once.
         y_in, mask_in = cut_text_keys(y_in, mask_in)
         self.last_text_tokens = y_in.shape[-2]  # what cross-attention attends to (FLOP replays count that)
-        if mask_in is not None and not mask_in.is_meta:
+        if mask_in is not None:
             mask_in = mask_in.to(y_in.device, non_blocking=True)
         return y_in, mask_in
 

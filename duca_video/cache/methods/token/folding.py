@@ -38,15 +38,15 @@ def rows_param(p: torch.Tensor, idx: torch.Tensor, S: int) -> torch.Tensor:
 
 
 def write_rows(cache: torch.Tensor, idx: torch.Tensor, pad: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor:
-    """Write recomputed rows into `cache` in place; padded entries (sequence parallel) are not written."""
-    if pad is None:
-        return sel.scatter_tokens_(cache, idx, rows)
-    if cache.is_meta:  # FLOP / traffic counting on the meta device: nothing to write
-        return cache
-    keep = ~pad
-    batch = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
-    cache[batch[keep], idx[keep]] = rows[keep].to(cache.dtype)
-    return cache
+    """Write recomputed rows into `cache` in place; padded entries (sequence parallel) change nothing.
+
+    A padded entry repeats its row's first index (token 0 for a row with none of its own: `to_local`), so it
+    writes that entry's new value again, or the cache's own value for an empty row: duplicate writes agree, and
+    the shapes never depend on the values (no boolean indexing: no device sync, and it runs on meta tensors)."""
+    if pad is not None:
+        first = torch.where(pad[:, :1, None], sel.gather_tokens(cache, idx[:, :1]).to(rows.dtype), rows[:, :1])
+        rows = torch.where(pad[..., None], first, rows)
+    return sel.scatter_tokens_(cache, idx, rows)
 
 
 def count_rows(idx: torch.Tensor, pad: torch.Tensor | None) -> int:
