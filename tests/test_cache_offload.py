@@ -52,3 +52,20 @@ def test_cli_cache_offload_writes_the_same_video(tmp_path):
     before = mp4_times(resident)
     assert run_tiny(resident, "--cache-offload") == 0
     assert mp4_times(resident) == before
+
+
+def test_offloaded_store_counts_meta_tensors_without_copying_values():
+    # A FLOP or memory count runs on the meta device: the store keeps shapes on a meta "host", counts the same
+    # bytes and hands back meta tensors, with no special case for meta in the store's code.
+    from duca_video.cache.state import OffloadedState
+
+    store = OffloadedState()
+    value = torch.empty(2, 16, 8, device="meta")
+    store.enter(0)
+    store.put(0, "mlp", value)
+    store.release(0)
+    store.prefetch(0)
+    held = store.get(0, "mlp")
+    assert held.is_meta and held.shape == value.shape
+    assert store.peak_bytes == 2 * 16 * 8 * 4 and store.resident_peak_bytes == store.peak_bytes
+    assert store.reads == {"prefetched": 1, "on_demand": 0}

@@ -34,6 +34,16 @@ def test_meta_replay_counts_the_flops_of_the_real_loop():
         assert replayed == real > 0, method
 
 
+@pytest.mark.parametrize(
+    "selector, age_bonus", [("k_norm", 0.0), ("cross_entropy", 0.0), ("max_similarity", 0.0), ("random", 0.1)]
+)
+def test_meta_replay_of_every_kind_of_token_choice(selector, age_bonus):
+    # Scored, similarity and aged choices are made at the step from the data: on meta tensors they have a shape
+    # and no values, which is all the count needs (the runtime code has no meta branch for them).
+    real, replayed, _ = real_and_replayed("toca", selector=selector, age_bonus=age_bonus, recompute_ratio=0.25)
+    assert replayed == real > 0
+
+
 def test_meta_replay_repeats_teacaches_decisions_from_the_run():
     real, replayed, kinds = real_and_replayed("teacache", threshold=100)
     assert "aggressive" in kinds and "full" in kinds  # the threshold made it skip some steps, not all

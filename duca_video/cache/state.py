@@ -62,17 +62,17 @@ class _Copier:
     """Host <-> device copies for `OffloadedState`. On CUDA: pinned host memory and one side stream, so a copy
     neither blocks the host nor waits behind the compute queue, and hides under the running block; in-order on
     that one stream, so a store's copy to the host and a later prefetch of it cannot overtake each other.
-    Elsewhere (CPU runs: "the device" is host memory too) plain copies, kept apart from the host's values."""
+    Elsewhere (CPU runs: "the device" is host memory too) plain copies, kept apart from the host's values. On the
+    meta device (a FLOP or memory count) the "host" is the meta device too: copies have shapes and no values."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.host = device if device.type == "meta" else torch.device("cpu")
 
     def to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        if tensor.is_meta:  # FLOP / memory counting on meta: nothing moves
-            return tensor
         if self.stream is None or tensor.device.type != "cuda":
-            return tensor.detach().to("cpu", copy=True)
+            return tensor.detach().to(self.host, copy=True)
         host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
         self.stream.wait_stream(torch.cuda.current_stream(tensor.device))  # the value is computed
         with torch.cuda.stream(self.stream):
@@ -82,10 +82,8 @@ class _Copier:
 
     def to_device(self, host: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """A device copy of `host` and the event to wait for before reading it (None: ready now)."""
-        if host.is_meta:
-            return host, None
         if self.stream is None:
-            return (host.clone() if self.device.type == "cpu" else host.to(self.device)), None
+            return (host.clone() if self.device == self.host else host.to(self.device)), None
         with torch.cuda.stream(self.stream):
             out = host.to(self.device, non_blocking=True)
             ready = torch.cuda.Event()
@@ -157,7 +155,7 @@ class OffloadedState(CacheState):
     def put(self, block: int, name: str, tensor: torch.Tensor) -> torch.Tensor:
         if block == STACK:
             return super().put(block, name, tensor)
-        if self.device is None and not tensor.is_meta:
+        if self.device is None:
             self.device = tensor.device
         super().put(block, name, self.copier.to_host(tensor))
         if block in self._resident:  # the block is running (or prefetched): later reads in it see this value

@@ -211,9 +211,7 @@ class Selector:
         rows = x.shape[0]
         n = T * sp.s_global if sp else x.shape[1]
         scores = self._scores_at_step(sample, index, x, rows, T, n, step)
-        # On the meta device (counting runs) the choice is made on the CPU, where the random draws are; scores
-        # computed from meta tensors have no values, and which tokens are picked does not change the cost.
-        scores = torch.zeros(scores.shape) if scores.is_meta else scores.to("cpu" if x.is_meta else x.device)
+        scores = scores.to(x.device)  # (on the meta device of a FLOP replay the choice has a shape, no values)
         if cfg.age_bonus > 0:
             age = sample.store.get(index, "age")
             if age is None:
