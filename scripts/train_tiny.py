@@ -55,6 +55,7 @@ from duca_video.sampling.rflow import RFlowSampler, describe
 from duca_video.testbed.data import DataConfig, SyntheticVideos
 from duca_video.testbed.grow import grow_depth
 from duca_video.testbed.text import WordTextEncoder
+from duca_video.testbed.tiny import load_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patch", type=int, nargs=3, default=(4, 2, 2))
     p.add_argument("--text-dim", type=int, default=64, help="word embedding size (caption_channels)")
     p.add_argument("--max-words", type=int, default=16, help="model_max_length")
+    p.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="an exported model whose velocity is the target (distillation), e.g. weights/tiny",
+    )
     p.add_argument(
         "--grow-from",
         type=Path,
@@ -174,11 +181,11 @@ class Ema:
 
 
 def model_inputs(
-    text: WordTextEncoder, model: STDiT3, captions: list[str], data: DataConfig, null_prob: float, gen: torch.Generator
+    text: WordTextEncoder, model: STDiT3, captions: list[str], data: DataConfig, drop: torch.Tensor
 ) -> dict[str, Any]:
+    """The model's keyword inputs for these captions; the captions flagged in `drop` become the null caption."""
     enc = text.encode(captions)
     y, mask, b = enc["y"], enc["mask"], len(captions)
-    drop = torch.rand(b, generator=gen) < null_prob
     # As Open-Sora: a dropped caption becomes the null embedding, its token mask is kept.
     y_null = model.y_embedder.y_embedding[None, None].expand_as(y)
     y = torch.where(drop[:, None, None, None], y_null, y)
@@ -217,6 +224,27 @@ def clean_frame_mask(x0: torch.Tensor, noise: torch.Tensor, prob: float, gen: to
     clean = ~x_mask[:, None, :, None, None]
     noise.copy_(torch.where(clean, x0, noise))
     return x_mask
+
+
+def load_teacher(source: Path) -> tuple[WordTextEncoder, STDiT3]:
+    """An exported testbed model and its word encoder, frozen, for `distilled_pair`."""
+    bed = load_tiny(source)
+    for part in (bed.model, bed.text_encoder):
+        part.eval().requires_grad_(False)
+    return bed.text_encoder, bed.model
+
+
+@torch.no_grad()
+def distilled_pair(
+    teacher: tuple[WordTextEncoder, STDiT3], x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, kwargs: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0', noise') giving the same x_t = (1 - s) x0 + s noise (s = t / 1000) whose target x0' - noise' is the
+    teacher's velocity there: x0' = x_t + s v, noise' = x_t - (1 - s) v. The training loss is then the distance
+    to the teacher, a far less noisy target than the clip itself (whose motion a student otherwise finds late)."""
+    s = (t / 1000).view(-1, 1, 1, 1, 1)
+    x_t = (1 - s) * x0 + s * noise
+    v = teacher[1](x_t, t, **kwargs)[:, : x0.shape[1]].float()
+    return x_t + s * v, x_t - (1 - s) * v
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -260,6 +288,7 @@ def export(args: argparse.Namespace, ckpt: dict[str, Any], data: DataConfig, sam
             "t_shift": args.t_shift,
             "cond_frame_prob": args.cond_frame_prob,
             "grown_from": grown_from(args.grow_from),
+            "teacher": None if args.teacher is None else str(args.teacher),
         },
     }
     (args.out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
@@ -290,6 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     model, text = build(args, data)
     if args.grow_from is not None and not args.resume:
         grow_into(model, text, args.grow_from)
+    teacher = load_teacher(args.teacher) if args.teacher is not None else None
     pair = torch.nn.ModuleDict({"model": model, "text": text}).train()
     params = [p for p in pair.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
@@ -343,10 +373,13 @@ def main(argv: list[str] | None = None) -> None:
             group["lr"] = lr
         x0, captions, _ = videos.batch(args.batch_size, gens["data"])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            kwargs = model_inputs(text, model, captions, data, args.null_prob, gens["drop"])
+            drop = torch.rand(len(captions), generator=gens["drop"]) < args.null_prob
+            kwargs = model_inputs(text, model, captions, data, drop)
             noise = torch.randn(x0.shape, generator=gens["noise"])
             kwargs["x_mask"] = clean_frame_mask(x0, noise, args.cond_frame_prob, gens["drop"])
             t = shifted_logit_normal(x0.shape[0], args.t_shift, sampler.num_timesteps, gens["noise"])
+            if teacher is not None:
+                x0, noise = distilled_pair(teacher, x0, noise, t, model_inputs(*teacher, captions, data, drop))
             loss = sampler.training_loss(model, x0, kwargs, noise=noise, t=t)
         opt.zero_grad(set_to_none=True)
         loss.backward()

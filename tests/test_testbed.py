@@ -202,11 +202,23 @@ def test_train_script_resume_matches_an_uninterrupted_run(tmp_path):
     video = bed.generate(["a red circle moving up on a light background"], seeds=[0])
     assert video.shape == (1, 3, bed.data.num_frames, bed.data.height, bed.data.width)
 
-    # A deeper model started from this one (--grow-from): config.json says so; another width is refused by name.
-    deeper = [*common[2:], "--depth", "2", "--steps", "1", "--grow-from", str(tmp_path / "a")]
+    # A deeper model started from this one (--grow-from) and distilled from it (--teacher): config.json says so;
+    # another width is refused by name.
+    deeper = [
+        *common[2:],
+        "--depth",
+        "2",
+        "--steps",
+        "1",
+        "--grow-from",
+        str(tmp_path / "a"),
+        "--teacher",
+        str(tmp_path / "a"),
+    ]
     train.main([*deeper, "--out", str(tmp_path / "c")])
     grown = json.loads((tmp_path / "c" / "config.json").read_text())
-    assert grown["depth"] == 2 and grown["testbed"]["training"]["grown_from"]["depth"] == 1
+    training = grown["testbed"]["training"]
+    assert grown["depth"] == 2 and training["grown_from"]["depth"] == 1 and training["teacher"] == str(tmp_path / "a")
     with pytest.raises(SystemExit, match="hidden_size is 32 there, 16 here"):
         train.main([*deeper, "--hidden", "16", "--out", str(tmp_path / "d")])
 
@@ -258,6 +270,23 @@ def test_grown_model_matches_its_source_to_first_order():
         out, out_deep, out_id = (m(x, **kwargs) for m in (shallow, deep, identity))
     branches, first_order = (out - out_id).norm(), (out_deep - out).norm()
     assert first_order < 0.05 * branches, (float(first_order), float(branches))
+
+
+def test_distillation_keeps_the_noisy_input_and_targets_the_teachers_velocity():
+    from duca_video.sampling.rflow import add_noise
+
+    train = _train_module()
+    torch.manual_seed(2)
+    teacher = _tiny_stdit3(2)
+    x0, noise = torch.randn(2, 3, 8, 8, 8), torch.randn(2, 3, 8, 8, 8)
+    t = torch.tensor([250.0, 900.0])
+    kwargs = dict(y=torch.randn(2, 1, 4, 8), mask=torch.ones(2, 4).long(), fps=torch.tensor([8.0, 8.0]))
+    kwargs.update(height=torch.tensor([8.0, 8.0]), width=torch.tensor([8.0, 8.0]))
+    x0_d, noise_d = train.distilled_pair((None, teacher), x0, noise, t, kwargs)
+    x_t = add_noise(x0, noise, t)
+    torch.testing.assert_close(add_noise(x0_d, noise_d, t), x_t, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(x0_d - noise_d, teacher(x_t, t, **kwargs), atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- shipped model
