@@ -53,7 +53,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from duca_video.models import STDiT3, STDiT3Config
-from duca_video.sampling.rflow import RFlowSampler, describe
+from duca_video.sampling.rflow import RFlowSampler, add_noise, describe
 from duca_video.testbed.data import DataConfig, SyntheticVideos
 from duca_video.testbed.grow import grow_depth
 from duca_video.testbed.text import WordTextEncoder
@@ -244,7 +244,7 @@ def distilled_pair(
     teacher's velocity there: x0' = x_t + s v, noise' = x_t - (1 - s) v. The training loss is then the distance
     to the teacher, a far less noisy target than the clip itself (whose motion a student otherwise finds late)."""
     s = (t / 1000).view(-1, 1, 1, 1, 1)
-    x_t = (1 - s) * x0 + s * noise
+    x_t = add_noise(x0, noise, t)
     v = teacher[1](x_t, t, **kwargs)[:, : x0.shape[1]].float()
     return x_t + s * v, x_t - (1 - s) * v
 
