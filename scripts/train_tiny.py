@@ -3,10 +3,10 @@
     python scripts/train_tiny.py --threads 2 --steps 4800 --time-limit-min 55      # fresh run (the shipped one)
     python scripts/train_tiny.py --resume                                           # continue the last run
     python scripts/train_tiny.py --export-only                                      # re-export from the checkpoint
-    python scripts/train_tiny.py --depth 28 --hidden 64 --heads 4 --grow-from SHALLOW --teacher weights/tiny \
-        --out weights/tiny28   # Open-Sora 1.2's depth (15 MB) from a 4-block model of width 64, its blocks repeated
-                               # (testbed/grow.py) and distilled from the shipped model: not done yet, see
-                               # docs/known-gaps.md for what has been tried
+    python scripts/train_tiny.py --depth 28 --grow-from weights/tiny --teacher weights/tiny --steps 370 \
+        --warmup 20 --lr 3e-4 --batch-size 16 --ema-decay 0.99 --time-limit-min 26 --store int8 \
+        --out weights/tiny28    # the deep model: weights/tiny's blocks repeated to 28 (testbed/grow.py), then
+                                # distilled from it; stored as int8 rows (15 MB instead of 60)
 
 The model is our STDiT3 (in_channels 3, pred_sigma False) trained with `RFlowSampler.training_loss` jointly
 with a `WordTextEncoder`; t is logit-normal, shifted towards noise (`--t-shift`), and the sampler's timestep
@@ -49,10 +49,11 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from duca_video.models import STDiT3, STDiT3Config
+from duca_video.models import STDiT3, STDiT3Config, read_state_dict
+from duca_video.models.int8_rows import quantize_rows
 from duca_video.sampling.rflow import RFlowSampler, add_noise, describe
 from duca_video.testbed.data import DataConfig, SyntheticVideos
 from duca_video.testbed.grow import grow_depth
@@ -69,6 +70,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     p.add_argument("--export-only", action="store_true", help="only export the checkpoint's weights to OUT")
     p.add_argument("--export-raw", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument(
+        "--store",
+        choices=("fp32", "int8"),
+        default="fp32",
+        help="how model.safetensors holds the weights: float32, or int8 rows + scales (4x smaller; the rounded "
+        "model is the exported one, see duca_video/models/int8_rows.py)",
+    )
     # model
     p.add_argument("--depth", type=int, default=4)
     p.add_argument("--hidden", type=int, default=128)
@@ -134,15 +142,23 @@ def build(args: argparse.Namespace, data: DataConfig) -> tuple[STDiT3, WordTextE
     return STDiT3(config), WordTextEncoder(output_dim=args.text_dim, model_max_length=args.max_words)
 
 
+def require_exported(source: Path, flag: str) -> None:
+    """Exit with one line naming `flag` unless `source` is an exported testbed model folder."""
+    missing = [f for f in ("config.json", "model.safetensors") if not (source / f).is_file()]
+    if missing:
+        raise SystemExit(f"error: {flag} {source}: no {' or '.join(missing)} there (expected an exported model folder)")
+
+
 def grow_into(model: STDiT3, text: WordTextEncoder, source: Path) -> None:
     """Load a shallower exported model into `model`, its blocks repeated (duca_video.testbed.grow), and its word
     encoder into `text`; any other difference of architecture is refused, naming the field."""
+    require_exported(source, "--grow-from")
     shallow = json.loads((source / "config.json").read_text())
     mine = model.config.to_dict()
     for field in ("hidden_size", "num_heads", "patch_size", "caption_channels", "model_max_length", "in_channels"):
         if _as_list(shallow[field]) != _as_list(mine[field]):
             raise SystemExit(f"--grow-from {source}: {field} is {shallow[field]} there, {mine[field]} here")
-    model.load_state_dict(grow_depth(load_file(str(source / "model.safetensors")), model.config.depth), strict=True)
+    model.load_state_dict(grow_depth(read_state_dict(source), model.config.depth), strict=True)
     text.load_state_dict(WordTextEncoder.from_pretrained(source).state_dict(), strict=True)
     print(f"grown from {source}: {shallow['depth']} -> {model.config.depth} blocks")
 
@@ -230,6 +246,7 @@ def clean_frame_mask(x0: torch.Tensor, noise: torch.Tensor, prob: float, gen: to
 
 def load_teacher(source: Path) -> tuple[WordTextEncoder, STDiT3]:
     """An exported testbed model and its word encoder, frozen, for `distilled_pair`."""
+    require_exported(source, "--teacher")
     bed = load_tiny(source)
     for part in (bed.model, bed.text_encoder):
         part.eval().requires_grad_(False)
@@ -264,7 +281,8 @@ def export(args: argparse.Namespace, ckpt: dict[str, Any], data: DataConfig, sam
     else:
         text.load_state_dict(ckpt["text"], strict=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.float().contiguous() for k, v in model.state_dict().items()}, str(args.out / "model.safetensors"))
+    weights = {k: v.float().contiguous() for k, v in model.state_dict().items()}
+    save_file(quantize_rows(weights) if args.store == "int8" else weights, str(args.out / "model.safetensors"))
     text.save_pretrained(args.out)
     config = model.config.to_dict()
     config["testbed"] = {
@@ -291,6 +309,9 @@ def export(args: argparse.Namespace, ckpt: dict[str, Any], data: DataConfig, sam
             "cond_frame_prob": args.cond_frame_prob,
             "grown_from": grown_from(args.grow_from),
             "teacher": None if args.teacher is None else str(args.teacher),
+            "storage": "int8 rows + float32 scales (duca_video/models/int8_rows.py)"
+            if args.store == "int8"
+            else "float32",
         },
     }
     (args.out / "config.json").write_text(json.dumps(config, indent=1) + "\n")

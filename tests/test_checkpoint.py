@@ -8,6 +8,7 @@ from safetensors.torch import save_file
 
 from duca_video.models import CheckpointMismatchError, STDiT3, STDiT3Config, load_checkpoint
 from duca_video.models.checkpoint import CheckpointError, check_checkpoint
+from duca_video.models.int8_rows import MIN_NUMEL, SCALE_SUFFIX, dequantize_rows, quantize_rows
 from tests.helpers import TINY, tiny_inputs, tiny_model
 
 
@@ -165,3 +166,35 @@ def test_corrupt_shard_index(tmp_path, trained):
     (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": ["a"]}')
     with pytest.raises(CheckpointError, match="model.safetensors.index.json: expected a 'weight_map' object"):
         STDiT3.from_pretrained(str(tmp_path), config=STDiT3Config(**TINY))
+
+
+def test_int8_rows_load_as_the_float_model_they_round_to(tmp_path, trained):
+    # The stored file is ~4x smaller; loading gives back exactly q * scale, the same on every machine.
+    state = trained.state_dict()
+    stored = quantize_rows(state)
+    big = [k for k, v in state.items() if v.ndim >= 2 and v.numel() >= MIN_NUMEL]
+    assert big and all(stored[k].dtype == torch.int8 for k in big)
+    assert all(torch.equal(stored[k], v) for k, v in state.items() if k not in big)  # norms, biases, tables
+    for k in big:
+        scale = stored[k + SCALE_SUFFIX].reshape(-1, *[1] * (state[k].ndim - 1))
+        assert (dequantize_rows(stored)[k] - state[k]).abs().le(scale / 2 + 1e-12).all()  # round to nearest
+    save_file(stored, str(tmp_path / "q.safetensors"))
+    loaded = STDiT3.from_pretrained(str(tmp_path / "q.safetensors"), config=STDiT3Config(**TINY))
+    reference = STDiT3(STDiT3Config(**TINY))
+    reference.load_state_dict(dequantize_rows(stored))
+    torch.testing.assert_close(_out(loaded), _out(reference), atol=0, rtol=0)
+    # and close to the float32 model it came from (random weights: outputs of size ~10, rounding of ~0.4%)
+    assert (_out(loaded) - _out(trained)).abs().max() < 0.03 * _out(trained).abs().max()
+    assert (tmp_path / "q.safetensors").stat().st_size < 0.4 * sum(v.numel() * 4 for v in state.values())
+
+
+def test_int8_rows_with_a_broken_scale_are_refused_naming_the_key(tmp_path, trained):
+    stored = quantize_rows(trained.state_dict())
+    key = next(k for k in stored if k.endswith(SCALE_SUFFIX))
+    save_file({**stored, key: stored[key][:-1].clone()}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(CheckpointError, match=re.escape(key)):
+        STDiT3.from_pretrained(str(tmp_path / "short.safetensors"), config=STDiT3Config(**TINY))
+    orphan = {k: v for k, v in stored.items() if k != key[: -len(SCALE_SUFFIX)]}
+    save_file(orphan, str(tmp_path / "orphan.safetensors"))
+    with pytest.raises(CheckpointError, match="has no int8 tensor"):
+        STDiT3.from_pretrained(str(tmp_path / "orphan.safetensors"), config=STDiT3Config(**TINY))

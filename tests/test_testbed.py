@@ -215,10 +215,16 @@ def test_train_script_resume_matches_an_uninterrupted_run(tmp_path):
         "--teacher",
         str(tmp_path / "a"),
     ]
-    train.main([*deeper, "--out", str(tmp_path / "c")])
+    train.main([*deeper, "--out", str(tmp_path / "c"), "--store", "int8"])
     grown = json.loads((tmp_path / "c" / "config.json").read_text())
     training = grown["testbed"]["training"]
     assert grown["depth"] == 2 and training["grown_from"]["depth"] == 1 and training["teacher"] == str(tmp_path / "a")
+    # stored as int8 rows (the MLP matrices here), loaded back as float32 by the usual loader
+    stored = load_file(tmp_path / "c" / "model.safetensors")
+    assert training["storage"].startswith("int8") and stored["spatial_blocks.0.mlp.fc1.weight"].dtype == torch.int8
+    assert load_tiny(tmp_path / "c").model.spatial_blocks[0].mlp.fc1.weight.dtype == torch.float32
+    with pytest.raises(SystemExit, match="--teacher .*nowhere: no config.json or model.safetensors"):
+        train.main([*deeper[:-1], str(tmp_path / "nowhere"), "--out", str(tmp_path / "e")])
     with pytest.raises(SystemExit, match="hidden_size is 32 there, 16 here"):
         train.main([*deeper, "--hidden", "16", "--out", str(tmp_path / "d")])
 
@@ -289,14 +295,26 @@ def test_distillation_keeps_the_noisy_input_and_targets_the_teachers_velocity():
         torch.testing.assert_close(x0_d - noise_d, teacher(x_t, t, **kwargs), atol=1e-5, rtol=0)
 
 
-# ---------------------------------------------------------------------------------------------- shipped model
-@pytest.mark.skipif(not (DEFAULT_TINY_DIR / "model.safetensors").is_file(), reason="weights/tiny not shipped")
-def test_shipped_tiny_model_loads_strictly_and_generates():
-    files = [p for p in DEFAULT_TINY_DIR.iterdir() if p.is_file() and not p.name.startswith(".")]
-    assert sum(p.stat().st_size for p in files) <= 10 * 2**20
-    config, testbed = read_tiny_config(DEFAULT_TINY_DIR)
-    assert config.in_channels == 3 and testbed["sampler"]["use_timestep_transform"] is False
-    bed = load_tiny(DEFAULT_TINY_DIR)  # strict: any missing/unexpected key raises
+# ---------------------------------------------------------------------------------------------- shipped models
+DEEP_DIR = DEFAULT_TINY_DIR.parent / "tiny28"
+# (folder, its size budget in the repository, depth)
+SHIPPED = [(DEFAULT_TINY_DIR, 10 * 2**20, 4), (DEEP_DIR, 20 * 10**6, 28)]
+
+
+def _shipped(directory):
+    return pytest.mark.skipif(not (directory / "model.safetensors").is_file(), reason=f"{directory} not shipped")
+
+
+@pytest.mark.parametrize(
+    "directory,budget,depth", [pytest.param(*s, marks=_shipped(s[0]), id=s[0].name) for s in SHIPPED]
+)
+def test_shipped_testbed_model_loads_strictly_and_generates(directory, budget, depth):
+    files = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")]
+    assert sum(p.stat().st_size for p in files) <= budget
+    config, testbed = read_tiny_config(directory)
+    assert config.in_channels == 3 and config.depth == depth and testbed["sampler"]["use_timestep_transform"] is False
+    bed = load_tiny(directory)  # strict: any missing/unexpected key raises; int8 rows come back as float32
+    assert all(p.dtype == torch.float32 for p in bed.model.parameters())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every caption word is in the vocabulary
         video = bed.generate(
@@ -307,13 +325,13 @@ def test_shipped_tiny_model_loads_strictly_and_generates():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (DEFAULT_TINY_DIR / "model.safetensors").is_file(), reason="weights/tiny not shipped")
-def test_shipped_tiny_model_follows_colour_and_direction():
+@pytest.mark.parametrize("directory", [pytest.param(s[0], marks=_shipped(s[0]), id=s[0].name) for s in SHIPPED])
+def test_shipped_testbed_model_follows_colour_and_direction(directory):
     # 16 of the evaluation's prompts (every colour and direction appears), the model's own sampler (30 steps,
     # CFG 4); the full measurement (100 prompts) is `python -m duca_video.testbed.evaluate`.
     from duca_video.testbed.evaluate import evaluate
 
-    scores = evaluate(load_tiny(DEFAULT_TINY_DIR), n=16, seed=0)
+    scores = evaluate(load_tiny(directory), n=16, seed=0)
     assert scores["colour"] >= 14 / 16 and scores["direction"] >= 14 / 16, scores
 
 

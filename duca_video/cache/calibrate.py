@@ -227,6 +227,17 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return {"errors": errors, "gain": gain, **costs, "timesteps": first["timesteps"], "videos": videos}
 
 
+def shown_path(path: str | None) -> str | None:
+    """A weights path as the file records it: relative to the working folder when inside it (a shipped
+    calibration should not name the machine it was made on), else as given."""
+    if not path:
+        return path
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
 def forwards_per_batch(n: int, span: int) -> int:
     """Model forwards one batch costs: the uncached run, the segments, the gain runs."""
     segments = sum(min(span, n - i) for i in range(n - 1)) * len(PATTERNS)
@@ -298,7 +309,7 @@ def calibrate(argv: Sequence[str], count: int, held_out: int, span: int, out: st
         **merge(parts),
         "patterns": list(PATTERNS),
         "max_span": span,
-        "model": models.weights.get("model"),
+        "model": shown_path(models.weights.get("model")),
         "image_size": list(cfg.size) if cfg.size is not None else None,
         "num_frames": cfg.num_frames,
         "cfg_scale": cfg.scheduler.cfg_scale,

@@ -3,7 +3,8 @@
 Accepted: a `.safetensors` file, a `.pt`/`.pth`/`.bin` file (read with `weights_only=True`, so no arbitrary
 object is ever unpickled), or an HF-style directory (`config.json` + `model.safetensors`, sharded
 `*.safetensors.index.json`, or `pytorch_model.bin`). A weights file's architecture is the `config.json` of its
-folder, whether the path names the folder or the file. Loading is strict: one error lists every missing,
+folder, whether the path names the folder or the file. Weights stored as int8 rows with scales
+(`int8_rows.py`) are read back as float32. Loading is strict: one error lists every missing,
 unexpected and mis-shaped key. A file that cannot be read (truncated, corrupt, not JSON) is a CheckpointError
 naming it; `check_checkpoint` finds most of those from the headers alone, before any weight is read.
 """
@@ -23,6 +24,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from duca_video.compat import is_truncated_pickle
+
+from .int8_rows import dequantize_rows
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 # Wrappers that training scripts put around a state dict.
@@ -165,7 +168,10 @@ def read_state_dict(path: str | Path, device: str | torch.device = "cpu") -> dic
     # DDP / EMA wrappers prefix every key with "module."
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
+    try:  # int8 rows + scales (models/int8_rows.py) come back as float32
+        return dequantize_rows(state, source=str(path))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def check_state_dict(

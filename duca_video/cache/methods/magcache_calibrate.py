@@ -105,6 +105,7 @@ def calibrate(argv: Sequence[str], count: int, prompt_seed: int = 1000) -> dict[
     from ...configs import config_from_args
     from ...configs.preflight import resolve_device, resolve_weights
     from ...jobs import batch_jobs, plan_batches
+    from ..calibrate import shown_path
 
     cfg, _ = config_from_args([*argv, "--cache", "none"])
     cfg.count_flops = False  # nothing here reads FLOPs
@@ -122,7 +123,7 @@ def calibrate(argv: Sequence[str], count: int, prompt_seed: int = 1000) -> dict[
     size = list(cfg.size) if cfg.size is not None else None
     return {
         **summarize(config.records),
-        "model": models.weights.get("model"),
+        "model": shown_path(models.weights.get("model")),
         "prompts": len(jobs),
         "prompt_texts": [j.text for j in jobs],
         "seed": cfg.seed,
