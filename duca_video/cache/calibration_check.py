@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .methods.auto_solver import Calibration, solve
 
@@ -77,13 +78,17 @@ def check_error_model(data: dict[str, Any], models: Any, cfg: Any, prompts: list
     schedules = _schedules(cal)
     sums = [0.0] * len(schedules)
     jobs = [j for b in plan_batches(cfg, prompts) for j in b]
-    for batch in batch_jobs(jobs, cfg.batch_size):
+    batches = list(batch_jobs(jobs, cfg.batch_size))
+    bar = tqdm(total=len(batches) * len(schedules), desc="check on held-out prompts", unit="schedule")
+    for batch in batches:
         traj = Trajectory(models.model, cfg.scheduler.cfg_scale, len(batch))
         traj.record(lambda batch=batch: pipeline.generate(models, cfg, batch, progress=False))
         end, seeds = traj.latent(len(traj.calls)), tuple(j.seed for j in batch)
         with torch.no_grad():
             for k, (_, letters) in enumerate(schedules):
                 sums[k] += float(rms(run_schedule(traj, letters, 0, seeds)[-1], end).sum())
+                bar.update()
+    bar.close()
     rows = []
     for (name, letters), total in zip(schedules, sums):
         measured, predicted = total / len(jobs), cal.predict(letters)

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .. import cache as cache_lib
 from ..cache.variants import parse_variant
@@ -43,17 +44,21 @@ def compare_testbed(
     configs = {name: parse_variant(name) for name in methods}
     results: dict[str, dict[str, Any]] = {}
     clips: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(configs) * (1 + repeats), desc="benchmark", unit="run")
     for name, config in configs.items():  # one counted run per method (also its clips and cache bytes)
         counter = flop_counter()
         with counter:
             clips[name], cache_bytes = _generate(bed, config, prompts, seeds)
         results[name] = {"tflops": counter.get_total_flops() / n_prompts / 1e12, "cache_bytes": cache_bytes}
+        bar.update()
     times: dict[str, list[float]] = {name: [] for name in methods}
     for _ in range(repeats):
         for name, config in configs.items():
             start = time.perf_counter()
             _generate(bed, config, prompts, seeds)
             times[name].append((time.perf_counter() - start) / n_prompts)
+            bar.update()
+    bar.close()
     reference = clips["none"]
     for name, r in results.items():
         metrics = adherence(clips[name], prompts)
